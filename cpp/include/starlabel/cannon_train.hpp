@@ -1,0 +1,329 @@
+// Training The Cannon: per pixel, the maximum-likelihood coefficients theta and intrinsic
+// scatter s2 >= 0 under  flux_n ~ N(theta . v_n, 1/ivar_n + s2),  optionally with an L1
+// penalty on theta (Casey et al. 2016) and censoring (terms forced to zero per pixel).
+//
+// Each pixel minimises  sum_n [w_n r_n^2 - ln w_n] + regularization * sum_k'|theta_k|
+// with w_n = 1 / (1/ivar_n + s2), r_n = flux_n - theta . v_n, k' the penalized terms.
+//
+// Where the time goes: the Gram matrices G = sum_n w_n v_n v_n^T of all pixels. Every entry
+// of v v^T is a monomial of the labels and many entries share one monomial, so the kernel
+// forms the weighted moments of the distinct monomials for a block of pixels with one
+// matrix product (pixels x stars) . (stars x monomials) and gathers each Gram from them.
+//
+// s2: by the envelope theorem the derivative of the profile objective in s2 needs only the
+// residuals at theta(s2):  g(s2) = sum_n (w_n^2 r_n^2 - w_n)  (g > 0: the objective still
+// falls as s2 grows). Its exact derivative is
+//   g'(s2) = sum_n (w_n^2 - 2 w_n^3 r_n^2) + 2 c^T G_A^{-1} c,   c = sum_n w_n^2 r_n v_n,
+// over the active terms A, so a bracketed Newton iteration finds the root to full precision
+// in a handful of Gram evaluations; s2 = 0 when g(0) <= 0.
+#pragma once
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "common.hpp"
+
+namespace starlabel {
+
+struct CannonTrainingSet {
+  const double* design;            // (n_stars, n_terms) row-major: v_n
+  const double* monomials;         // (n_stars, n_monomials) row-major: distinct products v_i v_j
+  const std::int64_t* gram_index;  // (n_terms, n_terms): (v v^T)_ij is monomial gram_index[i, j]
+  const std::uint8_t* penalized;   // (n_terms,): 1 where the L1 penalty applies
+  const std::uint8_t* term_mask;   // (n_pixels, n_terms) or null: 0 forces theta = 0 (censoring)
+  const double* flux;              // (n_stars, n_pixels)
+  const double* ivar;              // (n_stars, n_pixels), 0 ignores a pixel (flux may be NaN)
+  index_t n_stars, n_pixels, n_terms, n_monomials;
+};
+
+struct TrainOptions {
+  double regularization = 0.0;
+  double s2_rtol = 1e-12;      // relative precision of s2
+  int s2_max_iter = 100;
+  double l1_tol = 1e-12;       // coordinate descent stops when no scaled coefficient moves more
+  int l1_max_sweeps = 20000;
+  double rcond_min = 1e-13;    // reciprocal condition number below which a pixel is singular
+  index_t pixel_block = 64;
+};
+
+namespace detail {
+
+using RowMatrixT = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Gram matrix of the terms `terms` of one pixel, gathered from its moments, with Jacobi
+// scaling (d_k = 1/sqrt(G_kk)) because high-order terms make the raw matrix badly scaled.
+struct ScaledGram {
+  Eigen::MatrixXd g;   // D G D (unit diagonal)
+  Eigen::VectorXd d;
+  Eigen::LLT<Eigen::MatrixXd> llt;
+
+  void build(const double* moments, const std::int64_t* gram_index, index_t n_terms,
+             const std::vector<index_t>& terms) {
+    const index_t n = static_cast<index_t>(terms.size());
+    g.resize(n, n);
+    d.resize(n);
+    for (index_t i = 0; i < n; ++i) {
+      const double gii = moments[gram_index[terms[i] * n_terms + terms[i]]];
+      d[i] = gii > 0.0 ? 1.0 / std::sqrt(gii) : 0.0;
+    }
+    for (index_t i = 0; i < n; ++i)
+      for (index_t j = 0; j < n; ++j)
+        g(i, j) = moments[gram_index[terms[i] * n_terms + terms[j]]] * d[i] * d[j];
+  }
+
+  bool factor(double rcond_min) {
+    if (g.rows() == 0) return true;
+    if ((d.array() == 0.0).any() || !g.allFinite()) return false;
+    llt.compute(g);
+    return llt.info() == Eigen::Success && llt.rcond() >= rcond_min;
+  }
+
+  // x = G^{-1} b (unscaled), for b and x over `terms`.
+  Eigen::VectorXd solve(const Eigen::VectorXd& b) const {
+    if (g.rows() == 0) return Eigen::VectorXd();
+    return d.asDiagonal() * llt.solve(d.asDiagonal() * b);
+  }
+};
+
+// Lasso by cyclic coordinate descent on the scaled Gram:
+//   minimise u^T G u - 2 b^T u + regularization * sum_k penalized_k d_k |u_k|,  theta = d u.
+// `theta` holds the warm start on entry and the solution on exit (over `terms`).
+inline bool solve_lasso(const ScaledGram& gram, const Eigen::VectorXd& b, const std::uint8_t* penalized,
+                        const std::vector<index_t>& terms, double regularization,
+                        const TrainOptions& opt, Eigen::VectorXd& theta) {
+  const index_t n = gram.g.rows();
+  Eigen::VectorXd bs = gram.d.cwiseProduct(b);
+  Eigen::VectorXd u(n);
+  for (index_t k = 0; k < n; ++k) u[k] = gram.d[k] > 0.0 ? theta[k] / gram.d[k] : 0.0;
+  Eigen::VectorXd q = gram.g * u;  // kept equal to G u
+  for (int sweep = 0; sweep < opt.l1_max_sweeps; ++sweep) {
+    double largest_move = 0.0, largest_u = 0.0;
+    for (index_t k = 0; k < n; ++k) {
+      const double rho = bs[k] - (q[k] - u[k]);  // G_kk = 1 after scaling
+      const double half_penalty = penalized[terms[k]] ? 0.5 * regularization * gram.d[k] : 0.0;
+      const double u_new = rho > half_penalty ? rho - half_penalty
+                         : rho < -half_penalty ? rho + half_penalty : 0.0;
+      const double move = u_new - u[k];
+      if (move != 0.0) {
+        q += move * gram.g.col(k);
+        u[k] = u_new;
+      }
+      largest_move = std::max(largest_move, std::abs(move));
+      largest_u = std::max(largest_u, std::abs(u_new));
+    }
+    if (largest_move <= opt.l1_tol * std::max(1.0, largest_u)) {
+      theta = gram.d.cwiseProduct(u);
+      return true;
+    }
+  }
+  theta = gram.d.cwiseProduct(u);
+  return false;
+}
+
+// Where one pixel stands in the search for its s2.
+struct PixelSearch {
+  index_t pixel = 0;                 // index within the block
+  double s2 = 0.0, lo = 0.0, hi = std::numeric_limits<double>::infinity(), guess = 0.0;
+  int n_eval = 0;
+  bool done = false;
+  std::int8_t status = PIXEL_OK;
+  std::vector<index_t> free_terms;   // terms not censored at this pixel
+  Eigen::VectorXd theta;             // over free_terms
+};
+
+}  // namespace detail
+
+// Train every pixel.
+//   fixed_s2   (n_pixels,) or null: use these s2 instead of optimizing them
+//   theta_out  (n_pixels, n_terms)   NaN where status != PIXEL_OK
+//   s2_out     (n_pixels,)           +inf where status is TOO_FEW_STARS or SINGULAR
+//   status_out (n_pixels,)           PixelStatus
+// Pixels are processed in fixed blocks, so results do not depend on the number of threads.
+inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
+                         const TrainOptions& opt, int n_threads, double* theta_out, double* s2_out,
+                         std::int8_t* status_out) {
+  using detail::RowMatrixT;
+  const index_t N = data.n_stars, P = data.n_pixels, K = data.n_terms, M = data.n_monomials;
+  const index_t n_blocks = (P + opt.pixel_block - 1) / opt.pixel_block;
+  const bool lasso = opt.regularization > 0.0;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const Eigen::Map<const RowMatrixT> design(data.design, N, K);
+  const Eigen::Map<const RowMatrixT> monomials(data.monomials, N, M);
+  std::atomic<bool> failed{false};
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(n_threads))
+  for (index_t block = 0; block < n_blocks; ++block) {
+    if (failed) continue;
+    try {  // an exception must not leave an OpenMP loop body
+      const index_t p0 = block * opt.pixel_block, p1 = std::min(p0 + opt.pixel_block, P);
+      const index_t nb = p1 - p0;
+
+      // This block's flux and ivar, one contiguous column per pixel; flux of ignored
+      // pixels set to 0 so that it never reaches the arithmetic as NaN.
+      Eigen::MatrixXd flux(N, nb), ivar(N, nb);
+      for (index_t n = 0; n < N; ++n)
+        for (index_t j = 0; j < nb; ++j) {
+          const double iv = data.ivar[n * P + p0 + j];
+          ivar(n, j) = iv;
+          flux(n, j) = iv > 0.0 ? data.flux[n * P + p0 + j] : 0.0;
+        }
+
+      std::vector<detail::PixelSearch> search(nb);
+      for (index_t j = 0; j < nb; ++j) {
+        detail::PixelSearch& ps = search[j];
+        ps.pixel = j;
+        for (index_t k = 0; k < K; ++k)
+          if (!data.term_mask || data.term_mask[(p0 + j) * K + k]) ps.free_terms.push_back(k);
+        ps.theta = Eigen::VectorXd::Zero(static_cast<index_t>(ps.free_terms.size()));
+        const index_t n_used = (ivar.col(j).array() > 0.0).count();
+        if (n_used < static_cast<index_t>(ps.free_terms.size())) {
+          ps.status = PIXEL_TOO_FEW_STARS;
+          ps.done = true;
+        }
+        ps.s2 = fixed_s2 ? fixed_s2[p0 + j] : 0.0;
+      }
+
+      std::vector<detail::PixelSearch*> live;
+      Eigen::MatrixXd w, wflux, resid, w2resid;
+      RowMatrixT moments, rhs, coef, c;
+      detail::ScaledGram gram;
+      while (true) {
+        live.clear();
+        for (auto& ps : search)
+          if (!ps.done) live.push_back(&ps);
+        if (live.empty()) break;
+        const index_t na = static_cast<index_t>(live.size());
+
+        w.resize(N, na);
+        wflux.resize(N, na);
+        for (index_t j = 0; j < na; ++j) {
+          const index_t pj = live[j]->pixel;
+          const double s2 = live[j]->s2;
+          for (index_t n = 0; n < N; ++n) {
+            const double iv = ivar(n, pj);
+            w(n, j) = iv > 0.0 ? iv / (1.0 + iv * s2) : 0.0;
+            wflux(n, j) = w(n, j) * flux(n, pj);
+          }
+        }
+        moments.noalias() = w.transpose() * monomials;   // (na, M)
+        rhs.noalias() = wflux.transpose() * design;       // (na, K)
+
+        // theta at the current s2
+        coef.setZero(na, K);
+        std::vector<char> solved(na, 0);
+        for (index_t j = 0; j < na; ++j) {
+          detail::PixelSearch& ps = *live[j];
+          gram.build(moments.row(j).data(), data.gram_index, K, ps.free_terms);
+          Eigen::VectorXd b(ps.free_terms.size());
+          for (std::size_t i = 0; i < ps.free_terms.size(); ++i) b[i] = rhs(j, ps.free_terms[i]);
+          if (lasso) {
+            solved[j] = (gram.d.array() > 0.0).all() && gram.g.allFinite();
+            if (solved[j] && !detail::solve_lasso(gram, b, data.penalized, ps.free_terms,
+                                                  opt.regularization, opt, ps.theta))
+              ps.status = PIXEL_NOT_CONVERGED;
+          } else {
+            solved[j] = gram.factor(opt.rcond_min);
+            if (solved[j]) ps.theta = gram.solve(b);
+          }
+          for (std::size_t i = 0; i < ps.free_terms.size(); ++i) coef(j, ps.free_terms[i]) = ps.theta[i];
+        }
+
+        // residuals, g(s2) and g'(s2)
+        resid.resize(N, na);
+        for (index_t j = 0; j < na; ++j) resid.col(j) = flux.col(live[j]->pixel);
+        resid.noalias() -= design * coef.transpose();
+        w2resid = w.cwiseProduct(w).cwiseProduct(resid);
+        c.noalias() = w2resid.transpose() * design;       // (na, K)
+
+        for (index_t j = 0; j < na; ++j) {
+          detail::PixelSearch& ps = *live[j];
+          ++ps.n_eval;
+          if (!solved[j] || !ps.theta.allFinite()) {
+            ps.status = PIXEL_SINGULAR;
+            ps.done = true;
+            continue;
+          }
+          if (fixed_s2 || ps.status != PIXEL_OK) {
+            ps.done = true;
+            continue;
+          }
+          double g = 0.0, gp = 0.0, sum_r2 = 0.0;
+          index_t n_used = 0;
+          for (index_t n = 0; n < N; ++n) {
+            const double wn = w(n, j), r = resid(n, j);
+            g += wn * wn * r * r - wn;
+            gp += wn * wn - 2.0 * wn * wn * wn * r * r;
+            if (ivar(n, ps.pixel) > 0.0) {
+              sum_r2 += r * r;
+              ++n_used;
+            }
+          }
+          // the envelope term 2 c^T G_A^{-1} c over the active terms
+          std::vector<index_t> active;
+          for (std::size_t i = 0; i < ps.free_terms.size(); ++i)
+            if (!lasso || ps.theta[i] != 0.0) active.push_back(ps.free_terms[i]);
+          gram.build(moments.row(j).data(), data.gram_index, K, active);
+          if (gram.factor(0.0)) {
+            Eigen::VectorXd ca(active.size());
+            for (std::size_t i = 0; i < active.size(); ++i) ca[i] = c(j, active[i]);
+            gp += 2.0 * ca.dot(gram.solve(ca));
+          } else {
+            gp = nan;
+          }
+
+          if (ps.n_eval == 1) {  // at s2 = 0
+            if (g <= 0.0) {
+              ps.done = true;
+              continue;
+            }
+            ps.guess = sum_r2 / static_cast<double>(n_used);
+          } else if (g > 0.0) {
+            ps.lo = ps.s2;
+          } else if (g < 0.0) {
+            ps.hi = ps.s2;
+          } else {
+            ps.done = true;
+            continue;
+          }
+          double next = (gp < 0.0 && std::isfinite(gp)) ? ps.s2 - g / gp : nan;
+          if (std::isfinite(ps.hi)) {
+            if (!(next > ps.lo && next < ps.hi)) next = 0.5 * (ps.lo + ps.hi);
+          } else if (!(next > ps.lo)) {
+            next = ps.lo > 0.0 ? 4.0 * ps.lo : ps.guess;
+          }
+          if (std::abs(next - ps.s2) <= opt.s2_rtol * std::max(next, ps.s2) ||
+              (std::isfinite(ps.hi) && ps.hi - ps.lo <= opt.s2_rtol * ps.hi)) {
+            ps.done = true;
+          } else if (ps.n_eval >= opt.s2_max_iter) {
+            ps.status = PIXEL_NOT_CONVERGED;
+            ps.done = true;
+          } else {
+            ps.s2 = next;
+          }
+        }
+      }
+
+      for (const auto& ps : search) {
+        const index_t p = p0 + ps.pixel;
+        status_out[p] = ps.status;
+        double* theta_row = theta_out + p * K;
+        const bool usable = ps.status == PIXEL_OK || ps.status == PIXEL_NOT_CONVERGED;
+        std::fill(theta_row, theta_row + K, usable ? 0.0 : nan);
+        if (usable)
+          for (std::size_t i = 0; i < ps.free_terms.size(); ++i) theta_row[ps.free_terms[i]] = ps.theta[i];
+        s2_out[p] = usable ? ps.s2 : std::numeric_limits<double>::infinity();
+      }
+    } catch (...) {
+      failed = true;
+    }
+  }
+  if (failed) throw std::bad_alloc();
+}
+
+}  // namespace starlabel

@@ -1,0 +1,299 @@
+// A generic, batched Levenberg-Marquardt fitter for many spectra at once.
+//
+// A Model supplies the spectrum and its Jacobian for a parameter vector:
+//   index_t n_params() const;
+//   index_t n_pixels;                                   (member)
+//   struct State;                                       per-parameter-vector scratch
+//   void prepare(const double* x, State&, bool with_jacobian) const;
+//   void evaluate(const State&, index_t p0, index_t p1, double* flux_out, double* jac_out) const;
+//        flux_out (p1 - p0,), jac_out (n_params, p1 - p0) row-major or null
+//
+// Spectra are fitted in fixed batches; within a batch all spectra advance in lock step and
+// every model evaluation sweeps the pixels block by block, so a block of the model's
+// coefficients is reused by the whole batch while it is in cache. Each spectrum's arithmetic
+// depends only on its own data, so results do not depend on the number of threads.
+#pragma once
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "common.hpp"
+
+namespace starlabel {
+
+struct LMOptions {
+  int max_iter = 100;          // trial steps per spectrum
+  double ftol = 1e-10;         // converged when an accepted step lowers chi2 by <= ftol * chi2
+  double xtol = 1e-10;         // ... or moves no parameter by more than xtol
+  double lambda_init = 1e-3;   // initial Marquardt damping
+  double lambda_max = 1e10;    // damping beyond which no decrease is possible: converged
+  index_t pixel_block = 256;
+  index_t batch = 16;          // spectra advanced together by one thread
+};
+
+// Caller-provided outputs, one row per spectrum.
+struct LMOutputs {
+  double* params;          // (n_spectra, n_params)
+  double* covariance;      // (n_spectra, n_params, n_params)  inverse of J^T W J at the solution
+  double* chi2;            // (n_spectra,)
+  std::int64_t* n_used;    // (n_spectra,)  pixels with non-zero weight
+  std::int32_t* n_iter;    // (n_spectra,)
+  std::int8_t* status;     // (n_spectra,)  FitStatus
+};
+
+namespace detail {
+
+// chi2 and the normal equations of one parameter vector.
+struct NormalEquations {
+  double chi2 = 0.0;
+  std::int64_t n_used = 0;
+  Eigen::MatrixXd hess;   // J^T W J   (n_params, n_params)
+  Eigen::VectorXd grad;   // J^T W r   (n_params,)
+};
+
+// Evaluate the model at xs[i] for spectra ids[i] and accumulate chi2 (and, with
+// `with_jacobian`, J^T W J and J^T W r) over all pixels. The weight of a pixel is the
+// effective inverse variance ivar / (1 + ivar * extra_variance); weight 0 ignores the pixel
+// whatever its flux or model value.
+template <class Model>
+void accumulate(const Model& model, const double* flux, const double* ivar,
+                const double* extra_variance, const std::vector<index_t>& ids,
+                const std::vector<const double*>& xs, bool with_jacobian, index_t pixel_block,
+                std::vector<typename Model::State>& states, std::vector<NormalEquations>& out) {
+  const index_t n_items = static_cast<index_t>(ids.size());
+  const index_t np = model.n_params(), n_pixels = model.n_pixels;
+  states.resize(n_items);
+  out.resize(n_items);
+  for (index_t i = 0; i < n_items; ++i) {
+    model.prepare(xs[i], states[i], with_jacobian);
+    out[i].chi2 = 0.0;
+    out[i].n_used = 0;
+    out[i].hess.setZero(np, np);
+    out[i].grad.setZero(np);
+  }
+  std::vector<double> model_flux(pixel_block), weight(pixel_block), wresid(pixel_block);
+  std::vector<double> jac_buffer(np * pixel_block), wjac_buffer(np * pixel_block);
+  for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
+    const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
+    for (index_t i = 0; i < n_items; ++i) {
+      const index_t s = ids[i];
+      model.evaluate(states[i], p0, p1, model_flux.data(), with_jacobian ? jac_buffer.data() : nullptr);
+      const double* f = flux + s * n_pixels + p0;
+      const double* iv = ivar + s * n_pixels + p0;
+      double chi2 = 0.0;
+      std::int64_t used = 0;
+      for (index_t j = 0; j < nb; ++j) {
+        const double ev = extra_variance ? extra_variance[p0 + j] : 0.0;
+        const double w = iv[j] > 0.0 ? iv[j] / (1.0 + iv[j] * ev) : 0.0;
+        const double r = w > 0.0 ? f[j] - model_flux[j] : 0.0;
+        weight[j] = w;
+        wresid[j] = w * r;
+        chi2 += w * r * r;
+        used += w > 0.0;
+      }
+      out[i].chi2 += chi2;
+      out[i].n_used += used;
+      if (!with_jacobian) continue;
+      // jac and wjac are (np, nb) row-major. Zero-weight pixels may hold non-finite model
+      // derivatives (untrained pixels): drop them.
+      double* jac = jac_buffer.data();
+      double* wjac = wjac_buffer.data();
+      for (index_t a = 0; a < np; ++a)
+        for (index_t j = 0; j < nb; ++j) {
+          const double v = weight[j] > 0.0 ? jac[a * nb + j] : 0.0;
+          jac[a * nb + j] = v;
+          wjac[a * nb + j] = v * weight[j];
+        }
+      for (index_t a = 0; a < np; ++a) {
+        const double* ja = jac + a * nb;
+        const double* wja = wjac + a * nb;
+        double g = 0.0;
+        for (index_t j = 0; j < nb; ++j) g += ja[j] * wresid[j];
+        out[i].grad[a] += g;
+        for (index_t b = a; b < np; ++b) {
+          const double* jb = jac + b * nb;
+          double h = 0.0;
+          for (index_t j = 0; j < nb; ++j) h += wja[j] * jb[j];
+          out[i].hess(a, b) += h;
+        }
+      }
+    }
+  }
+  for (index_t i = 0; i < n_items; ++i)
+    out[i].hess.template triangularView<Eigen::StrictlyLower>() = out[i].hess.transpose();
+}
+
+// Inverse of a symmetric positive-definite matrix with Jacobi scaling; NaN if singular.
+inline Eigen::MatrixXd inverse_spd(const Eigen::MatrixXd& h) {
+  const index_t n = h.rows();
+  Eigen::VectorXd d(n);
+  for (index_t a = 0; a < n; ++a) d[a] = h(a, a) > 0.0 ? 1.0 / std::sqrt(h(a, a)) : 0.0;
+  Eigen::LLT<Eigen::MatrixXd> llt(d.asDiagonal() * h * d.asDiagonal());
+  if (llt.info() != Eigen::Success || (d.array() == 0.0).any())
+    return Eigen::MatrixXd::Constant(n, n, std::numeric_limits<double>::quiet_NaN());
+  const Eigen::MatrixXd inv = llt.solve(Eigen::MatrixXd::Identity(n, n));
+  return d.asDiagonal() * inv * d.asDiagonal();
+}
+
+}  // namespace detail
+
+// Fit every spectrum by Levenberg-Marquardt.
+//
+//   flux, ivar       (n_spectra, n_pixels)  ivar == 0 ignores a pixel (its flux may be NaN)
+//   extra_variance   (n_pixels,) or null    added to 1/ivar (the Cannon's intrinsic scatter s2)
+//   initial          (n_spectra, n_starts, n_params)  starting points; chi2 is evaluated at
+//                    each and LM starts from the best one
+//   lower, upper     (n_params,) or null    box bounds; trial steps are projected onto the box
+//   out              see LMOutputs
+// Per spectrum: Marquardt damping (H + lambda diag H) delta = J^T W r; an accepted step
+// divides lambda by 10, a rejected one multiplies it by 10.
+template <class Model>
+void fit_lm(const Model& model, const double* flux, const double* ivar,
+            const double* extra_variance, index_t n_spectra, const double* initial,
+            index_t n_starts, const double* lower, const double* upper, const LMOptions& opt,
+            int n_threads, const LMOutputs& out) {
+  const index_t np = model.n_params();
+  const index_t n_batches = (n_spectra + opt.batch - 1) / opt.batch;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  std::atomic<bool> failed{false};
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(n_threads))
+  for (index_t batch = 0; batch < n_batches; ++batch) {
+    if (failed) continue;
+    try {  // an exception must not leave an OpenMP loop body
+      const index_t s0 = batch * opt.batch, s1 = std::min(s0 + opt.batch, n_spectra);
+      const index_t nbatch = s1 - s0;
+      std::vector<typename Model::State> states;
+      std::vector<detail::NormalEquations> evals, trials;
+      std::vector<index_t> ids;
+      std::vector<const double*> xs;
+
+      auto clamp_into = [&](double* x) {
+        for (index_t a = 0; a < np; ++a) {
+          if (lower) x[a] = std::max(x[a], lower[a]);
+          if (upper) x[a] = std::min(x[a], upper[a]);
+        }
+      };
+
+      // Starting point: the lowest finite chi2 among the starts.
+      std::vector<double> x(nbatch * np), x_trial(nbatch * np);
+      std::vector<double> starts(initial + s0 * n_starts * np, initial + s1 * n_starts * np);
+      for (index_t i = 0; i < nbatch * n_starts; ++i) clamp_into(starts.data() + i * np);
+      std::vector<index_t> best(nbatch, 0);
+      if (n_starts > 1) {
+        for (index_t i = 0; i < nbatch; ++i)
+          for (index_t j = 0; j < n_starts; ++j) {
+            ids.push_back(s0 + i);
+            xs.push_back(starts.data() + (i * n_starts + j) * np);
+          }
+        detail::accumulate(model, flux, ivar, extra_variance, ids, xs, false, opt.pixel_block,
+                           states, evals);
+        for (index_t i = 0; i < nbatch; ++i) {
+          double best_chi2 = std::numeric_limits<double>::infinity();
+          for (index_t j = 0; j < n_starts; ++j) {
+            const double c = evals[i * n_starts + j].chi2;
+            if (std::isfinite(c) && c < best_chi2) {
+              best_chi2 = c;
+              best[i] = j;
+            }
+          }
+        }
+      }
+      for (index_t i = 0; i < nbatch; ++i)
+        std::copy_n(starts.data() + (i * n_starts + best[i]) * np, np, x.data() + i * np);
+
+      ids.clear();
+      xs.clear();
+      for (index_t i = 0; i < nbatch; ++i) {
+        ids.push_back(s0 + i);
+        xs.push_back(x.data() + i * np);
+      }
+      detail::accumulate(model, flux, ivar, extra_variance, ids, xs, true, opt.pixel_block,
+                         states, evals);
+
+      std::vector<double> lambda(nbatch, opt.lambda_init);
+      std::vector<std::int32_t> n_iter(nbatch, 0);
+      std::vector<std::int8_t> status(nbatch, FIT_CONVERGED);
+      std::vector<char> active(nbatch, 0);
+      for (index_t i = 0; i < nbatch; ++i) {
+        if (evals[i].n_used < np) status[i] = FIT_NO_PIXELS;
+        else if (!std::isfinite(evals[i].chi2) || !evals[i].hess.allFinite()) status[i] = FIT_NON_FINITE;
+        else active[i] = evals[i].chi2 > 0.0;  // a perfect fit needs no step
+      }
+
+      std::vector<index_t> trial_slot;
+      while (std::find(active.begin(), active.end(), 1) != active.end()) {
+        ids.clear();
+        xs.clear();
+        trial_slot.clear();
+        for (index_t i = 0; i < nbatch; ++i) {
+          if (!active[i]) continue;
+          const detail::NormalEquations& e = evals[i];
+          const double max_diag = e.hess.diagonal().maxCoeff();
+          Eigen::MatrixXd damped = e.hess;
+          for (index_t a = 0; a < np; ++a)
+            damped(a, a) += lambda[i] * std::max(e.hess(a, a), 1e-12 * max_diag);
+          Eigen::LLT<Eigen::MatrixXd> llt(damped);
+          Eigen::VectorXd step = Eigen::VectorXd::Zero(np);
+          if (llt.info() == Eigen::Success) step = llt.solve(e.grad);
+          double* xt = x_trial.data() + i * np;
+          for (index_t a = 0; a < np; ++a) xt[a] = x[i * np + a] + step[a];
+          clamp_into(xt);
+          ++n_iter[i];
+          ids.push_back(s0 + i);
+          xs.push_back(xt);
+          trial_slot.push_back(i);
+        }
+        detail::accumulate(model, flux, ivar, extra_variance, ids, xs, true, opt.pixel_block,
+                           states, trials);
+        for (std::size_t t = 0; t < trial_slot.size(); ++t) {
+          const index_t i = trial_slot[t];
+          detail::NormalEquations& trial = trials[t];
+          if (std::isfinite(trial.chi2) && trial.chi2 < evals[i].chi2 && trial.hess.allFinite()) {
+            double moved = 0.0;
+            for (index_t a = 0; a < np; ++a)
+              moved = std::max(moved, std::abs(x_trial[i * np + a] - x[i * np + a]));
+            const double decrease = evals[i].chi2 - trial.chi2;
+            std::copy_n(x_trial.data() + i * np, np, x.data() + i * np);
+            std::swap(evals[i], trial);
+            lambda[i] = std::max(lambda[i] / 10.0, 1e-12);
+            if (decrease <= opt.ftol * evals[i].chi2 || moved <= opt.xtol) active[i] = 0;
+          } else {
+            lambda[i] *= 10.0;
+            if (lambda[i] > opt.lambda_max) active[i] = 0;
+          }
+          if (active[i] && n_iter[i] >= opt.max_iter) {
+            active[i] = 0;
+            status[i] = FIT_MAX_ITER;
+          }
+        }
+      }
+
+      for (index_t i = 0; i < nbatch; ++i) {
+        const index_t s = s0 + i;
+        std::copy_n(x.data() + i * np, np, out.params + s * np);
+        out.chi2[s] = evals[i].chi2;
+        out.n_used[s] = evals[i].n_used;
+        out.n_iter[s] = n_iter[i];
+        out.status[s] = status[i];
+        double* cov = out.covariance + s * np * np;
+        if (status[i] == FIT_CONVERGED || status[i] == FIT_MAX_ITER) {
+          Eigen::Map<Eigen::MatrixXd>(cov, np, np) = detail::inverse_spd(evals[i].hess);
+        } else {
+          std::fill(cov, cov + np * np, nan);
+        }
+      }
+    } catch (...) {
+      failed = true;
+    }
+  }
+  if (failed) throw std::bad_alloc();
+}
+
+}  // namespace starlabel

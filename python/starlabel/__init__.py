@@ -1,0 +1,21 @@
+"""starlabel: stellar labels from spectra with The Cannon and The Payne, on a fast compiled core.
+
+- ``CannonModel``: train, predict, fit labels, save and load.
+- ``starlabel.fast`` / ``starlabel.reference``: the same kernels, compiled or in NumPy.
+- ``starlabel.datasets.synthetic_survey``: a seeded synthetic survey for demos and tests.
+- ``show_config()``, ``set_num_threads()``.
+"""
+
+__version__ = "0.1.0"
+
+from . import datasets, fast, reference
+from .cannon import CannonModel
+from .config import get_num_threads, set_num_threads, show_config
+from .result import FitResult
+from .status import FitStatus, PixelStatus
+from .vectorizer import PolynomialVectorizer
+
+__all__ = [
+    "CannonModel", "FitResult", "FitStatus", "PixelStatus", "PolynomialVectorizer",
+    "datasets", "fast", "reference", "get_num_threads", "set_num_threads", "show_config",
+]

@@ -1,0 +1,203 @@
+"""Input validation shared by both backends, so the same bad input raises the same error.
+
+Every check names the argument and the problem. Arrays come back as C-contiguous float64.
+"""
+
+import numpy as np
+
+
+def as_float_array(name, value, ndim):
+    """``value`` as a C-contiguous float64 array of ``ndim`` dimensions, at least one element."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # e.g. ragged nested lists
+        raise TypeError(f"{name} must be array-like of numbers: {exc}") from None
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if np.iscomplexobj(array):
+        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
+def finite_array(name, value, ndim):
+    """As as_float_array, and every value finite."""
+    array = as_float_array(name, value, ndim)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return array
+
+
+def spectra(flux, ivar, n_pixels=None):
+    """Check a (n_spectra, n_pixels) flux and ivar pair.
+
+    ivar must be finite and >= 0; flux must be finite wherever ivar > 0 (where ivar == 0
+    the pixel is ignored and its flux may be NaN). A 1-D pair is one spectrum.
+    Returns (flux, ivar) as 2-D float64 arrays.
+    """
+    flux = as_float_array("flux", flux, np.ndim(flux) if np.ndim(flux) in (1, 2) else 2)
+    ivar = as_float_array("ivar", ivar, flux.ndim)
+    flux, ivar = np.atleast_2d(flux), np.atleast_2d(ivar)
+    if flux.shape != ivar.shape:
+        raise ValueError(f"flux and ivar must have the same shape, got {flux.shape} and {ivar.shape}")
+    if n_pixels is not None and flux.shape[1] != n_pixels:
+        raise ValueError(f"flux has {flux.shape[1]} pixels, the model has {n_pixels}")
+    if not np.all(np.isfinite(ivar)):
+        raise ValueError("ivar contains NaN or inf")
+    if np.any(ivar < 0):
+        raise ValueError("ivar contains negative values")
+    bad = (ivar > 0) & ~np.isfinite(flux)
+    if np.any(bad):
+        star, pixel = np.argwhere(bad)[0]
+        raise ValueError(f"flux is NaN or inf where ivar > 0 ({int(bad.sum())} pixels, "
+                         f"first at spectrum {star}, pixel {pixel})")
+    return flux, ivar
+
+
+def labels(value, n_labels, name="labels"):
+    """Finite (n_stars, n_labels) labels; a 1-D vector is one star."""
+    array = as_float_array(name, value, np.ndim(value) if np.ndim(value) in (1, 2) else 2)
+    array = np.atleast_2d(array)
+    if array.shape[1] != n_labels:
+        raise ValueError(f"{name} must have {n_labels} columns (one per label), got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return array
+
+
+def choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+    return value
+
+
+def positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def nonnegative_float(name, value):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+# --- The Cannon's function-level arguments (both backends) -----------------------------
+
+def exponents(value):
+    """(n_terms, n_labels) non-negative integer exponent table with the constant term first."""
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"exponents must be integers, got dtype {array.dtype}")
+    if array.ndim != 2 or array.size == 0:
+        raise ValueError(f"exponents must be a non-empty 2-D table, got shape {array.shape}")
+    if np.any(array < 0):
+        raise ValueError("exponents must be >= 0")
+    if np.any(array[0] != 0):
+        raise ValueError("exponents: the first term must be the constant (all zeros)")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+def theta(value, n_terms):
+    """(n_pixels, n_terms) coefficients; NaN allowed (untrained pixels)."""
+    array = as_float_array("theta", value, 2)
+    if array.shape[1] != n_terms:
+        raise ValueError(f"theta must have {n_terms} columns (one per term), got shape {array.shape}")
+    return array
+
+
+def scatter(value, n_pixels):
+    """(n_pixels,) intrinsic variance s2 >= 0; inf marks an untrained pixel."""
+    array = as_float_array("s2", value, 1)
+    if array.shape != (n_pixels,):
+        raise ValueError(f"s2 must have shape ({n_pixels},), got {array.shape}")
+    if np.any(np.isnan(array)) or np.any(array < 0):
+        raise ValueError("s2 must be >= 0 (inf marks an untrained pixel)")
+    return array
+
+
+def starting_points(value, n_spectra, n_labels):
+    """Starting points as (n_spectra, n_starts, n_labels).
+
+    Accepts (n_labels,) (one start for all), (n_starts, n_labels) (the same starts for all)
+    or (n_spectra, n_starts, n_labels).
+    """
+    array = as_float_array("initial", value, np.ndim(value) if np.ndim(value) in (1, 2, 3) else 3)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim == 2:
+        array = np.broadcast_to(array, (n_spectra,) + array.shape)
+    if array.shape[0] != n_spectra or array.shape[2] != n_labels:
+        raise ValueError(f"initial must have shape (n_labels,), (n_starts, n_labels) or "
+                         f"({n_spectra}, n_starts, {n_labels}), got {np.shape(value)}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("initial contains NaN or inf")
+    return np.ascontiguousarray(array)
+
+
+def box(lower, upper, n_labels):
+    """Optional (n_labels,) lower and upper bounds (each may be None; -inf/inf allowed)."""
+    out = []
+    for name, value in (("lower", lower), ("upper", upper)):
+        if value is None:
+            out.append(None)
+            continue
+        array = as_float_array(name, value, 1)
+        if array.shape != (n_labels,) or np.any(np.isnan(array)):
+            raise ValueError(f"{name} must be ({n_labels},) numbers, got shape {array.shape}")
+        out.append(array)
+    if out[0] is not None and out[1] is not None and np.any(out[0] > out[1]):
+        raise ValueError("lower must be <= upper")
+    return out[0], out[1]
+
+
+def term_mask(value, n_pixels, n_terms):
+    """Optional (n_pixels, n_terms) bool censoring mask (True: the term may be non-zero)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.dtype != bool:
+        raise TypeError(f"term_mask must be boolean, got dtype {array.dtype}")
+    if array.shape != (n_pixels, n_terms):
+        raise ValueError(f"term_mask must have shape ({n_pixels}, {n_terms}), got {array.shape}")
+    if not np.all(array[:, 0]):
+        raise ValueError("term_mask: the constant term cannot be censored")
+    return np.ascontiguousarray(array)
+
+
+def training_arguments(exponents_value, x, flux, ivar, regularization, mask, s2):
+    """Check the arguments of cannon_train; returns them converted."""
+    exps = exponents(exponents_value)
+    x = labels(x, exps.shape[1], name="x")
+    flux, ivar = spectra(flux, ivar)
+    if flux.shape[0] != x.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} stars but flux has {flux.shape[0]}")
+    regularization = nonnegative_float("regularization", regularization)
+    mask = term_mask(mask, flux.shape[1], exps.shape[0])
+    if s2 is not None:
+        s2 = scatter(np.broadcast_to(np.asarray(s2, dtype=float), (flux.shape[1],)), flux.shape[1])
+        if not np.all(np.isfinite(s2)):
+            raise ValueError("s2 must be finite when given for training")
+    return exps, x, flux, ivar, regularization, mask, s2
+
+
+def fit_arguments(exponents_value, theta_value, s2, flux, ivar, initial, lower, upper, max_iter):
+    """Check the arguments of cannon_fit; returns them converted."""
+    exps = exponents(exponents_value)
+    theta_value = theta(theta_value, exps.shape[0])
+    s2 = scatter(s2, theta_value.shape[0])
+    flux, ivar = spectra(flux, ivar, n_pixels=theta_value.shape[0])
+    initial = starting_points(initial, flux.shape[0], exps.shape[1])
+    lower, upper = box(lower, upper, exps.shape[1])
+    max_iter = positive_int("max_iter", max_iter)
+    return exps, theta_value, s2, flux, ivar, initial, lower, upper, max_iter

@@ -1,0 +1,274 @@
+"""The Cannon (Ness et al. 2015; Casey et al. 2016): a data-driven model of spectra.
+
+Every pixel's flux is a polynomial in the labels, ``f = theta . v(labels)``, with an
+intrinsic scatter ``s2`` per pixel. Training learns theta and s2 from stars with known
+labels; ``fit_labels`` infers labels of new spectra.
+"""
+
+import numpy as np
+
+from . import _validation as check
+from . import fast, reference
+from .model_io import read_model_file, write_model_file
+from .result import FitResult
+from .status import PixelStatus
+from .vectorizer import PolynomialVectorizer
+
+BACKENDS = {"fast": fast, "reference": reference}
+N_DEFAULT_STARTS = 9  # Casey et al. (2016) started each fit from 9 points
+
+
+class CannonModel:
+    """A Cannon model.
+
+    Parameters
+    ----------
+    label_names : sequence of str (n_labels)
+    order : int, 1, 2 (default) or 3: full polynomial with all cross terms
+    terms : sequence of str, optional: explicit non-constant terms (``"TEFF^2"``,
+        ``"TEFF*LOGG"``); overrides ``order``
+    regularization : float >= 0, L1 strength on the non-constant coefficients; the per-pixel
+        objective is ``sum w r^2 - sum ln w + regularization * sum |theta|`` (thecannon's)
+    censors : dict {label name: bool array (n_pixels,)}, optional: where each label's terms
+        may be non-zero; elsewhere they are fixed at zero
+    offsets, scales : (n_labels,), optional: label scaling; by default learned in ``train``
+        (mean and 2.5-97.5 percentile range)
+    wavelength : (n_pixels,), optional, Angstrom; stored with the model
+    backend : "fast" (compiled) or "reference" (NumPy)
+    """
+
+    def __init__(self, label_names, order=2, *, terms=None, regularization=0.0, censors=None,
+                 offsets=None, scales=None, wavelength=None, backend="fast"):
+        self.vectorizer = PolynomialVectorizer(label_names, order, terms, offsets, scales)
+        self.regularization = check.nonnegative_float("regularization", regularization)
+        self.censors = self._check_censors(censors)
+        self.wavelength = None if wavelength is None else _wavelength_array(wavelength)
+        self.backend = check.choice("backend", backend, BACKENDS)
+        self.theta = self.s2 = self.pixel_status = None
+        self.initial_labels = self.training_range = None
+
+    # -- structure ---------------------------------------------------------------------
+
+    @property
+    def label_names(self):
+        return self.vectorizer.label_names
+
+    @property
+    def term_names(self):
+        return self.vectorizer.term_names
+
+    @property
+    def is_trained(self):
+        return self.theta is not None
+
+    @property
+    def n_pixels(self):
+        return None if self.theta is None else self.theta.shape[0]
+
+    def _check_censors(self, censors):
+        if censors is None:
+            return None
+        if not isinstance(censors, dict):
+            raise TypeError("censors must be a dict {label name: bool array (n_pixels,)}")
+        out = {}
+        for name, mask in censors.items():
+            if name not in self.label_names:
+                raise ValueError(f"censors: {name!r} is not one of {list(self.label_names)}")
+            mask = np.asarray(mask)
+            if mask.dtype != bool or mask.ndim != 1:
+                raise ValueError(f"censors[{name!r}] must be a 1-D bool array (n_pixels,)")
+            out[name] = mask
+        return out
+
+    def term_mask(self, n_pixels):
+        """(n_pixels, n_terms) bool: where each term may be non-zero under the censors."""
+        if not self.censors:
+            return None
+        mask = np.ones((n_pixels, self.vectorizer.n_terms), bool)
+        for name, allowed in self.censors.items():
+            if allowed.shape != (n_pixels,):
+                raise ValueError(f"censors[{name!r}] has {allowed.size} pixels, flux has {n_pixels}")
+            uses_label = self.vectorizer.exponents[:, self.label_names.index(name)] > 0
+            mask[:, uses_label] &= allowed[:, None]
+        return mask
+
+    def _require_trained(self):
+        if not self.is_trained:
+            raise RuntimeError("the model is not trained: call train() or CannonModel.read()")
+
+    # -- training ----------------------------------------------------------------------
+
+    def train(self, labels, flux, ivar, *, n_threads=None):
+        """Learn theta and s2 at every pixel from stars with known labels.
+
+        labels (n_stars, n_labels) physical units; flux, ivar (n_stars, n_pixels).
+        Pixels that cannot be trained get a status in ``pixel_status`` (PixelStatus), NaN
+        theta and infinite s2, and are ignored when fitting labels.
+        """
+        labels = check.labels(labels, len(self.label_names))
+        flux, ivar = check.spectra(flux, ivar)
+        if labels.shape[0] != flux.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} stars but flux has {flux.shape[0]}")
+        if labels.shape[0] < self.vectorizer.n_terms:
+            raise ValueError(f"labels: {labels.shape[0]} training stars are fewer than the "
+                             f"{self.vectorizer.n_terms} terms of the model")
+        if self.wavelength is not None and self.wavelength.size != flux.shape[1]:
+            raise ValueError(f"flux has {flux.shape[1]} pixels but wavelength has {self.wavelength.size}")
+        self.vectorizer.fit_scaling(labels)
+        x = self.vectorizer.scale(labels)
+        self.theta, self.s2, self.pixel_status = BACKENDS[self.backend].cannon_train(
+            self.vectorizer.exponents, x, flux, ivar, regularization=self.regularization,
+            term_mask=self.term_mask(flux.shape[1]), n_threads=n_threads)
+        self.initial_labels = _spread_points(labels, N_DEFAULT_STARTS)
+        self.training_range = (labels.min(axis=0), labels.max(axis=0))
+        return self
+
+    # -- prediction --------------------------------------------------------------------
+
+    def predict(self, labels, *, n_threads=None):
+        """Model flux (n_stars, n_pixels) for physical labels (n_stars, n_labels)."""
+        self._require_trained()
+        x = self.vectorizer.scale(check.labels(labels, len(self.label_names)))
+        return BACKENDS[self.backend].cannon_predict(self.vectorizer.exponents, self.theta, x,
+                                                     n_threads=n_threads)
+
+    def jacobian(self, labels, *, n_threads=None):
+        """d flux / d label (n_stars, n_pixels, n_labels), physical units."""
+        self._require_trained()
+        x = self.vectorizer.scale(check.labels(labels, len(self.label_names)))
+        _, jac = BACKENDS[self.backend].cannon_predict(self.vectorizer.exponents, self.theta, x,
+                                                       jacobian=True, n_threads=n_threads)
+        return jac / self.vectorizer.scales
+
+    # -- the test step -----------------------------------------------------------------
+
+    def fit_labels(self, flux, ivar, *, initial=None, bounds=None, max_iter=100, n_threads=None):
+        """Infer labels of spectra by Levenberg-Marquardt with weights 1 / (1/ivar + s2).
+
+        Parameters
+        ----------
+        flux, ivar : (n_spectra, n_pixels) or (n_pixels,)
+        initial : physical starting labels, (n_labels,), (n_starts, n_labels) or
+            (n_spectra, n_starts, n_labels); default: 9 points spread over the training set.
+            chi2 is evaluated at every start and LM runs from the best.
+        bounds : None, "training" (the training set's range) or (lower, upper) arrays
+        max_iter : int, LM trial steps per spectrum
+
+        Returns
+        -------
+        FitResult (labels, covariance, chi2, reduced_chi2, n_iter, status per spectrum)
+        """
+        self._require_trained()
+        flux, ivar = check.spectra(flux, ivar, n_pixels=self.n_pixels)
+        initial = self.initial_labels if initial is None else initial
+        initial = check.starting_points(initial, flux.shape[0], len(self.label_names))
+        lower, upper = self._scaled_bounds(bounds)
+        sol = BACKENDS[self.backend].cannon_fit(
+            self.vectorizer.exponents, self.theta, self.s2, flux, ivar,
+            self.vectorizer.scale(initial), lower=lower, upper=upper, max_iter=max_iter,
+            n_threads=n_threads)
+        scales = self.vectorizer.scales
+        return FitResult(self.label_names, self.vectorizer.unscale(sol.x),
+                         sol.covariance * scales[:, None] * scales[None, :], sol.chi2,
+                         sol.n_used, sol.n_iter, sol.status)
+
+    def _scaled_bounds(self, bounds):
+        if bounds is None:
+            return None, None
+        if isinstance(bounds, str):
+            check.choice("bounds", bounds, {"training"})
+            lower, upper = self.training_range
+        else:
+            try:
+                lower, upper = bounds
+            except (TypeError, ValueError):
+                raise TypeError("bounds must be None, 'training' or a (lower, upper) pair") from None
+        lower, upper = check.box(lower, upper, len(self.label_names))
+        scale = self.vectorizer.scale
+        return (None if lower is None else scale(lower)), (None if upper is None else scale(upper))
+
+    # -- persistence -------------------------------------------------------------------
+
+    def write(self, path):
+        """Write the trained model to a versioned, pickle-free ``.npz`` file (atomically)."""
+        self._require_trained()
+        arrays = {
+            "label_names": np.array(self.label_names),
+            "exponents": self.vectorizer.exponents,
+            "offsets": self.vectorizer.offsets,
+            "scales": self.vectorizer.scales,
+            "theta": self.theta,
+            "s2": self.s2,
+            "pixel_status": self.pixel_status,
+            "initial_labels": self.initial_labels,
+            "training_min": self.training_range[0],
+            "training_max": self.training_range[1],
+            "regularization": np.float64(self.regularization),
+            "order": np.int64(self.vectorizer.order),
+        }
+        if self.wavelength is not None:
+            arrays["wavelength"] = self.wavelength
+        if self.censors:
+            arrays["censor_labels"] = np.array(list(self.censors))
+            arrays["censor_masks"] = np.array(list(self.censors.values()))
+        write_model_file(path, "cannon", arrays)
+
+    @classmethod
+    def read(cls, path, *, backend="fast"):
+        """Read a model written by ``write``."""
+        arrays = read_model_file(path, "cannon", required=(
+            "label_names", "exponents", "offsets", "scales", "theta", "s2", "pixel_status",
+            "initial_labels", "training_min", "training_max", "regularization", "order"))
+        names = [str(n) for n in arrays["label_names"]]
+        try:
+            model = cls(names, backend=backend, regularization=float(arrays["regularization"]),
+                        wavelength=arrays.get("wavelength"))
+            model.vectorizer = PolynomialVectorizer(
+                names, terms=_term_names(names, arrays["exponents"]),
+                offsets=arrays["offsets"], scales=arrays["scales"])
+            if "censor_labels" in arrays:
+                model.censors = model._check_censors(
+                    dict(zip((str(n) for n in arrays["censor_labels"]), arrays["censor_masks"])))
+            theta = check.theta(arrays["theta"], model.vectorizer.n_terms)
+            s2 = check.scatter(arrays["s2"], theta.shape[0])
+            status = np.asarray(arrays["pixel_status"], dtype=np.int8)
+            initial = check.labels(arrays["initial_labels"], len(names), name="initial_labels")
+            box = tuple(check.labels(arrays[k], len(names), name=k)[0]
+                        for k in ("training_min", "training_max"))
+            if status.shape != s2.shape or np.any((status < 0) | (status > max(PixelStatus))):
+                raise ValueError("pixel_status is inconsistent with theta")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a consistent Cannon model file ({exc})") from None
+        model.vectorizer.order = int(arrays["order"])
+        model.theta, model.s2, model.pixel_status = theta, s2, status
+        model.initial_labels, model.training_range = initial, box
+        return model
+
+    def __repr__(self):
+        state = f"{self.n_pixels} pixels" if self.is_trained else "untrained"
+        return (f"CannonModel({list(self.label_names)}, {self.vectorizer.n_terms} terms, "
+                f"regularization={self.regularization}, backend={self.backend!r}, {state})")
+
+
+def _term_names(label_names, exponents):
+    """Non-constant term names for an exponent table (the inverse of the vectorizer's parser)."""
+    exponents = check.exponents(exponents)
+    if exponents.shape[1] != len(label_names):
+        raise ValueError("exponents do not match label_names")
+    names = []
+    for row in exponents[1:]:
+        names.append("*".join(n if e == 1 else f"{n}^{e}" for n, e in zip(label_names, row) if e))
+    return names
+
+
+def _wavelength_array(wavelength):
+    if hasattr(wavelength, "unit"):  # astropy Quantity
+        wavelength = wavelength.to_value("Angstrom")
+    return check.finite_array("wavelength", wavelength, 1)
+
+
+def _spread_points(labels, n_points):
+    """The training mean and training stars spread along the first label: default starts."""
+    order = np.argsort(labels[:, 0], kind="stable")
+    picks = order[np.linspace(0, len(order) - 1, n_points - 1).round().astype(int)]
+    return np.vstack([labels.mean(axis=0), labels[picks]])

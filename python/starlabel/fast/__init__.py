@@ -1,0 +1,9 @@
+"""The compiled backend: the same functions as starlabel.reference, run by the C++ core.
+
+Functions take and return plain NumPy arrays; ``n_threads=None`` uses the default thread
+count (``starlabel.set_num_threads``). The GIL is released while the core works.
+"""
+
+from .cannon import cannon_fit, cannon_predict, cannon_train
+
+__all__ = ["cannon_train", "cannon_predict", "cannon_fit"]

@@ -1,0 +1,63 @@
+"""Versioned, pickle-free model files (``.npz``) shared by every model type.
+
+Each file records what it holds (``format``: "starlabel.<kind>"), the file-format version
+and the package version that wrote it. Writing is atomic: a temporary file in the same
+folder, then a rename, so a crash never leaves half a model.
+"""
+
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+def write_model_file(path, kind, arrays):
+    """Write ``arrays`` (name -> array) as a model file of ``kind`` at ``path``."""
+    from . import __version__
+
+    path = os.fspath(path)
+    header = {"format": np.array(f"starlabel.{kind}"),
+              "format_version": np.int64(FORMAT_VERSION),
+              "package_version": np.array(__version__)}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".starlabel-", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **header, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_model_file(path, kind, required):
+    """Read a model file of ``kind``; returns a dict of arrays.
+
+    Raises FileNotFoundError if missing and ValueError if the file is not a readable
+    starlabel model of this kind, comes from a newer file-format version, or lacks a field.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+        raise ValueError(f"{path}: not a readable starlabel model file ({exc})") from None
+    fmt = str(arrays.get("format", ""))
+    if fmt != f"starlabel.{kind}":
+        raise ValueError(f"{path}: expected a starlabel.{kind} file, found format {fmt!r}")
+    version = int(arrays.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: written by a newer starlabel (file format {version}, this "
+                         f"version reads up to {FORMAT_VERSION}); upgrade starlabel")
+    if version < 1:
+        raise ValueError(f"{path}: unknown file format version {version}")
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        raise ValueError(f"{path}: model file lacks {missing}")
+    return arrays

@@ -1,0 +1,10 @@
+"""The pure-NumPy backend: the same functions as starlabel.fast, written for clarity.
+
+It never imports the compiled core. It is slow, and it is the oracle the compiled core is
+tested against (and is itself tested against independent solvers). ``n_threads`` is
+accepted for a common signature and ignored.
+"""
+
+from .cannon import cannon_fit, cannon_predict, cannon_train
+
+__all__ = ["cannon_train", "cannon_predict", "cannon_fit"]

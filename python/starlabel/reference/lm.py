@@ -1,0 +1,96 @@
+"""Levenberg-Marquardt for one spectrum at a time, the twin of cpp/include/starlabel/lm.hpp.
+
+Same algorithm, step for step: the best of the starting points by chi2, Marquardt damping
+(H + lambda diag H) delta = J^T W r, projection onto the box, lambda / 10 after an accepted
+step and x 10 after a rejected one, and the same stopping rules.
+"""
+
+import numpy as np
+
+from ..status import FitStatus
+
+FTOL = 1e-10
+XTOL = 1e-10
+LAMBDA_INIT = 1e-3
+LAMBDA_MAX = 1e10
+
+
+def _normal_equations(model, x, flux, weight, with_jacobian):
+    model_flux, jac = model(x)
+    used = weight > 0
+    resid = np.where(used, flux - model_flux, 0.0)
+    chi2 = float(np.sum(weight * resid**2))
+    if not with_jacobian:
+        return chi2, int(used.sum()), None, None
+    jac = np.where(used[:, None], jac, 0.0)
+    hess = jac.T @ (weight[:, None] * jac)
+    grad = jac.T @ (weight * resid)
+    return chi2, int(used.sum()), hess, grad
+
+
+def inverse_spd(hess):
+    """Inverse of a symmetric positive-definite matrix with Jacobi scaling; NaN if singular."""
+    diag = np.diag(hess)
+    d = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 0.0)
+    try:
+        if np.any(d == 0):
+            raise np.linalg.LinAlgError
+        np.linalg.cholesky(d[:, None] * hess * d[None, :])
+    except np.linalg.LinAlgError:
+        return np.full_like(hess, np.nan)
+    return d[:, None] * np.linalg.inv(d[:, None] * hess * d[None, :]) * d[None, :]
+
+
+def fit_one(model, flux, weight, starts, lower, upper, max_iter):
+    """Fit one spectrum.
+
+    model(x) -> (flux (n_pixels,), jacobian (n_pixels, n_params)); flux, weight (n_pixels,);
+    starts (n_starts, n_params); lower, upper (n_params,) (may be infinite).
+    Returns x, covariance, chi2, n_used, n_iter, status.
+    """
+    n_params = starts.shape[1]
+    starts = np.clip(starts, lower, upper)
+    best = 0
+    if len(starts) > 1:
+        chi2s = np.array([_normal_equations(model, s, flux, weight, False)[0] for s in starts])
+        best = int(np.argmin(np.where(np.isfinite(chi2s), chi2s, np.inf)))
+    x = starts[best].copy()
+    chi2, n_used, hess, grad = _normal_equations(model, x, flux, weight, True)
+    n_iter = 0
+    status = FitStatus.CONVERGED
+    if n_used < n_params:
+        status = FitStatus.NO_PIXELS
+    elif not np.isfinite(chi2) or not np.all(np.isfinite(hess)):
+        status = FitStatus.NON_FINITE
+    active = status == FitStatus.CONVERGED and chi2 > 0
+    lam = LAMBDA_INIT
+    while active:
+        damped = hess + lam * np.diag(np.maximum(np.diag(hess), 1e-12 * np.diag(hess).max()))
+        try:
+            np.linalg.cholesky(damped)
+            step = np.linalg.solve(damped, grad)
+        except np.linalg.LinAlgError:
+            step = np.zeros(n_params)
+        x_trial = np.clip(x + step, lower, upper)
+        n_iter += 1
+        trial = _normal_equations(model, x_trial, flux, weight, True)
+        if np.isfinite(trial[0]) and trial[0] < chi2 and np.all(np.isfinite(trial[2])):
+            moved = np.max(np.abs(x_trial - x))
+            decrease = chi2 - trial[0]
+            x = x_trial
+            chi2, n_used, hess, grad = trial
+            lam = max(lam / 10.0, 1e-12)
+            if decrease <= FTOL * chi2 or moved <= XTOL:
+                active = False
+        else:
+            lam *= 10.0
+            if lam > LAMBDA_MAX:
+                active = False
+        if active and n_iter >= max_iter:
+            active = False
+            status = FitStatus.MAX_ITER
+    if status in (FitStatus.CONVERGED, FitStatus.MAX_ITER):
+        covariance = inverse_spd(hess)
+    else:
+        covariance = np.full((n_params, n_params), np.nan)
+    return x, covariance, chi2, n_used, n_iter, status

@@ -1,0 +1,77 @@
+"""Results of label fits."""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .status import FitStatus
+
+
+class LMSolution(NamedTuple):
+    """Raw output of a backend's fit, in the model's scaled parameters (one row per spectrum).
+
+    x (n, n_params); covariance (n, n_params, n_params); chi2 (n,); n_used (n,) pixels with
+    non-zero weight; n_iter (n,); status (n,) FitStatus codes.
+    """
+
+    x: np.ndarray
+    covariance: np.ndarray
+    chi2: np.ndarray
+    n_used: np.ndarray
+    n_iter: np.ndarray
+    status: np.ndarray
+
+
+class FitResult:
+    """Labels fitted to spectra, in physical units; every field has one row per spectrum.
+
+    Attributes
+    ----------
+    label_names : tuple of str (n_labels)
+    labels : (n_spectra, n_labels)
+    covariance : (n_spectra, n_labels, n_labels)  inverse of J^T W J at the solution
+    chi2, reduced_chi2 : (n_spectra,)  reduced by (n_pixels_used - n_labels)
+    n_pixels_used : (n_spectra,)
+    n_iter : (n_spectra,)
+    status : (n_spectra,) FitStatus codes
+    """
+
+    def __init__(self, label_names, labels, covariance, chi2, n_pixels_used, n_iter, status):
+        self.label_names = tuple(label_names)
+        self.labels = labels
+        self.covariance = covariance
+        self.chi2 = chi2
+        self.n_pixels_used = n_pixels_used
+        self.n_iter = n_iter
+        self.status = status
+        dof = n_pixels_used - len(self.label_names)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.reduced_chi2 = np.where(dof > 0, chi2 / np.maximum(dof, 1), np.nan)
+
+    @property
+    def errors(self):
+        """(n_spectra, n_labels) 1-sigma uncertainties: sqrt of the covariance diagonal."""
+        return np.sqrt(np.diagonal(self.covariance, axis1=1, axis2=2))
+
+    @property
+    def converged(self):
+        return self.status == FitStatus.CONVERGED
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __repr__(self):
+        counts = {FitStatus(s).name: int(n) for s, n in zip(*np.unique(self.status, return_counts=True))}
+        return f"FitResult({len(self)} spectra, labels {list(self.label_names)}, status {counts})"
+
+    def to_table(self):
+        """The result as an astropy Table: one column per label and per label error."""
+        from astropy.table import Table
+
+        table = Table()
+        for a, name in enumerate(self.label_names):
+            table[name] = self.labels[:, a]
+            table[f"E_{name}"] = self.errors[:, a]
+        for field in ("chi2", "reduced_chi2", "n_pixels_used", "n_iter", "status"):
+            table[field] = getattr(self, field)
+        return table
