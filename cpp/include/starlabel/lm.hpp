@@ -29,7 +29,7 @@ namespace starlabel {
 
 struct LMOptions {
   int max_iter = 100;          // trial steps per spectrum
-  double ftol = 1e-10;         // converged when an accepted step lowers chi2 by <= ftol * chi2
+  double ftol = 1e-10;         // converged when a step can lower chi2 by <= ftol * chi2
   double xtol = 1e-10;         // ... or moves no parameter by more than xtol
   double lambda_init = 1e-3;   // initial Marquardt damping
   double lambda_max = 1e10;    // damping beyond which no decrease is possible: converged
@@ -152,7 +152,9 @@ inline Eigen::MatrixXd inverse_spd(const Eigen::MatrixXd& h) {
 //   lower, upper     (n_params,) or null    box bounds; trial steps are projected onto the box
 //   out              see LMOutputs
 // Per spectrum: Marquardt damping (H + lambda diag H) delta = J^T W r; an accepted step
-// divides lambda by 10, a rejected one multiplies it by 10.
+// divides lambda by 10, a rejected one multiplies it by 10. Converged when the Newton
+// decrement or an accepted step's chi2 decrease is <= ftol * chi2, or a step moves no
+// parameter by more than xtol, or lambda exceeds lambda_max (no decrease is possible).
 template <class Model>
 void fit_lm(const Model& model, const double* flux, const double* ivar,
             const double* extra_variance, index_t n_spectra, const double* initial,
@@ -235,6 +237,14 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
         for (index_t i = 0; i < nbatch; ++i) {
           if (!active[i]) continue;
           const detail::NormalEquations& e = evals[i];
+          // Converged when even the undamped Gauss-Newton step (the Newton decrement
+          // g^T H^-1 g) would lower chi2 by no more than ftol * chi2. Deciding this before
+          // stepping keeps the decision away from rounding in a tiny chi2 difference.
+          const double decrement = e.grad.dot(detail::inverse_spd(e.hess) * e.grad);
+          if (decrement <= opt.ftol * e.chi2) {
+            active[i] = 0;
+            continue;
+          }
           const double max_diag = e.hess.diagonal().maxCoeff();
           Eigen::MatrixXd damped = e.hess;
           for (index_t a = 0; a < np; ++a)

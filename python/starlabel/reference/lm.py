@@ -2,7 +2,8 @@
 
 Same algorithm, step for step: the best of the starting points by chi2, Marquardt damping
 (H + lambda diag H) delta = J^T W r, projection onto the box, lambda / 10 after an accepted
-step and x 10 after a rejected one, and the same stopping rules.
+step and x 10 after a rejected one, and the same stopping rules (Newton decrement, chi2
+decrease, step size, damping limit, iteration limit).
 """
 
 import numpy as np
@@ -65,6 +66,8 @@ def fit_one(model, flux, weight, starts, lower, upper, max_iter):
     active = status == FitStatus.CONVERGED and chi2 > 0
     lam = LAMBDA_INIT
     while active:
+        if grad @ inverse_spd(hess) @ grad <= FTOL * chi2:  # Newton decrement: converged
+            break
         damped = hess + lam * np.diag(np.maximum(np.diag(hess), 1e-12 * np.diag(hess).max()))
         try:
             np.linalg.cholesky(damped)

@@ -1,0 +1,185 @@
+"""Compiled core against the NumPy reference (link 2 of the test chain), on every instruction
+set this CPU runs, and 1 thread against 2 threads."""
+
+import numpy as np
+import pytest
+
+from starlabel import fast, reference
+from starlabel.status import FitStatus, PixelStatus
+from starlabel.vectorizer import PolynomialVectorizer, design_matrix
+
+
+def random_problem(n_stars, n_labels, n_pixels, order, seed, intrinsic=0.01):
+    """Spectra drawn from a known polynomial model with noise and intrinsic scatter."""
+    rng = np.random.default_rng(seed)
+    names = [f"L{i}" for i in range(n_labels)]
+    exponents = PolynomialVectorizer(names, order).exponents
+    x = rng.uniform(-1, 1, (n_stars, n_labels))
+    theta = rng.normal(0, 0.05, (n_pixels, len(exponents)))
+    theta[:, 0] = 1.0
+    ivar = rng.uniform(0.5, 2.0, (n_stars, n_pixels)) * 1e4
+    s2 = rng.choice([0.0, intrinsic**2], n_pixels)
+    flux = design_matrix(exponents, x) @ theta.T
+    flux += rng.normal(size=flux.shape) * np.sqrt(1 / ivar + s2)
+    return exponents, x, flux, ivar
+
+
+# Training tolerances: both backends solve the same normal equations (Cholesky vs LU on the
+# Jacobi-scaled Gram) and find s2 to 1e-12 relative (Newton vs Brent): theta agrees to ~1e-9
+# relative of its scale, s2 to ~1e-10 relative. Bounds below leave a factor ~100 of margin.
+THETA_ATOL = 1e-7
+S2_RTOL = 1e-8
+
+
+def assert_training_matches(a, b):
+    (theta_a, s2_a, status_a), (theta_b, s2_b, status_b) = a, b
+    np.testing.assert_array_equal(status_a, status_b)
+    np.testing.assert_allclose(theta_a, theta_b, rtol=0, atol=THETA_ATOL * np.nanmax(np.abs(theta_b)))
+    np.testing.assert_allclose(s2_a, s2_b, rtol=S2_RTOL, atol=1e-14)
+
+
+@pytest.mark.parametrize("n_stars,n_labels,n_pixels,order,seed", [
+    (40, 1, 7, 1, 0),
+    (30, 1, 5, 3, 1),
+    (200, 3, 33, 2, 2),
+    (150, 4, 20, 3, 3),
+    (60, 2, 1, 2, 4),
+    (400, 5, 70, 2, 5),   # more pixels than one block of the compiled kernel
+])
+def test_training_matches_reference(isa_core, n_stars, n_labels, n_pixels, order, seed):
+    exponents, x, flux, ivar = random_problem(n_stars, n_labels, n_pixels, order, seed)
+    out_fast = fast.cannon_train(exponents, x, flux, ivar)
+    out_ref = reference.cannon_train(exponents, x, flux, ivar)
+    assert_training_matches(out_fast, out_ref)
+    assert np.all(out_fast[2] == PixelStatus.OK)
+    if n_pixels >= 5:  # both s2 regimes exercised
+        assert np.any(out_fast[1] > 0) and np.any(out_fast[1] == 0)
+
+
+def test_training_edge_pixels_get_the_same_status(isa_core):
+    exponents, x, flux, ivar = random_problem(50, 2, 4, 2, seed=6)
+    ivar[:, 1] = 0.0                      # pixel 1: no data at all
+    flux[:, 1] = np.nan                   # ... and NaN flux, allowed where ivar == 0
+    ivar[len(exponents) - 1:, 2] = 0.0    # pixel 2: fewer stars than terms
+    ivar[:, 3] = 0.0                      # pixel 3: exactly n_terms stars, two identical: singular
+    ivar[:len(exponents), 3] = 1e4
+    x[1] = x[0]
+    out_fast = fast.cannon_train(exponents, x, flux, ivar)
+    out_ref = reference.cannon_train(exponents, x, flux, ivar)
+    assert_training_matches(out_fast, out_ref)
+    assert list(out_fast[2]) == [PixelStatus.OK, PixelStatus.TOO_FEW_STARS,
+                                 PixelStatus.TOO_FEW_STARS, PixelStatus.SINGULAR]
+    assert np.all(np.isnan(out_fast[0][1:])) and np.all(np.isinf(out_fast[1][1:]))
+
+
+def test_fixed_s2_and_censoring_match_reference(isa_core):
+    exponents, x, flux, ivar = random_problem(120, 3, 9, 2, seed=7)
+    mask = np.ones((9, len(exponents)), bool)
+    mask[::2, exponents[:, 1] > 0] = False   # label 1's terms censored at even pixels
+    s2 = np.linspace(0, 1e-4, 9)
+    out_fast = fast.cannon_train(exponents, x, flux, ivar, term_mask=mask, s2=s2)
+    out_ref = reference.cannon_train(exponents, x, flux, ivar, term_mask=mask, s2=s2)
+    assert_training_matches(out_fast, out_ref)
+    np.testing.assert_array_equal(out_fast[1], s2)
+    assert np.all(out_fast[0][~mask] == 0.0)
+
+
+@pytest.mark.parametrize("regularization", [1e3, 1e5])
+def test_l1_training_matches_reference(isa_core, regularization):
+    exponents, x, flux, ivar = random_problem(100, 3, 6, 2, seed=8)
+    out_fast = fast.cannon_train(exponents, x, flux, ivar, regularization=regularization)
+    out_ref = reference.cannon_train(exponents, x, flux, ivar, regularization=regularization)
+    # Coordinate descent stops at 1e-12 relative moves in both, from different warm starts
+    # (Newton and Brent visit different s2): agreement ~1e-9 of theta's scale.
+    np.testing.assert_array_equal(out_fast[2], out_ref[2])
+    np.testing.assert_allclose(out_fast[0], out_ref[0], atol=1e-7 * np.abs(out_ref[0]).max())
+    np.testing.assert_allclose(out_fast[1], out_ref[1], rtol=1e-6, atol=1e-14)
+    np.testing.assert_array_equal(out_fast[0] == 0, out_ref[0] == 0)
+    assert np.any(out_fast[0] == 0)  # the penalty really zeroes coefficients
+
+
+@pytest.mark.parametrize("jacobian", [False, True])
+def test_prediction_matches_reference(isa_core, jacobian):
+    exponents, x, flux, ivar = random_problem(60, 4, 600, 3, seed=9)
+    theta = fast.cannon_train(exponents, x, flux, ivar)[0]
+    theta[5] = np.nan  # an untrained pixel stays NaN in predictions
+    a = fast.cannon_predict(exponents, theta, x, jacobian=jacobian)
+    b = reference.cannon_predict(exponents, theta, x, jacobian=jacobian)
+    for out_a, out_b in zip(*(((a,), (b,)) if not jacobian else (a, b))):
+        # same sums in a different order: rounding only
+        np.testing.assert_allclose(out_a, out_b, rtol=1e-12, atol=1e-12)
+        assert np.all(np.isnan(out_a[:, 5])) and np.all(np.isfinite(np.delete(out_a, 5, axis=1)))
+
+
+def fit_problem(n_labels, order, n_spectra, seed, n_pixels=300):
+    exponents, x, flux, ivar = random_problem(300, n_labels, n_pixels, order, seed)
+    theta, s2, _ = fast.cannon_train(exponents, x, flux, ivar)
+    _, x_new, flux_new, ivar_new = random_problem(n_spectra, n_labels, n_pixels, order, seed + 100)
+    return exponents, theta, s2, flux_new, ivar_new, x_new
+
+
+# LM tolerances: both backends take the same steps (same damping schedule and stopping rule);
+# sums differ in order only, so the solutions agree to rounding amplified by the conditioning
+# of J^T W J (~1e-12 here). Iteration counts can differ only if a chi2 comparison is decided
+# by rounding; they are compared exactly and have been equal on every seed tried.
+@pytest.mark.parametrize("n_labels,order,n_spectra,seed", [
+    (1, 1, 3, 20), (1, 3, 5, 21), (3, 2, 17, 22), (4, 3, 9, 23), (3, 2, 1, 24)])
+def test_fit_matches_reference(isa_core, n_labels, order, n_spectra, seed):
+    exponents, theta, s2, flux, ivar, _ = fit_problem(n_labels, order, n_spectra, seed)
+    starts = np.random.default_rng(seed).uniform(-1, 1, (n_spectra, 4, n_labels))
+    a = fast.cannon_fit(exponents, theta, s2, flux, ivar, starts)
+    b = reference.cannon_fit(exponents, theta, s2, flux, ivar, starts)
+    np.testing.assert_allclose(a.x, b.x, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(a.chi2, b.chi2, rtol=1e-10)
+    np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-7, atol=1e-14)
+    for field in ("n_used", "n_iter", "status"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert np.all(a.status == FitStatus.CONVERGED)
+
+
+def test_fit_edge_cases_match_reference(isa_core):
+    exponents, theta, s2, flux, ivar, _ = fit_problem(2, 2, 4, seed=30)
+    theta[3] = np.nan            # untrained pixel: ignored
+    s2[3] = np.inf
+    ivar[1] = 0.0                # spectrum 1: no usable pixels
+    flux[1] = np.nan
+    ivar[2, 10:] = 0.0           # spectrum 2: few pixels
+    lower, upper = np.array([-0.2, -1.0]), np.array([0.2, 1.0])  # spectrum fits hit the box
+    a = fast.cannon_fit(exponents, theta, s2, flux, ivar, np.zeros(2), lower=lower, upper=upper)
+    b = reference.cannon_fit(exponents, theta, s2, flux, ivar, np.zeros(2), lower=lower, upper=upper)
+    np.testing.assert_allclose(a.x, b.x, atol=1e-9)
+    np.testing.assert_array_equal(a.status, b.status)
+    np.testing.assert_array_equal(a.n_used, b.n_used)
+    assert a.status[1] == FitStatus.NO_PIXELS and np.all(np.isnan(a.covariance[1]))
+    assert np.all((a.x >= lower) & (a.x <= upper))
+
+
+def test_iteration_limit_is_reported(isa_core):
+    exponents, theta, s2, flux, ivar, _ = fit_problem(3, 2, 3, seed=31)
+    a = fast.cannon_fit(exponents, theta, s2, flux, ivar, np.full(3, 0.9), max_iter=1)
+    b = reference.cannon_fit(exponents, theta, s2, flux, ivar, np.full(3, 0.9), max_iter=1)
+    assert np.all(a.status == FitStatus.MAX_ITER) and np.all(a.n_iter == 1)
+    np.testing.assert_allclose(a.x, b.x, atol=1e-9)
+
+
+def test_one_and_two_threads_give_identical_results():
+    exponents, x, flux, ivar = random_problem(300, 3, 200, 2, seed=40)
+    one = fast.cannon_train(exponents, x, flux, ivar, n_threads=1)
+    two = fast.cannon_train(exponents, x, flux, ivar, n_threads=2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    one_l1 = fast.cannon_train(exponents, x, flux, ivar, regularization=100.0, n_threads=1)
+    two_l1 = fast.cannon_train(exponents, x, flux, ivar, regularization=100.0, n_threads=2)
+    for a, b in zip(one_l1, two_l1):
+        np.testing.assert_array_equal(a, b)
+    theta, s2 = one[0], one[1]
+    starts = np.random.default_rng(1).uniform(-1, 1, (100, 3, 3))
+    fit_flux, fit_ivar = flux[:100], ivar[:100]
+    fit_one = fast.cannon_fit(exponents, theta, s2, fit_flux, fit_ivar, starts, n_threads=1)
+    fit_two = fast.cannon_fit(exponents, theta, s2, fit_flux, fit_ivar, starts, n_threads=2)
+    for a, b in zip(fit_one, fit_two):
+        np.testing.assert_array_equal(a, b)
+    pred_one = fast.cannon_predict(exponents, theta, x, jacobian=True, n_threads=1)
+    pred_two = fast.cannon_predict(exponents, theta, x, jacobian=True, n_threads=2)
+    for a, b in zip(pred_one, pred_two):
+        np.testing.assert_array_equal(a, b)
