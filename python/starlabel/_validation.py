@@ -3,6 +3,8 @@
 Every check names the argument and the problem. Arrays come back as C-contiguous float64.
 """
 
+import operator
+
 import numpy as np
 
 
@@ -66,6 +68,19 @@ def labels(value, n_labels, name="labels"):
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains NaN or inf")
     return array
+
+
+def thread_count(n_threads):
+    """A positive int thread count."""
+    if isinstance(n_threads, bool):
+        raise TypeError("n_threads must be an int or None, got bool")
+    try:
+        n_threads = operator.index(n_threads)
+    except TypeError:
+        raise TypeError(f"n_threads must be an int or None, got {type(n_threads).__name__}") from None
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    return n_threads
 
 
 def choice(name, value, allowed):
@@ -175,8 +190,10 @@ def term_mask(value, n_pixels, n_terms):
     return np.ascontiguousarray(array)
 
 
-def training_arguments(exponents_value, x, flux, ivar, regularization, mask, s2):
-    """Check the arguments of cannon_train; returns them converted."""
+def training_arguments(exponents_value, x, flux, ivar, regularization, mask, s2, n_threads):
+    """Check the arguments of cannon_train; returns them converted (n_threads only checked)."""
+    if n_threads is not None:
+        thread_count(n_threads)
     exps = exponents(exponents_value)
     x = labels(x, exps.shape[1], name="x")
     flux, ivar = spectra(flux, ivar)
@@ -191,8 +208,11 @@ def training_arguments(exponents_value, x, flux, ivar, regularization, mask, s2)
     return exps, x, flux, ivar, regularization, mask, s2
 
 
-def fit_arguments(exponents_value, theta_value, s2, flux, ivar, initial, lower, upper, max_iter):
-    """Check the arguments of cannon_fit; returns them converted."""
+def fit_arguments(exponents_value, theta_value, s2, flux, ivar, initial, lower, upper, max_iter,
+                  n_threads):
+    """Check the arguments of cannon_fit; returns them converted (n_threads only checked)."""
+    if n_threads is not None:
+        thread_count(n_threads)
     exps = exponents(exponents_value)
     theta_value = theta(theta_value, exps.shape[0])
     s2 = scatter(s2, theta_value.shape[0])

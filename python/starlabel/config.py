@@ -1,9 +1,9 @@
 """Build facts, instruction-set level and thread count."""
 
-import operator
 import os
 
 from . import _core
+from . import _validation as check
 
 _n_threads = None
 
@@ -15,7 +15,7 @@ def set_num_threads(n_threads):
     """
     global _n_threads
     if n_threads is not None:
-        n_threads = _check_threads(n_threads)
+        n_threads = check.thread_count(n_threads)
     _n_threads = n_threads
 
 
@@ -24,23 +24,11 @@ def get_num_threads():
     return _n_threads if _n_threads is not None else _core.core.default_threads()
 
 
-def _check_threads(n_threads):
-    if isinstance(n_threads, bool):
-        raise TypeError("n_threads must be an int or None, got bool")
-    try:
-        n_threads = operator.index(n_threads)
-    except TypeError:
-        raise TypeError(f"n_threads must be an int or None, got {type(n_threads).__name__}") from None
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    return n_threads
-
-
 def resolve_threads(n_threads):
     """The thread count to pass to the core: 0 means OpenMP's default."""
     if n_threads is None:
         return _n_threads or 0
-    return _check_threads(n_threads)
+    return check.thread_count(n_threads)
 
 
 def show_config(file=None):

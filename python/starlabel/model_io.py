@@ -44,7 +44,8 @@ def read_model_file(path, kind, required):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model file at {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Open the file ourselves: np.load leaves its handle open when the zip is corrupt.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable starlabel model file ({exc})") from None

@@ -29,7 +29,7 @@ namespace starlabel {
 
 struct LMOptions {
   int max_iter = 100;          // trial steps per spectrum
-  double ftol = 1e-10;         // converged when a step can lower chi2 by <= ftol * chi2
+  double ftol = 1e-8;          // converged when a step can lower chi2 by <= ftol * chi2
   double xtol = 1e-10;         // ... or moves no parameter by more than xtol
   double lambda_init = 1e-3;   // initial Marquardt damping
   double lambda_max = 1e10;    // damping beyond which no decrease is possible: converged

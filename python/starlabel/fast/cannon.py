@@ -43,7 +43,7 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
     theta (n_pixels, n_terms), s2 (n_pixels,), status (n_pixels,) PixelStatus codes
     """
     exponents, x, flux, ivar, regularization, term_mask, s2 = check.training_arguments(
-        exponents, x, flux, ivar, regularization, term_mask, s2)
+        exponents, x, flux, ivar, regularization, term_mask, s2, n_threads)
     design = design_matrix(exponents, x)
     monomials, gram_index = _monomial_table(exponents, design)
     penalized = np.ascontiguousarray(exponents.any(axis=1), dtype=np.uint8)
@@ -85,7 +85,7 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
     LMSolution in scaled units
     """
     exponents, theta, s2, flux, ivar, initial, lower, upper, max_iter = check.fit_arguments(
-        exponents, theta, s2, flux, ivar, initial, lower, upper, max_iter)
+        exponents, theta, s2, flux, ivar, initial, lower, upper, max_iter, n_threads)
     untrained = ~np.all(np.isfinite(theta), axis=1)
     theta_t = np.ascontiguousarray(np.where(untrained[:, None], 0.0, theta).T)
     s2 = np.where(untrained, np.inf, s2)

@@ -57,7 +57,7 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
                  n_threads=None):
     """Train every pixel of a Cannon model; see starlabel.fast.cannon_train."""
     exponents, x, flux, ivar, regularization, term_mask, fixed_s2 = check.training_arguments(
-        exponents, x, flux, ivar, regularization, term_mask, s2)
+        exponents, x, flux, ivar, regularization, term_mask, s2, n_threads)
     design = design_matrix(exponents, x)
     n_pixels, n_terms = flux.shape[1], exponents.shape[0]
     penalized = exponents.any(axis=1)
@@ -112,6 +112,8 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
 
 def cannon_predict(exponents, theta, x, *, jacobian=False, n_threads=None):
     """Model flux for scaled labels; see starlabel.fast.cannon_predict."""
+    if n_threads is not None:
+        check.thread_count(n_threads)
     exponents = check.exponents(exponents)
     theta = check.theta(theta, exponents.shape[0])
     x = check.labels(x, exponents.shape[1], name="x")
@@ -125,7 +127,7 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
                max_iter=100, n_threads=None):
     """Fit scaled labels to spectra; see starlabel.fast.cannon_fit."""
     exponents, theta, s2, flux, ivar, initial, lower, upper, max_iter = check.fit_arguments(
-        exponents, theta, s2, flux, ivar, initial, lower, upper, max_iter)
+        exponents, theta, s2, flux, ivar, initial, lower, upper, max_iter, n_threads)
     untrained = ~np.all(np.isfinite(theta), axis=1)
     theta = np.where(untrained[:, None], 0.0, theta)
     s2 = np.where(untrained, np.inf, s2)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..status import FitStatus
 
-FTOL = 1e-10
+FTOL = 1e-8
 XTOL = 1e-10
 LAMBDA_INIT = 1e-3
 LAMBDA_MAX = 1e10

@@ -1,0 +1,109 @@
+"""CannonModel end to end: training, prediction, label fitting, persistence."""
+
+import numpy as np
+import pytest
+
+from starlabel import CannonModel, FitStatus, PixelStatus
+from starlabel.datasets import synthetic_survey
+
+
+@pytest.fixture(scope="module")
+def trained(survey):
+    return CannonModel(survey.label_names, wavelength=survey.wavelength).train(
+        survey.labels, survey.flux, survey.ivar)
+
+
+def test_term_names_and_structure(trained):
+    assert trained.term_names[:4] == ["1", "TEFF", "LOGG", "FE_H"]
+    assert "TEFF*LOGG" in trained.term_names and "FE_H^2" in trained.term_names
+    assert trained.theta.shape == (120, 10) and trained.s2.shape == (120,)
+    assert np.all(trained.pixel_status == PixelStatus.OK)
+
+
+def test_jacobian_matches_finite_differences(trained, survey):
+    labels = survey.labels[:3]
+    jac = trained.jacobian(labels)
+    step = np.array([1.0, 1e-3, 1e-3])  # K, dex, dex: small against the label ranges
+    for a in range(3):
+        up, down = labels.copy(), labels.copy()
+        up[:, a] += step[a]
+        down[:, a] -= step[a]
+        numeric = (trained.predict(up) - trained.predict(down)) / (2 * step[a])
+        # central differences of a polynomial: error ~ step^2 * third derivative, tiny here
+        np.testing.assert_allclose(jac[:, :, a], numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_fit_labels_recovers_held_out_stars(trained):
+    test = synthetic_survey(200, n_pixels=120, snr=80.0, seed=12)
+    result = trained.fit_labels(test.flux, test.ivar)
+    assert np.all(result.status == FitStatus.CONVERGED)
+    scatter = np.std(result.labels - test.labels, axis=0)
+    # 120 pixels at S/N 80: the model recovers Teff to ~60 K, log g ~0.15, [Fe/H] ~0.04.
+    assert scatter[0] < 120 and scatter[1] < 0.3 and scatter[2] < 0.08
+    assert result.labels.shape == (200, 3) and result.covariance.shape == (200, 3, 3)
+    assert np.all(np.isfinite(result.reduced_chi2)) and np.median(result.reduced_chi2) < 3
+    table = pytest.importorskip("astropy.table")
+    assert isinstance(result.to_table(), table.Table)
+
+
+def test_backends_agree_through_the_model(survey):
+    fast_model = CannonModel(survey.label_names).train(survey.labels, survey.flux, survey.ivar)
+    ref_model = CannonModel(survey.label_names, backend="reference").train(
+        survey.labels, survey.flux, survey.ivar)
+    # parity of the kernels is tested in test_cannon_parity; this checks the model wiring
+    np.testing.assert_allclose(fast_model.theta, ref_model.theta, atol=1e-9)
+    test = synthetic_survey(5, n_pixels=120, seed=13)
+    a, b = fast_model.fit_labels(test.flux, test.ivar), ref_model.fit_labels(test.flux, test.ivar)
+    np.testing.assert_allclose(a.labels, b.labels, rtol=1e-7)
+
+
+def test_censoring_zeroes_a_labels_terms(survey):
+    allowed = np.zeros(120, bool)
+    allowed[:60] = True
+    model = CannonModel(survey.label_names, censors={"FE_H": allowed}).train(
+        survey.labels, survey.flux, survey.ivar)
+    uses_feh = [i for i, name in enumerate(model.term_names) if "FE_H" in name]
+    assert np.all(model.theta[60:][:, uses_feh] == 0.0)
+    assert np.all(model.theta[:60][:, uses_feh] != 0.0)
+
+
+def test_write_read_round_trip(trained, survey, tmp_path):
+    path = tmp_path / "model.npz"
+    trained.write(path)
+    loaded = CannonModel.read(path)
+    for field in ("theta", "s2", "pixel_status", "initial_labels", "wavelength"):
+        np.testing.assert_array_equal(getattr(loaded, field), getattr(trained, field))
+    assert loaded.term_names == trained.term_names and loaded.label_names == trained.label_names
+    np.testing.assert_array_equal(loaded.predict(survey.labels[:4]), trained.predict(survey.labels[:4]))
+    with np.load(path, allow_pickle=False) as data:  # pickle-free and versioned
+        assert str(data["format"]) == "starlabel.cannon" and int(data["format_version"]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left behind
+
+
+def test_reading_bad_files_gives_clear_errors(trained, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        CannonModel.read(tmp_path / "missing.npz")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(ValueError, match="not a readable starlabel model"):
+        CannonModel.read(garbage)
+    good = tmp_path / "good.npz"
+    trained.write(good)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a readable starlabel model"):
+        CannonModel.read(truncated)
+    with np.load(good) as data:
+        arrays = dict(data)
+    newer = tmp_path / "newer.npz"
+    np.savez(newer, **{**arrays, "format_version": np.int64(99)})
+    with pytest.raises(ValueError, match="newer starlabel"):
+        CannonModel.read(newer)
+    inconsistent = tmp_path / "inconsistent.npz"
+    np.savez(inconsistent, **{**arrays, "theta": arrays["theta"][:, :4]})
+    with pytest.raises(ValueError, match="not a consistent Cannon model"):
+        CannonModel.read(inconsistent)
+    missing = tmp_path / "missing_field.npz"
+    np.savez(missing, **{k: v for k, v in arrays.items() if k != "s2"})
+    with pytest.raises(ValueError, match="lacks"):
+        CannonModel.read(missing)
