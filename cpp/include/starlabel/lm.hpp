@@ -57,14 +57,14 @@ struct NormalEquations {
   Eigen::VectorXd grad;   // J^T W r   (n_params,)
 };
 
-// Evaluate the model at xs[i] for spectra ids[i] and accumulate chi2 (and, with
-// `with_jacobian`, J^T W J and J^T W r) over all pixels. The weight of a pixel is the
-// effective inverse variance ivar / (1 + ivar * extra_variance); weight 0 ignores the pixel
-// whatever its flux or model value.
+// Evaluate the model at xs[i] for spectrum ids[i] and accumulate chi2 (and, with
+// `with_jacobian`, J^T W J and J^T W r) over all pixels.
+//   flux, weight  (n_spectra_in_batch, n_pixels): ids index their rows; weight 0 ignores a
+//                 pixel whatever its flux or model value
 template <class Model>
-void accumulate(const Model& model, const double* flux, const double* ivar,
-                const double* extra_variance, const std::vector<index_t>& ids,
-                const std::vector<const double*>& xs, bool with_jacobian, index_t pixel_block,
+void accumulate(const Model& model, const double* flux, const double* weights,
+                const std::vector<index_t>& ids, const std::vector<const double*>& xs,
+                bool with_jacobian, index_t pixel_block,
                 std::vector<typename Model::State>& states, std::vector<NormalEquations>& out) {
   const index_t n_items = static_cast<index_t>(ids.size());
   const index_t np = model.n_params(), n_pixels = model.n_pixels;
@@ -77,7 +77,7 @@ void accumulate(const Model& model, const double* flux, const double* ivar,
     out[i].hess.setZero(np, np);
     out[i].grad.setZero(np);
   }
-  std::vector<double> model_flux(pixel_block), weight(pixel_block), wresid(pixel_block);
+  std::vector<double> model_flux(pixel_block), wresid(pixel_block);
   std::vector<double> jac_buffer(np * pixel_block), wjac_buffer(np * pixel_block);
   for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
     const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
@@ -85,14 +85,12 @@ void accumulate(const Model& model, const double* flux, const double* ivar,
       const index_t s = ids[i];
       model.evaluate(states[i], p0, p1, model_flux.data(), with_jacobian ? jac_buffer.data() : nullptr);
       const double* f = flux + s * n_pixels + p0;
-      const double* iv = ivar + s * n_pixels + p0;
+      const double* weight = weights + s * n_pixels + p0;
       double chi2 = 0.0;
       std::int64_t used = 0;
       for (index_t j = 0; j < nb; ++j) {
-        const double ev = extra_variance ? extra_variance[p0 + j] : 0.0;
-        const double w = iv[j] > 0.0 ? iv[j] / (1.0 + iv[j] * ev) : 0.0;
+        const double w = weight[j];
         const double r = w > 0.0 ? f[j] - model_flux[j] : 0.0;
-        weight[j] = w;
         wresid[j] = w * r;
         chi2 += w * r * r;
         used += w > 0.0;
@@ -149,7 +147,9 @@ inline Eigen::MatrixXd inverse_spd(const Eigen::MatrixXd& h) {
 //   extra_variance   (n_pixels,) or null    added to 1/ivar (the Cannon's intrinsic scatter s2)
 //   initial          (n_spectra, n_starts, n_params)  starting points; chi2 is evaluated at
 //                    each and LM starts from the best one
-//   lower, upper     (n_params,) or null    box bounds; trial steps are projected onto the box
+//   lower, upper     (n_params,) or null    box bounds; a parameter on a bound with its gradient
+//                                           pointing outward is held, and trial steps are
+//                                           projected onto the box
 //   out              see LMOutputs
 // Per spectrum: Marquardt damping (H + lambda diag H) delta = J^T W r; an accepted step
 // divides lambda by 10, a rejected one multiplies it by 10. Converged when the Newton
@@ -171,6 +171,16 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
     try {  // an exception must not leave an OpenMP loop body
       const index_t s0 = batch * opt.batch, s1 = std::min(s0 + opt.batch, n_spectra);
       const index_t nbatch = s1 - s0;
+      const index_t n_pixels = model.n_pixels;
+      const double* batch_flux = flux + s0 * n_pixels;
+      // Effective inverse variance ivar / (1 + ivar * extra_variance), fixed during the fit.
+      std::vector<double> weights(nbatch * n_pixels);
+      for (index_t i = 0; i < nbatch; ++i)
+        for (index_t p = 0; p < n_pixels; ++p) {
+          const double iv = ivar[(s0 + i) * n_pixels + p];
+          const double ev = extra_variance ? extra_variance[p] : 0.0;
+          weights[i * n_pixels + p] = iv > 0.0 ? iv / (1.0 + iv * ev) : 0.0;
+        }
       std::vector<typename Model::State> states;
       std::vector<detail::NormalEquations> evals, trials;
       std::vector<index_t> ids;
@@ -191,10 +201,10 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
       if (n_starts > 1) {
         for (index_t i = 0; i < nbatch; ++i)
           for (index_t j = 0; j < n_starts; ++j) {
-            ids.push_back(s0 + i);
+            ids.push_back(i);
             xs.push_back(starts.data() + (i * n_starts + j) * np);
           }
-        detail::accumulate(model, flux, ivar, extra_variance, ids, xs, false, opt.pixel_block,
+        detail::accumulate(model, batch_flux, weights.data(), ids, xs, false, opt.pixel_block,
                            states, evals);
         for (index_t i = 0; i < nbatch; ++i) {
           double best_chi2 = std::numeric_limits<double>::infinity();
@@ -213,10 +223,10 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
       ids.clear();
       xs.clear();
       for (index_t i = 0; i < nbatch; ++i) {
-        ids.push_back(s0 + i);
+        ids.push_back(i);
         xs.push_back(x.data() + i * np);
       }
-      detail::accumulate(model, flux, ivar, extra_variance, ids, xs, true, opt.pixel_block,
+      detail::accumulate(model, batch_flux, weights.data(), ids, xs, true, opt.pixel_block,
                          states, evals);
 
       std::vector<double> lambda(nbatch, opt.lambda_init);
@@ -237,30 +247,44 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
         for (index_t i = 0; i < nbatch; ++i) {
           if (!active[i]) continue;
           const detail::NormalEquations& e = evals[i];
+          // A parameter on a bound whose gradient points out of the box is held there: its
+          // row and column leave the step's system (else clipping stalls the fit).
+          Eigen::MatrixXd hess = e.hess;
+          Eigen::VectorXd grad = e.grad;
+          const double* xi = x.data() + i * np;
+          for (index_t a = 0; a < np; ++a) {
+            const bool held = (lower && xi[a] <= lower[a] && grad[a] < 0.0) ||
+                              (upper && xi[a] >= upper[a] && grad[a] > 0.0);
+            if (!held) continue;
+            hess.row(a).setZero();
+            hess.col(a).setZero();
+            hess(a, a) = 1.0;
+            grad[a] = 0.0;
+          }
           // Converged when even the undamped Gauss-Newton step (the Newton decrement
           // g^T H^-1 g) would lower chi2 by no more than ftol * chi2. Deciding this before
           // stepping keeps the decision away from rounding in a tiny chi2 difference.
-          const double decrement = e.grad.dot(detail::inverse_spd(e.hess) * e.grad);
+          const double decrement = grad.dot(detail::inverse_spd(hess) * grad);
           if (decrement <= opt.ftol * e.chi2) {
             active[i] = 0;
             continue;
           }
           const double max_diag = e.hess.diagonal().maxCoeff();
-          Eigen::MatrixXd damped = e.hess;
+          Eigen::MatrixXd damped = hess;
           for (index_t a = 0; a < np; ++a)
-            damped(a, a) += lambda[i] * std::max(e.hess(a, a), 1e-12 * max_diag);
+            damped(a, a) += lambda[i] * std::max(hess(a, a), 1e-12 * max_diag);
           Eigen::LLT<Eigen::MatrixXd> llt(damped);
           Eigen::VectorXd step = Eigen::VectorXd::Zero(np);
-          if (llt.info() == Eigen::Success) step = llt.solve(e.grad);
+          if (llt.info() == Eigen::Success) step = llt.solve(grad);
           double* xt = x_trial.data() + i * np;
           for (index_t a = 0; a < np; ++a) xt[a] = x[i * np + a] + step[a];
           clamp_into(xt);
           ++n_iter[i];
-          ids.push_back(s0 + i);
+          ids.push_back(i);
           xs.push_back(xt);
           trial_slot.push_back(i);
         }
-        detail::accumulate(model, flux, ivar, extra_variance, ids, xs, true, opt.pixel_block,
+        detail::accumulate(model, batch_flux, weights.data(), ids, xs, true, opt.pixel_block,
                            states, trials);
         for (std::size_t t = 0; t < trial_slot.size(); ++t) {
           const index_t i = trial_slot[t];

@@ -1,7 +1,8 @@
 """Levenberg-Marquardt for one spectrum at a time, the twin of cpp/include/starlabel/lm.hpp.
 
 Same algorithm, step for step: the best of the starting points by chi2, Marquardt damping
-(H + lambda diag H) delta = J^T W r, projection onto the box, lambda / 10 after an accepted
+(H + lambda diag H) delta = J^T W r with parameters held on a bound they push against,
+projection onto the box, lambda / 10 after an accepted
 step and x 10 after a rejected one, and the same stopping rules (Newton decrement, chi2
 decrease, step size, damping limit, iteration limit).
 """
@@ -66,12 +67,17 @@ def fit_one(model, flux, weight, starts, lower, upper, max_iter):
     active = status == FitStatus.CONVERGED and chi2 > 0
     lam = LAMBDA_INIT
     while active:
-        if grad @ inverse_spd(hess) @ grad <= FTOL * chi2:  # Newton decrement: converged
+        # parameters on a bound with the gradient pointing outward are held there
+        held = ((x <= lower) & (grad < 0)) | ((x >= upper) & (grad > 0))
+        free_hess = np.where(held[:, None] | held[None, :], 0.0, hess) + np.diag(held * 1.0)
+        free_grad = np.where(held, 0.0, grad)
+        if free_grad @ inverse_spd(free_hess) @ free_grad <= FTOL * chi2:  # Newton decrement
             break
-        damped = hess + lam * np.diag(np.maximum(np.diag(hess), 1e-12 * np.diag(hess).max()))
+        floor = 1e-12 * np.diag(hess).max()
+        damped = free_hess + lam * np.diag(np.maximum(np.diag(free_hess), floor))
         try:
             np.linalg.cholesky(damped)
-            step = np.linalg.solve(damped, grad)
+            step = np.linalg.solve(damped, free_grad)
         except np.linalg.LinAlgError:
             step = np.zeros(n_params)
         x_trial = np.clip(x + step, lower, upper)

@@ -1,0 +1,163 @@
+"""Benchmark fixtures: ``--size small`` (CI smoke test, default) or ``--size survey`` (the issue's sizes).
+
+Data sets and trained models are built once per session and shared by the benchmarks.
+"""
+
+import types
+
+import numpy as np
+import pytest
+from starlabel import CannonModel, PolynomialVectorizer, datasets
+
+# Sizes of each run. "ref_*" are the subsets the slow NumPy reference is run on; "thread_*"
+# the subsets the 1-thread runs use; None means everything. Keys 3 and 17 are label counts.
+SIZES = {
+    "small": dict(n_train=300, n_test=20, n_pixels=96, snr=100.0,
+                  ref_pixels={3: 8, 17: 4}, l1_pixels=None, ref_l1_pixels=2,
+                  thread_pixels={3: None, 17: None}, thread_spectra=None,
+                  ref_spectra={3: 5, 17: 2}, gram_block=64, rounds={3: 3, 17: 1}),
+    "survey": dict(n_train=1600, n_test=1000, n_pixels=8575, snr=100.0,
+                   ref_pixels={3: 256, 17: 12}, l1_pixels=None, ref_l1_pixels=3,
+                   thread_pixels={3: None, 17: 1024}, thread_spectra=200,
+                   ref_spectra={3: 40, 17: 4}, gram_block=64, rounds={3: 3, 17: 1}),
+}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("starlabel benchmarks")
+    group.addoption("--size", choices=sorted(SIZES), default="small",
+                    help="problem sizes: small (smoke test, default) or survey (the issue's sizes)")
+    group.addoption("--rounds", type=int, default=None,
+                    help="rounds of every timed Cannon benchmark (default: 3 for 3 labels, "
+                         "1 for 17 labels)")
+
+
+@pytest.fixture(scope="session")
+def size(request):
+    """The chosen size as a namespace (``size.name``, ``size.n_train``, ...)."""
+    name = request.config.getoption("--size")
+    settings = dict(SIZES[name], name=name)
+    rounds = request.config.getoption("--rounds")
+    if rounds is not None:
+        settings["rounds"] = {k: rounds for k in settings["rounds"]}
+    return types.SimpleNamespace(**settings)
+
+
+class Problem:
+    """One Cannon problem: a training and a test survey with the first ``n_labels`` labels.
+
+    ``model`` (the fast, fully trained model) and ``fit`` (its test-step result) are filled in
+    by the benchmarks that time them, or computed on first use when those were deselected.
+    """
+
+    def __init__(self, n_labels, size):
+        self.n_labels = n_labels
+        self.names = datasets.SUPPORTED_LABELS[:n_labels]
+        kwargs = dict(label_names=self.names, n_pixels=size.n_pixels, snr=size.snr)
+        self.train = datasets.synthetic_survey(size.n_train, seed=1, **kwargs)
+        self.test = datasets.synthetic_survey(size.n_test, seed=2, **kwargs)
+        self.n_pixels = size.n_pixels
+        self.description = f"{n_labels} labels, {size.n_train} stars x {size.n_pixels} px"
+        self._model = self._fit = None
+        self.l1 = None     # (pixels, model) of the fast L1 training
+        self.times = {}    # (area, n_threads) -> fast median time per full problem / spectrum
+
+    def new_model(self, **kwargs):
+        return CannonModel(self.names, order=2, **kwargs)
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self.new_model().train(self.train.labels, self.train.flux,
+                                                 self.train.ivar)
+        return self._model
+
+    @model.setter
+    def model(self, value):
+        self._model = value
+
+    @property
+    def fit(self):
+        if self._fit is None:
+            self._fit = self.model.fit_labels(self.test.flux, self.test.ivar)
+        return self._fit
+
+    @fit.setter
+    def fit(self, value):
+        self._fit = value
+
+    @property
+    def exponents(self):
+        return PolynomialVectorizer(self.names, order=2).exponents
+
+    @property
+    def n_monomials(self):
+        """Distinct entries of v v^T: monomials of degree <= 4 in n_labels variables."""
+        return len({tuple(a + b) for a in self.exponents for b in self.exponents})
+
+
+class Problems(dict):
+    """``problems[n_labels]``: a Problem built on first use, then shared."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def __missing__(self, n_labels):
+        self[n_labels] = Problem(n_labels, self.size)
+        return self[n_labels]
+
+
+@pytest.fixture(scope="session")
+def problems(size):
+    return Problems(size)
+
+
+def subset(n_total, n):
+    """n indices spread evenly over range(n_total) (all of them when n is None)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.linspace(0, n_total - 1, n).round().astype(int)
+
+
+@pytest.fixture(scope="session")
+def spread():
+    return subset
+
+
+@pytest.fixture
+def timed(benchmark):
+    """``timed(fn, rounds)``: benchmark fn; returns (result, median seconds).
+
+    rounds=None lets pytest-benchmark calibrate (for short calls); otherwise exactly that many
+    timed rounds of one call each. The median is None under ``--benchmark-disable`` (fn then
+    runs once, untimed).
+    """
+    def run(fn, rounds=None):
+        if rounds is None:
+            result = benchmark(fn)
+        else:
+            result = benchmark.pedantic(fn, rounds=rounds, iterations=1)
+        stats = getattr(benchmark, "stats", None)
+        return result, (None if stats is None else stats.stats.median)
+
+    return run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record starlabel's build, the BLAS threads and OPENBLAS_CORETYPE in the JSON."""
+    import io
+    import os
+
+    import starlabel
+
+    text = io.StringIO()
+    starlabel.show_config(file=text)
+    machine_info["starlabel_config"] = text.getvalue()
+    machine_info["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
+    machine_info["benchmark_size"] = config.getoption("--size")
+    try:
+        from threadpoolctl import threadpool_info
+        machine_info["threadpools"] = threadpool_info()
+    except ImportError:
+        pass
