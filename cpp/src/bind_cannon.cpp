@@ -81,14 +81,16 @@ py::object predict(const py::handle& exponents_in, const py::handle& theta_t_in,
   return std::move(flux);
 }
 
-py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
+py::tuple fit(const py::handle& exponents_in, const py::handle& theta_in,
               const py::handle& s2_in, const py::handle& flux_in, const py::handle& ivar_in,
               const py::handle& initial_in, const py::handle& lower_in,
-              const py::handle& upper_in, int max_iter, int n_threads) {
+              const py::handle& upper_in, int max_iter, bool quadratic_form, int n_threads) {
   auto exponents = require<std::int32_t>(exponents_in, "exponents", {ANY, ANY});
   const index_t n_terms = exponents.shape(0), n_labels = exponents.shape(1);
-  auto theta_t = require<double>(theta_t_in, "theta_t", {n_terms, ANY});
-  const index_t n_pixels = theta_t.shape(1);
+  // theta arrives (n_pixels, n_terms) for the quadratic form, transposed for per-pixel sums
+  auto theta = quadratic_form ? require<double>(theta_in, "theta", {ANY, n_terms})
+                              : require<double>(theta_in, "theta_t", {n_terms, ANY});
+  const index_t n_pixels = quadratic_form ? theta.shape(0) : theta.shape(1);
   auto s2 = require<double>(s2_in, "s2", {n_pixels});
   auto flux = require<double>(flux_in, "flux", {ANY, n_pixels});
   const index_t n_spectra = flux.shape(0);
@@ -100,7 +102,6 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   auto upper = require_optional<double>(upper_in, "upper", {n_labels});
   if (max_iter < 1) throw py::value_error("max_iter must be >= 1");
   const Polynomial poly = polynomial_from(exponents);
-  const CannonSpectrumModel model{poly, theta_t.data(), n_pixels};
 
   py::array_t<double> params({n_spectra, n_labels});
   py::array_t<double> covariance({n_spectra, n_labels, n_labels});
@@ -112,10 +113,20 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   options.max_iter = max_iter;
   const LMOutputs out{params.mutable_data(), covariance.mutable_data(), chi2.mutable_data(),
                       n_used.mutable_data(), n_iter.mutable_data(), status.mutable_data()};
+  const double* lo = bind::data_or_null(lower);
+  const double* hi = bind::data_or_null(upper);
   {
     py::gil_scoped_release release;
-    fit_lm(model, flux.data(), ivar.data(), s2.data(), n_spectra, initial.data(), n_starts,
-           bind::data_or_null(lower), bind::data_or_null(upper), options, n_threads, out);
+    if (quadratic_form) {
+      const CannonQuadraticObjective objective{poly, theta.data(), flux.data(), ivar.data(),
+                                               s2.data(), n_pixels, n_spectra};
+      fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);
+    } else {
+      const CannonSpectrumModel model{poly, theta.data(), n_pixels};
+      const PixelObjective<CannonSpectrumModel> objective{model, flux.data(), ivar.data(),
+                                                          s2.data(), n_spectra};
+      fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);
+    }
   }
   return py::make_tuple(params, covariance, chi2, n_used, n_iter, status);
 }
@@ -130,5 +141,5 @@ void bind_cannon(py::module_& m) {
         py::arg("with_jacobian"), py::arg("n_threads"));
   m.def("cannon_fit", &fit, py::arg("exponents"), py::arg("theta_t"), py::arg("s2"),
         py::arg("flux"), py::arg("ivar"), py::arg("initial"), py::arg("lower"),
-        py::arg("upper"), py::arg("max_iter"), py::arg("n_threads"));
+        py::arg("upper"), py::arg("max_iter"), py::arg("quadratic_form"), py::arg("n_threads"));
 }

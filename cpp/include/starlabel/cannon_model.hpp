@@ -7,7 +7,10 @@
 #include <new>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "common.hpp"
+#include "lm.hpp"
 #include "polynomial.hpp"
 
 namespace starlabel {
@@ -98,5 +101,120 @@ inline void cannon_predict(const CannonSpectrumModel& model, const double* x, in
   }
   if (failed) throw std::bad_alloc();
 }
+
+
+// The Cannon's normal equations through its Gram matrix. With A = theta^T W theta
+// (n_terms, n_terms) and D = dv/dx (n_terms, n_labels), J^T W J = D^T A D and
+// J^T W r = D^T theta^T W r: the per-pixel sums of PixelObjective<CannonSpectrumModel>
+// regrouped, so after A is formed once per spectrum (n_pixels * n_terms^2 / 2) an evaluation
+// costs one pass over theta (residuals and theta^T W r, 2 n_pixels n_terms) instead of the
+// per-pixel Jacobian and its outer products. Cheaper when n_terms is small.
+// Screening starting points needs chi2 only, taken from the quadratic form
+// chi2 = v^T A v - 2 b^T v + c (b = theta^T W f, c = f^T W f), which loses digits to
+// cancellation (~log10(c / chi2)) but only ranks the starts; every chi2 the fit acts on
+// comes from the residuals.
+//
+//   theta  (n_pixels, n_terms) row-major, finite (0 at untrained pixels, whose s2 is inf)
+//   flux, ivar (n_spectra, n_pixels); s2 (n_pixels,)
+struct CannonQuadraticObjective {
+  const Polynomial& poly;
+  const double* theta;
+  const double* flux;
+  const double* ivar;
+  const double* s2;
+  index_t n_pixels, n_spectra_total;
+
+  using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  struct Batch {
+    index_t s0 = 0;
+    std::vector<Eigen::MatrixXd> a;
+    std::vector<Eigen::VectorXd> b;
+    std::vector<double> c;
+    std::vector<std::int64_t> n_used;
+    std::vector<double> weights;   // (batch, n_pixels)
+    RowMatrix scaled_theta;
+    Eigen::VectorXd scaled_flux, terms, a_terms, theta_wr;
+    Eigen::MatrixXd deriv, a_deriv;
+    std::vector<double> deriv_values, powers;
+    std::vector<index_t> offsets;
+  };
+
+  index_t n_params() const { return poly.n_labels; }
+  index_t n_spectra() const { return n_spectra_total; }
+
+  void begin_batch(index_t s0, index_t s1, Batch& batch) const {
+    const index_t K = poly.n_terms, nbatch = s1 - s0;
+    const Eigen::Map<const RowMatrix> theta_map(theta, n_pixels, K);
+    batch.s0 = s0;
+    batch.a.resize(nbatch);
+    batch.b.resize(nbatch);
+    batch.c.assign(nbatch, 0.0);
+    batch.n_used.assign(nbatch, 0);
+    batch.weights.resize(nbatch * n_pixels);
+    batch.scaled_theta.resize(n_pixels, K);
+    batch.scaled_flux.resize(n_pixels);
+    for (index_t i = 0; i < nbatch; ++i) {
+      const double* f = flux + (s0 + i) * n_pixels;
+      const double* iv = ivar + (s0 + i) * n_pixels;
+      for (index_t p = 0; p < n_pixels; ++p) {
+        const double w = iv[p] > 0.0 ? iv[p] / (1.0 + iv[p] * s2[p]) : 0.0;
+        const double root_w = std::sqrt(w);
+        batch.weights[i * n_pixels + p] = w;
+        batch.scaled_theta.row(p) = root_w * theta_map.row(p);
+        batch.scaled_flux[p] = w > 0.0 ? root_w * f[p] : 0.0;
+        batch.c[i] += batch.scaled_flux[p] * batch.scaled_flux[p];
+        batch.n_used[i] += w > 0.0;
+      }
+      batch.a[i].setZero(K, K);
+      batch.a[i].selfadjointView<Eigen::Lower>().rankUpdate(batch.scaled_theta.transpose());
+      batch.a[i].triangularView<Eigen::StrictlyUpper>() = batch.a[i].transpose();
+      batch.b[i].noalias() = batch.scaled_theta.transpose() * batch.scaled_flux;
+    }
+  }
+
+  void evaluate(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
+                bool with_jacobian, std::vector<NormalEquations>& out) const {
+    const index_t K = poly.n_terms, L = poly.n_labels;
+    out.resize(ids.size());
+    batch.terms.resize(K);
+    batch.theta_wr.resize(K);
+    batch.deriv_values.resize(poly.n_deriv());
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const index_t id = ids[i];
+      const Eigen::MatrixXd& a = batch.a[id];
+      poly.evaluate(xs[i], batch.terms.data(), with_jacobian ? batch.deriv_values.data() : nullptr,
+                    batch.powers, batch.offsets);
+      out[i].n_used = batch.n_used[id];
+      if (!with_jacobian) {  // ranking starting points: the quadratic form is enough
+        batch.a_terms.noalias() = a * batch.terms;
+        out[i].chi2 = batch.c[id] - 2.0 * batch.b[id].dot(batch.terms) + batch.terms.dot(batch.a_terms);
+        continue;
+      }
+      // one pass over theta: residuals, chi2 and theta^T W r
+      const double* f = flux + (batch.s0 + id) * n_pixels;
+      const double* weight = batch.weights.data() + id * n_pixels;
+      const double* v = batch.terms.data();
+      double chi2 = 0.0;
+      batch.theta_wr.setZero();
+      double* twr = batch.theta_wr.data();
+      for (index_t p = 0; p < n_pixels; ++p) {
+        if (!(weight[p] > 0.0)) continue;
+        const double* row = theta + p * K;
+        double model = 0.0;
+        for (index_t k = 0; k < K; ++k) model += row[k] * v[k];
+        const double r = f[p] - model, wr = weight[p] * r;
+        chi2 += wr * r;
+        for (index_t k = 0; k < K; ++k) twr[k] += wr * row[k];
+      }
+      out[i].chi2 = chi2;
+      batch.deriv.setZero(K, L);
+      for (index_t d = 0; d < poly.n_deriv(); ++d)
+        batch.deriv(poly.deriv_term[d], poly.deriv_label[d]) = batch.deriv_values[d];
+      out[i].grad.noalias() = batch.deriv.transpose() * batch.theta_wr;
+      batch.a_deriv.noalias() = a * batch.deriv;
+      out[i].hess.noalias() = batch.deriv.transpose() * batch.a_deriv;
+    }
+  }
+};
 
 }  // namespace starlabel

@@ -1,17 +1,20 @@
 // A generic, batched Levenberg-Marquardt fitter for many spectra at once.
 //
-// A Model supplies the spectrum and its Jacobian for a parameter vector:
+// The fitter sees a spectrum only through an Objective, which gives chi2 and the
+// Gauss-Newton normal equations (J^T W J, J^T W r) at a parameter vector:
 //   index_t n_params() const;
-//   index_t n_pixels;                                   (member)
-//   struct State;                                       per-parameter-vector scratch
-//   void prepare(const double* x, State&, bool with_jacobian) const;
-//   void evaluate(const State&, index_t p0, index_t p1, double* flux_out, double* jac_out) const;
-//        flux_out (p1 - p0,), jac_out (n_params, p1 - p0) row-major or null
+//   index_t n_spectra() const;
+//   struct Batch;                      per-thread scratch and per-batch precomputations
+//   void begin_batch(index_t s0, index_t s1, Batch&) const;   spectra [s0, s1)
+//   void evaluate(Batch&, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
+//                 bool with_jacobian, std::vector<NormalEquations>& out) const;
+//        chi2 (and normal equations) of spectrum s0 + ids[i] at parameters xs[i]
 //
-// Spectra are fitted in fixed batches; within a batch all spectra advance in lock step and
-// every model evaluation sweeps the pixels block by block, so a block of the model's
-// coefficients is reused by the whole batch while it is in cache. Each spectrum's arithmetic
-// depends only on its own data, so results do not depend on the number of threads.
+// PixelObjective below builds one from any per-pixel spectrum model (see its comment);
+// a model with cheaper closed forms (the Cannon's quadratic form) supplies its own.
+// Spectra are fitted in fixed batches; within a batch all spectra advance in lock step.
+// Each spectrum's arithmetic depends only on its own data, so results do not depend on the
+// number of threads.
 #pragma once
 
 #include <Eigen/Cholesky>
@@ -33,7 +36,6 @@ struct LMOptions {
   double xtol = 1e-10;         // ... or moves no parameter by more than xtol
   double lambda_init = 1e-3;   // initial Marquardt damping
   double lambda_max = 1e10;    // damping beyond which no decrease is possible: converged
-  index_t pixel_block = 256;
   index_t batch = 16;          // spectra advanced together by one thread
 };
 
@@ -57,75 +59,116 @@ struct NormalEquations {
   Eigen::VectorXd grad;   // J^T W r   (n_params,)
 };
 
-// Evaluate the model at xs[i] for spectrum ids[i] and accumulate chi2 (and, with
-// `with_jacobian`, J^T W J and J^T W r) over all pixels.
-//   flux, weight  (n_spectra_in_batch, n_pixels): ids index their rows; weight 0 ignores a
-//                 pixel whatever its flux or model value
+}  // namespace detail
+
+using detail::NormalEquations;
+
+// The objective of a per-pixel spectrum model:
+//   index_t n_params() const;  index_t n_pixels;  struct State;
+//   void prepare(const double* x, State&, bool with_jacobian) const;
+//   void evaluate(const State&, index_t p0, index_t p1, double* flux_out, double* jac_out) const;
+//        flux_out (p1 - p0,), jac_out (n_params, p1 - p0) row-major or null
+// Every evaluation sweeps the pixels block by block and all spectra of a batch use a block
+// while it is in cache.
+//   flux, ivar      (n_spectra, n_pixels)  ivar == 0 ignores a pixel (its flux may be NaN)
+//   extra_variance  (n_pixels,) or null    added to 1/ivar (the Cannon's intrinsic scatter s2)
 template <class Model>
-void accumulate(const Model& model, const double* flux, const double* weights,
-                const std::vector<index_t>& ids, const std::vector<const double*>& xs,
-                bool with_jacobian, index_t pixel_block,
-                std::vector<typename Model::State>& states, std::vector<NormalEquations>& out) {
-  const index_t n_items = static_cast<index_t>(ids.size());
-  const index_t np = model.n_params(), n_pixels = model.n_pixels;
-  states.resize(n_items);
-  out.resize(n_items);
-  for (index_t i = 0; i < n_items; ++i) {
-    model.prepare(xs[i], states[i], with_jacobian);
-    out[i].chi2 = 0.0;
-    out[i].n_used = 0;
-    out[i].hess.setZero(np, np);
-    out[i].grad.setZero(np);
-  }
-  std::vector<double> model_flux(pixel_block), wresid(pixel_block);
-  std::vector<double> jac_buffer(np * pixel_block), wjac_buffer(np * pixel_block);
-  for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
-    const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
-    for (index_t i = 0; i < n_items; ++i) {
-      const index_t s = ids[i];
-      model.evaluate(states[i], p0, p1, model_flux.data(), with_jacobian ? jac_buffer.data() : nullptr);
-      const double* f = flux + s * n_pixels + p0;
-      const double* weight = weights + s * n_pixels + p0;
-      double chi2 = 0.0;
-      std::int64_t used = 0;
-      for (index_t j = 0; j < nb; ++j) {
-        const double w = weight[j];
-        const double r = w > 0.0 ? f[j] - model_flux[j] : 0.0;
-        wresid[j] = w * r;
-        chi2 += w * r * r;
-        used += w > 0.0;
+struct PixelObjective {
+  const Model& model;
+  const double* flux;
+  const double* ivar;
+  const double* extra_variance;
+  index_t n_spectra_total;
+  index_t pixel_block = 256;
+
+  struct Batch {
+    index_t s0 = 0;
+    std::vector<double> weights;   // (batch, n_pixels) effective inverse variance
+    std::vector<typename Model::State> states;
+    std::vector<double> model_flux, wresid, jac, wjac;
+  };
+
+  index_t n_params() const { return model.n_params(); }
+  index_t n_spectra() const { return n_spectra_total; }
+
+  void begin_batch(index_t s0, index_t s1, Batch& batch) const {
+    const index_t n_pixels = model.n_pixels;
+    batch.s0 = s0;
+    batch.weights.resize((s1 - s0) * n_pixels);
+    for (index_t s = s0; s < s1; ++s)
+      for (index_t p = 0; p < n_pixels; ++p) {
+        const double iv = ivar[s * n_pixels + p];
+        const double ev = extra_variance ? extra_variance[p] : 0.0;
+        batch.weights[(s - s0) * n_pixels + p] = iv > 0.0 ? iv / (1.0 + iv * ev) : 0.0;
       }
-      out[i].chi2 += chi2;
-      out[i].n_used += used;
-      if (!with_jacobian) continue;
-      // jac and wjac are (np, nb) row-major. Zero-weight pixels may hold non-finite model
-      // derivatives (untrained pixels): drop them.
-      double* jac = jac_buffer.data();
-      double* wjac = wjac_buffer.data();
-      for (index_t a = 0; a < np; ++a)
+  }
+
+  void evaluate(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
+                bool with_jacobian, std::vector<NormalEquations>& out) const {
+    const index_t n_items = static_cast<index_t>(ids.size());
+    const index_t np = model.n_params(), n_pixels = model.n_pixels;
+    batch.states.resize(n_items);
+    out.resize(n_items);
+    for (index_t i = 0; i < n_items; ++i) {
+      model.prepare(xs[i], batch.states[i], with_jacobian);
+      out[i].chi2 = 0.0;
+      out[i].n_used = 0;
+      out[i].hess.setZero(np, np);
+      out[i].grad.setZero(np);
+    }
+    batch.model_flux.resize(pixel_block);
+    batch.wresid.resize(pixel_block);
+    batch.jac.resize(np * pixel_block);
+    batch.wjac.resize(np * pixel_block);
+    double* jac = batch.jac.data();
+    double* wjac = batch.wjac.data();
+    for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
+      const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
+      for (index_t i = 0; i < n_items; ++i) {
+        model.evaluate(batch.states[i], p0, p1, batch.model_flux.data(), with_jacobian ? jac : nullptr);
+        const double* f = flux + (batch.s0 + ids[i]) * n_pixels + p0;
+        const double* weight = batch.weights.data() + ids[i] * n_pixels + p0;
+        double chi2 = 0.0;
+        std::int64_t used = 0;
         for (index_t j = 0; j < nb; ++j) {
-          const double v = weight[j] > 0.0 ? jac[a * nb + j] : 0.0;
-          jac[a * nb + j] = v;
-          wjac[a * nb + j] = v * weight[j];
+          const double w = weight[j];
+          const double r = w > 0.0 ? f[j] - batch.model_flux[j] : 0.0;
+          batch.wresid[j] = w * r;
+          chi2 += w * r * r;
+          used += w > 0.0;
         }
-      for (index_t a = 0; a < np; ++a) {
-        const double* ja = jac + a * nb;
-        const double* wja = wjac + a * nb;
-        double g = 0.0;
-        for (index_t j = 0; j < nb; ++j) g += ja[j] * wresid[j];
-        out[i].grad[a] += g;
-        for (index_t b = a; b < np; ++b) {
-          const double* jb = jac + b * nb;
-          double h = 0.0;
-          for (index_t j = 0; j < nb; ++j) h += wja[j] * jb[j];
-          out[i].hess(a, b) += h;
+        out[i].chi2 += chi2;
+        out[i].n_used += used;
+        if (!with_jacobian) continue;
+        // jac and wjac are (np, nb) row-major. Zero-weight pixels may hold non-finite model
+        // derivatives (untrained pixels): drop them.
+        for (index_t a = 0; a < np; ++a)
+          for (index_t j = 0; j < nb; ++j) {
+            const double v = weight[j] > 0.0 ? jac[a * nb + j] : 0.0;
+            jac[a * nb + j] = v;
+            wjac[a * nb + j] = v * weight[j];
+          }
+        for (index_t a = 0; a < np; ++a) {
+          const double* ja = jac + a * nb;
+          const double* wja = wjac + a * nb;
+          double g = 0.0;
+          for (index_t j = 0; j < nb; ++j) g += ja[j] * batch.wresid[j];
+          out[i].grad[a] += g;
+          for (index_t b = a; b < np; ++b) {
+            const double* jb = jac + b * nb;
+            double h = 0.0;
+            for (index_t j = 0; j < nb; ++j) h += wja[j] * jb[j];
+            out[i].hess(a, b) += h;
+          }
         }
       }
     }
+    for (index_t i = 0; i < n_items; ++i)
+      out[i].hess.template triangularView<Eigen::StrictlyLower>() = out[i].hess.transpose();
   }
-  for (index_t i = 0; i < n_items; ++i)
-    out[i].hess.template triangularView<Eigen::StrictlyLower>() = out[i].hess.transpose();
-}
+};
+
+namespace detail {
 
 // Inverse of a symmetric positive-definite matrix with Jacobi scaling; NaN if singular.
 inline Eigen::MatrixXd inverse_spd(const Eigen::MatrixXd& h) {
@@ -141,10 +184,8 @@ inline Eigen::MatrixXd inverse_spd(const Eigen::MatrixXd& h) {
 
 }  // namespace detail
 
-// Fit every spectrum by Levenberg-Marquardt.
+// Fit every spectrum of an Objective by Levenberg-Marquardt.
 //
-//   flux, ivar       (n_spectra, n_pixels)  ivar == 0 ignores a pixel (its flux may be NaN)
-//   extra_variance   (n_pixels,) or null    added to 1/ivar (the Cannon's intrinsic scatter s2)
 //   initial          (n_spectra, n_starts, n_params)  starting points; chi2 is evaluated at
 //                    each and LM starts from the best one
 //   lower, upper     (n_params,) or null    box bounds; a parameter on a bound with its gradient
@@ -155,12 +196,11 @@ inline Eigen::MatrixXd inverse_spd(const Eigen::MatrixXd& h) {
 // divides lambda by 10, a rejected one multiplies it by 10. Converged when the Newton
 // decrement or an accepted step's chi2 decrease is <= ftol * chi2, or a step moves no
 // parameter by more than xtol, or lambda exceeds lambda_max (no decrease is possible).
-template <class Model>
-void fit_lm(const Model& model, const double* flux, const double* ivar,
-            const double* extra_variance, index_t n_spectra, const double* initial,
-            index_t n_starts, const double* lower, const double* upper, const LMOptions& opt,
-            int n_threads, const LMOutputs& out) {
-  const index_t np = model.n_params();
+template <class Objective>
+void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
+            const double* lower, const double* upper, const LMOptions& opt, int n_threads,
+            const LMOutputs& out) {
+  const index_t np = objective.n_params(), n_spectra = objective.n_spectra();
   const index_t n_batches = (n_spectra + opt.batch - 1) / opt.batch;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::atomic<bool> failed{false};
@@ -171,17 +211,8 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
     try {  // an exception must not leave an OpenMP loop body
       const index_t s0 = batch * opt.batch, s1 = std::min(s0 + opt.batch, n_spectra);
       const index_t nbatch = s1 - s0;
-      const index_t n_pixels = model.n_pixels;
-      const double* batch_flux = flux + s0 * n_pixels;
-      // Effective inverse variance ivar / (1 + ivar * extra_variance), fixed during the fit.
-      std::vector<double> weights(nbatch * n_pixels);
-      for (index_t i = 0; i < nbatch; ++i)
-        for (index_t p = 0; p < n_pixels; ++p) {
-          const double iv = ivar[(s0 + i) * n_pixels + p];
-          const double ev = extra_variance ? extra_variance[p] : 0.0;
-          weights[i * n_pixels + p] = iv > 0.0 ? iv / (1.0 + iv * ev) : 0.0;
-        }
-      std::vector<typename Model::State> states;
+      typename Objective::Batch scratch;
+      objective.begin_batch(s0, s1, scratch);
       std::vector<detail::NormalEquations> evals, trials;
       std::vector<index_t> ids;
       std::vector<const double*> xs;
@@ -204,8 +235,7 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
             ids.push_back(i);
             xs.push_back(starts.data() + (i * n_starts + j) * np);
           }
-        detail::accumulate(model, batch_flux, weights.data(), ids, xs, false, opt.pixel_block,
-                           states, evals);
+        objective.evaluate(scratch, ids, xs, false, evals);
         for (index_t i = 0; i < nbatch; ++i) {
           double best_chi2 = std::numeric_limits<double>::infinity();
           for (index_t j = 0; j < n_starts; ++j) {
@@ -226,8 +256,7 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
         ids.push_back(i);
         xs.push_back(x.data() + i * np);
       }
-      detail::accumulate(model, batch_flux, weights.data(), ids, xs, true, opt.pixel_block,
-                         states, evals);
+      objective.evaluate(scratch, ids, xs, true, evals);
 
       std::vector<double> lambda(nbatch, opt.lambda_init);
       std::vector<std::int32_t> n_iter(nbatch, 0);
@@ -284,8 +313,7 @@ void fit_lm(const Model& model, const double* flux, const double* ivar,
           xs.push_back(xt);
           trial_slot.push_back(i);
         }
-        detail::accumulate(model, batch_flux, weights.data(), ids, xs, true, opt.pixel_block,
-                           states, trials);
+        objective.evaluate(scratch, ids, xs, true, trials);
         for (std::size_t t = 0; t < trial_slot.size(); ++t) {
           const index_t i = trial_slot[t];
           detail::NormalEquations& trial = trials[t];

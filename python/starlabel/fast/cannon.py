@@ -6,7 +6,7 @@ from .. import _validation as check
 from .._core import core
 from ..config import resolve_threads
 from ..result import LMSolution
-from ..vectorizer import design_matrix
+from ..vectorizer import design_matrix, use_quadratic_form
 
 
 def _monomial_table(exponents, design):
@@ -87,7 +87,9 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
     exponents, theta, s2, flux, ivar, initial, lower, upper, max_iter = check.fit_arguments(
         exponents, theta, s2, flux, ivar, initial, lower, upper, max_iter, n_threads)
     untrained = ~np.all(np.isfinite(theta), axis=1)
-    theta_t = np.ascontiguousarray(np.where(untrained[:, None], 0.0, theta).T)
+    theta = np.where(untrained[:, None], 0.0, theta)
     s2 = np.where(untrained, np.inf, s2)
-    return LMSolution(*core.cannon_fit(exponents, theta_t, s2, flux, ivar, initial, lower, upper,
-                                       max_iter, resolve_threads(n_threads)))
+    quadratic = use_quadratic_form(exponents, initial.shape[1])
+    theta = np.ascontiguousarray(theta if quadratic else theta.T)
+    return LMSolution(*core.cannon_fit(exponents, theta, s2, flux, ivar, initial, lower, upper,
+                                       max_iter, quadratic, resolve_threads(n_threads)))

@@ -11,8 +11,8 @@ from scipy.optimize import brentq
 from .. import _validation as check
 from ..result import LMSolution
 from ..status import PixelStatus
-from ..vectorizer import design_derivative, design_matrix
-from .lm import fit_one
+from ..vectorizer import design_derivative, design_matrix, use_quadratic_form
+from .lm import fit_one, pixel_objective
 
 RCOND_MIN = 1e-13     # as TrainOptions::rcond_min
 S2_RTOL = 1e-12
@@ -123,6 +123,26 @@ def cannon_predict(exponents, theta, x, *, jacobian=False, n_threads=None):
     return flux, np.einsum("pk,nka->npa", theta, design_derivative(exponents, x))
 
 
+def quadratic_objective(exponents, theta, flux, weight):
+    """The normal equations through the Gram matrix A = theta^T W theta (see
+    CannonQuadraticObjective in cannon_model.hpp): J^T W J = D^T A D, J^T W r = D^T theta^T W r
+    with D = dv/dx; chi2 for ranking starts from the quadratic form v^T A v - 2 b^T v + c."""
+    a = theta.T @ (weight[:, None] * theta)
+    b = theta.T @ (weight * flux)
+    c = float(np.sum(weight * flux**2))
+    n_used = int(np.count_nonzero(weight))
+
+    def objective(x, with_jacobian):
+        v = design_matrix(exponents, x)[0]
+        if not with_jacobian:
+            return c - 2 * b @ v + v @ a @ v, n_used, None, None
+        resid = np.where(weight > 0, flux - theta @ v, 0.0)
+        dv = design_derivative(exponents, x)[0]
+        return float(np.sum(weight * resid**2)), n_used, dv.T @ a @ dv, dv.T @ (theta.T @ (weight * resid))
+
+    return objective
+
+
 def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=None,
                max_iter=100, n_threads=None):
     """Fit scaled labels to spectra; see starlabel.fast.cannon_fit."""
@@ -135,6 +155,8 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
     lower = np.full(n_labels, -np.inf) if lower is None else lower
     upper = np.full(n_labels, np.inf) if upper is None else upper
 
+    quadratic = use_quadratic_form(exponents, initial.shape[1])
+
     def model(x_one):
         v = design_matrix(exponents, x_one)[0]
         dv = design_derivative(exponents, x_one)[0]
@@ -144,7 +166,12 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
     for f, iv, starts in zip(flux, ivar, initial):
         with np.errstate(invalid="ignore"):  # 0 * inf where an ignored pixel is untrained
             weight = np.where(iv > 0, iv / (1.0 + iv * s2), 0.0)
-        fits.append(fit_one(model, f, weight, starts, lower, upper, max_iter))
+        f = np.where(weight > 0, f, 0.0)
+        if quadratic:
+            objective = quadratic_objective(exponents, theta, f, weight)
+        else:
+            objective = pixel_objective(model, f, weight)
+        fits.append(fit_one(objective, starts, lower, upper, max_iter))
     x, covariance, chi2, n_used, n_iter, status = zip(*fits)
     return LMSolution(np.array(x), np.array(covariance), np.array(chi2),
                       np.array(n_used, dtype=np.int64), np.array(n_iter, dtype=np.int32),

@@ -17,17 +17,24 @@ LAMBDA_INIT = 1e-3
 LAMBDA_MAX = 1e10
 
 
-def _normal_equations(model, x, flux, weight, with_jacobian):
-    model_flux, jac = model(x)
+def pixel_objective(model, flux, weight):
+    """chi2 and normal equations of a per-pixel model for one spectrum.
+
+    model(x) -> (flux (n_pixels,), jacobian (n_pixels, n_params)); flux, weight (n_pixels,).
+    Returns objective(x, with_jacobian) -> (chi2, n_used, J^T W J, J^T W r).
+    """
     used = weight > 0
-    resid = np.where(used, flux - model_flux, 0.0)
-    chi2 = float(np.sum(weight * resid**2))
-    if not with_jacobian:
-        return chi2, int(used.sum()), None, None
-    jac = np.where(used[:, None], jac, 0.0)
-    hess = jac.T @ (weight[:, None] * jac)
-    grad = jac.T @ (weight * resid)
-    return chi2, int(used.sum()), hess, grad
+
+    def objective(x, with_jacobian):
+        model_flux, jac = model(x)
+        resid = np.where(used, flux - model_flux, 0.0)
+        chi2 = float(np.sum(weight * resid**2))
+        if not with_jacobian:
+            return chi2, int(used.sum()), None, None
+        jac = np.where(used[:, None], jac, 0.0)
+        return chi2, int(used.sum()), jac.T @ (weight[:, None] * jac), jac.T @ (weight * resid)
+
+    return objective
 
 
 def inverse_spd(hess):
@@ -43,21 +50,21 @@ def inverse_spd(hess):
     return d[:, None] * np.linalg.inv(d[:, None] * hess * d[None, :]) * d[None, :]
 
 
-def fit_one(model, flux, weight, starts, lower, upper, max_iter):
+def fit_one(objective, starts, lower, upper, max_iter):
     """Fit one spectrum.
 
-    model(x) -> (flux (n_pixels,), jacobian (n_pixels, n_params)); flux, weight (n_pixels,);
-    starts (n_starts, n_params); lower, upper (n_params,) (may be infinite).
+    objective(x, with_jacobian) -> (chi2, n_used, J^T W J, J^T W r); starts (n_starts,
+    n_params); lower, upper (n_params,) (may be infinite).
     Returns x, covariance, chi2, n_used, n_iter, status.
     """
     n_params = starts.shape[1]
     starts = np.clip(starts, lower, upper)
     best = 0
     if len(starts) > 1:
-        chi2s = np.array([_normal_equations(model, s, flux, weight, False)[0] for s in starts])
+        chi2s = np.array([objective(s, False)[0] for s in starts])
         best = int(np.argmin(np.where(np.isfinite(chi2s), chi2s, np.inf)))
     x = starts[best].copy()
-    chi2, n_used, hess, grad = _normal_equations(model, x, flux, weight, True)
+    chi2, n_used, hess, grad = objective(x, True)
     n_iter = 0
     status = FitStatus.CONVERGED
     if n_used < n_params:
@@ -82,7 +89,7 @@ def fit_one(model, flux, weight, starts, lower, upper, max_iter):
             step = np.zeros(n_params)
         x_trial = np.clip(x + step, lower, upper)
         n_iter += 1
-        trial = _normal_equations(model, x_trial, flux, weight, True)
+        trial = objective(x_trial, True)
         if np.isfinite(trial[0]) and trial[0] < chi2 and np.all(np.isfinite(trial[2])):
             moved = np.max(np.abs(x_trial - x))
             decrease = chi2 - trial[0]
