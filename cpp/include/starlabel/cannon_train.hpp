@@ -14,8 +14,9 @@
 // residuals at theta(s2):  g(s2) = sum_n (w_n^2 r_n^2 - w_n)  (g > 0: the objective still
 // falls as s2 grows). Its exact derivative is
 //   g'(s2) = sum_n (w_n^2 - 2 w_n^3 r_n^2) + 2 c^T G_A^{-1} c,   c = sum_n w_n^2 r_n v_n,
-// over the active terms A, so a bracketed Newton iteration finds the root to full precision
-// in a handful of Gram evaluations; s2 = 0 when g(0) <= 0.
+// over the active terms A, so a bracketed Newton iteration (on (noise + s2)^2 g, which is
+// nearly linear) finds the root to full precision in a handful of Gram evaluations;
+// s2 = 0 when g(0) <= 0.
 #pragma once
 
 #include <Eigen/Cholesky>
@@ -49,7 +50,7 @@ struct TrainOptions {
   double l1_tol = 1e-12;       // coordinate descent stops when no scaled coefficient moves more
   int l1_max_sweeps = 20000;
   double rcond_min = 1e-13;    // reciprocal condition number below which a pixel is singular
-  index_t pixel_block = 64;
+  index_t pixel_block = 256;
 };
 
 namespace detail {
@@ -130,6 +131,7 @@ inline bool solve_lasso(const ScaledGram& gram, const Eigen::VectorXd& b, const 
 struct PixelSearch {
   index_t pixel = 0;                 // index within the block
   double s2 = 0.0, lo = 0.0, hi = std::numeric_limits<double>::infinity(), guess = 0.0;
+  double noise = 0.0;                // typical noise variance 1/mean(ivar): Newton's scale
   int n_eval = 0;
   bool done = false;
   std::int8_t status = PIXEL_OK;
@@ -253,7 +255,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             ps.done = true;
             continue;
           }
-          double g = 0.0, gp = 0.0, sum_r2 = 0.0;
+          double g = 0.0, gp = 0.0, sum_r2 = 0.0, sum_ivar = 0.0;
           index_t n_used = 0;
           for (index_t n = 0; n < N; ++n) {
             const double wn = w(n, j), r = resid(n, j);
@@ -261,6 +263,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             gp += wn * wn - 2.0 * wn * wn * wn * r * r;
             if (ivar(n, ps.pixel) > 0.0) {
               sum_r2 += r * r;
+              sum_ivar += ivar(n, ps.pixel);
               ++n_used;
             }
           }
@@ -283,6 +286,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
               continue;
             }
             ps.guess = sum_r2 / static_cast<double>(n_used);
+            ps.noise = static_cast<double>(n_used) / sum_ivar;
           } else if (g > 0.0) {
             ps.lo = ps.s2;
           } else if (g < 0.0) {
@@ -291,7 +295,12 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             ps.done = true;
             continue;
           }
-          double next = (gp < 0.0 && std::isfinite(gp)) ? ps.s2 - g / gp : nan;
+          // Newton on G(s2) = u^2 g(s2), u = noise + s2, which has the same root: for equal
+          // noise variances G is linear in s2 (one step to the root), so it converges in a
+          // few steps where Newton on g itself crawls from s2 = 0.
+          const double u = ps.noise + ps.s2;
+          const double dG = 2.0 * u * g + u * u * gp;
+          double next = (dG < 0.0 && std::isfinite(dG)) ? ps.s2 - u * u * g / dG : nan;
           if (std::isfinite(ps.hi)) {
             if (!(next > ps.lo && next < ps.hi)) next = 0.5 * (ps.lo + ps.hi);
           } else if (!(next > ps.lo)) {
