@@ -1,7 +1,6 @@
 import os
 import pathlib
 
-import numpy as np
 import pytest
 
 import starlabel
@@ -15,7 +14,10 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 def isa_core(request, monkeypatch):
     """Run the test once per instruction-set level this CPU supports, through starlabel.fast."""
     module = _core.load(request.param)
-    monkeypatch.setattr(starlabel.fast.cannon, "core", module)
+    for name in dir(starlabel.fast):
+        area = getattr(starlabel.fast, name)
+        if getattr(area, "core", None) is _core.core:
+            monkeypatch.setattr(area, "core", module)
     return module
 
 

@@ -7,6 +7,7 @@
 namespace py = pybind11;
 
 void bind_cannon(py::module_& m);
+void bind_payne(py::module_& m);
 
 namespace {
 
@@ -63,4 +64,5 @@ PYBIND11_MODULE(STARLABEL_MODULE_NAME, m) {
       py::arg("SINGULAR") = int(starlabel::PIXEL_SINGULAR),
       py::arg("NOT_CONVERGED") = int(starlabel::PIXEL_NOT_CONVERGED));
   bind_cannon(m);
+  bind_payne(m);
 }

@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 from . import datasets, fast, reference
 from .cannon import CannonModel
 from .config import get_num_threads, set_num_threads, show_config
+from .payne import OutsideTrainingRangeWarning, PayneModel, PerPixelPayneModel
+from .payne_io import read_binspec_npz, read_payne_npz, write_payne_npz
 from .result import FitResult
 from .status import FitStatus, PixelStatus
 from .vectorizer import PolynomialVectorizer
@@ -19,3 +21,5 @@ __all__ = [
     "CannonModel", "FitResult", "FitStatus", "PixelStatus", "PolynomialVectorizer",
     "datasets", "fast", "reference", "get_num_threads", "set_num_threads", "show_config",
 ]
+__all__ += ["PayneModel", "PerPixelPayneModel", "OutsideTrainingRangeWarning",
+            "read_payne_npz", "write_payne_npz", "read_binspec_npz"]

@@ -5,5 +5,9 @@ count (``starlabel.set_num_threads``). The GIL is released while the core works.
 """
 
 from .cannon import cannon_fit, cannon_predict, cannon_train
+from .payne import (mlp_forward, mlp_gradients, mlp_train_epoch, new_optimizer_state,
+                    perpixel_forward)
 
 __all__ = ["cannon_train", "cannon_predict", "cannon_fit"]
+__all__ += ["mlp_forward", "mlp_gradients", "mlp_train_epoch", "new_optimizer_state",
+            "perpixel_forward"]
