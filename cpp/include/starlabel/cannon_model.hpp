@@ -126,14 +126,13 @@ struct CannonQuadraticObjective {
 
   using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   struct Batch {
-    index_t s0 = 0;
     std::vector<Eigen::MatrixXd> a;
     std::vector<Eigen::VectorXd> b;
     std::vector<double> c;
     std::vector<std::int64_t> n_used;
-    std::vector<double> weights;   // (batch, n_pixels)
+    RowMatrix weights, clean_flux;  // (batch, n_pixels)
     RowMatrix scaled_theta;
-    Eigen::VectorXd scaled_flux, terms, a_terms, theta_wr;
+    Eigen::VectorXd scaled_flux, terms, a_terms, theta_wr, resid, wresid;
     Eigen::MatrixXd deriv, a_deriv;
     std::vector<double> deriv_values, powers;
     std::vector<index_t> offsets;
@@ -145,26 +144,26 @@ struct CannonQuadraticObjective {
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
     const index_t K = poly.n_terms, nbatch = s1 - s0;
     const Eigen::Map<const RowMatrix> theta_map(theta, n_pixels, K);
-    batch.s0 = s0;
     batch.a.resize(nbatch);
     batch.b.resize(nbatch);
     batch.c.assign(nbatch, 0.0);
     batch.n_used.assign(nbatch, 0);
-    batch.weights.resize(nbatch * n_pixels);
-    batch.scaled_theta.resize(n_pixels, K);
-    batch.scaled_flux.resize(n_pixels);
+    batch.weights.resize(nbatch, n_pixels);
+    batch.clean_flux.resize(nbatch, n_pixels);
+    Eigen::VectorXd root_w(n_pixels);
     for (index_t i = 0; i < nbatch; ++i) {
       const double* f = flux + (s0 + i) * n_pixels;
       const double* iv = ivar + (s0 + i) * n_pixels;
       for (index_t p = 0; p < n_pixels; ++p) {
         const double w = iv[p] > 0.0 ? iv[p] / (1.0 + iv[p] * s2[p]) : 0.0;
-        const double root_w = std::sqrt(w);
-        batch.weights[i * n_pixels + p] = w;
-        batch.scaled_theta.row(p) = root_w * theta_map.row(p);
-        batch.scaled_flux[p] = w > 0.0 ? root_w * f[p] : 0.0;
-        batch.c[i] += batch.scaled_flux[p] * batch.scaled_flux[p];
+        batch.weights(i, p) = w;
+        batch.clean_flux(i, p) = w > 0.0 ? f[p] : 0.0;  // ignored pixels may hold NaN
+        root_w[p] = std::sqrt(w);
         batch.n_used[i] += w > 0.0;
       }
+      batch.scaled_theta.noalias() = root_w.asDiagonal() * theta_map;
+      batch.scaled_flux = root_w.cwiseProduct(batch.clean_flux.row(i).transpose());
+      batch.c[i] = batch.scaled_flux.squaredNorm();
       batch.a[i].setZero(K, K);
       batch.a[i].selfadjointView<Eigen::Lower>().rankUpdate(batch.scaled_theta.transpose());
       batch.a[i].triangularView<Eigen::StrictlyUpper>() = batch.a[i].transpose();
@@ -190,23 +189,12 @@ struct CannonQuadraticObjective {
         out[i].chi2 = batch.c[id] - 2.0 * batch.b[id].dot(batch.terms) + batch.terms.dot(batch.a_terms);
         continue;
       }
-      // one pass over theta: residuals, chi2 and theta^T W r
-      const double* f = flux + (batch.s0 + id) * n_pixels;
-      const double* weight = batch.weights.data() + id * n_pixels;
-      const double* v = batch.terms.data();
-      double chi2 = 0.0;
-      batch.theta_wr.setZero();
-      double* twr = batch.theta_wr.data();
-      for (index_t p = 0; p < n_pixels; ++p) {
-        if (!(weight[p] > 0.0)) continue;
-        const double* row = theta + p * K;
-        double model = 0.0;
-        for (index_t k = 0; k < K; ++k) model += row[k] * v[k];
-        const double r = f[p] - model, wr = weight[p] * r;
-        chi2 += wr * r;
-        for (index_t k = 0; k < K; ++k) twr[k] += wr * row[k];
-      }
-      out[i].chi2 = chi2;
+      // residuals, chi2 and theta^T W r: two matrix-vector products over theta
+      const Eigen::Map<const RowMatrix> theta_map(theta, n_pixels, K);
+      batch.resid.noalias() = batch.clean_flux.row(id).transpose() - theta_map * batch.terms;
+      batch.wresid = batch.weights.row(id).transpose().cwiseProduct(batch.resid);
+      out[i].chi2 = batch.wresid.dot(batch.resid);
+      batch.theta_wr.noalias() = theta_map.transpose() * batch.wresid;
       batch.deriv.setZero(K, L);
       for (index_t d = 0; d < poly.n_deriv(); ++d)
         batch.deriv(poly.deriv_term[d], poly.deriv_label[d]) = batch.deriv_values[d];
