@@ -8,6 +8,7 @@ namespace py = pybind11;
 
 void bind_cannon(py::module_& m);
 void bind_payne(py::module_& m);
+void bind_spectra(py::module_& m);
 
 namespace {
 
@@ -65,4 +66,5 @@ PYBIND11_MODULE(STARLABEL_MODULE_NAME, m) {
       py::arg("NOT_CONVERGED") = int(starlabel::PIXEL_NOT_CONVERGED));
   bind_cannon(m);
   bind_payne(m);
+  bind_spectra(m);
 }

@@ -16,6 +16,11 @@ from .payne_io import read_binspec_npz, read_payne_npz, write_payne_npz
 from .result import FitResult
 from .status import FitStatus, PixelStatus
 from .vectorizer import PolynomialVectorizer
+from . import io, preprocess
+from .augment import Augmented, augment
+from .gap import SyntheticGap, synthetic_gap
+from .io import (read_apstar, read_apstars, read_apvisit, read_fits_spectra, read_fits_spectrum,
+                 read_labels, read_results, write_results)
 
 __all__ = [
     "CannonModel", "FitResult", "FitStatus", "PixelStatus", "PolynomialVectorizer",
@@ -23,3 +28,7 @@ __all__ = [
 ]
 __all__ += ["PayneModel", "PerPixelPayneModel", "OutsideTrainingRangeWarning",
             "read_payne_npz", "write_payne_npz", "read_binspec_npz"]
+__all__ += ["io", "preprocess", "augment", "Augmented", "read_apstar", "read_apstars",
+            "read_apvisit", "read_fits_spectrum", "read_fits_spectra", "read_labels",
+            "read_results", "write_results"]
+__all__ += ["synthetic_gap", "SyntheticGap"]
