@@ -9,6 +9,7 @@ namespace py = pybind11;
 void bind_cannon(py::module_& m);
 void bind_payne(py::module_& m);
 void bind_spectra(py::module_& m);
+void bind_fit(py::module_& m);
 
 namespace {
 
@@ -67,4 +68,5 @@ PYBIND11_MODULE(STARLABEL_MODULE_NAME, m) {
   bind_cannon(m);
   bind_payne(m);
   bind_spectra(m);
+  bind_fit(m);
 }

@@ -21,6 +21,7 @@ from .augment import Augmented, augment
 from .gap import SyntheticGap, synthetic_gap
 from .io import (read_apstar, read_apstars, read_apvisit, read_fits_spectra, read_fits_spectrum,
                  read_labels, read_results, write_results)
+from .fitting import SpectrumFitResult, fit_spectra
 
 __all__ = [
     "CannonModel", "FitResult", "FitStatus", "PixelStatus", "PolynomialVectorizer",
@@ -32,3 +33,4 @@ __all__ += ["io", "preprocess", "augment", "Augmented", "read_apstar", "read_aps
             "read_apvisit", "read_fits_spectrum", "read_fits_spectra", "read_labels",
             "read_results", "write_results"]
 __all__ += ["synthetic_gap", "SyntheticGap"]
+__all__ += ["fit_spectra", "SpectrumFitResult"]

@@ -81,6 +81,12 @@ class _Emulator:
         flux, jac = self._forward(self._scaled(labels, warn), True, n_threads)
         return flux, jac / (self.x_max - self.x_min).astype(jac.dtype)
 
+    def fit_labels(self, flux, ivar, wavelength=None, **options):
+        """Fit labels (and RV, continuum) of observed spectra: ``starlabel.fit_spectra(self, ...)``."""
+        from .fitting import fit_spectra
+
+        return fit_spectra(self, flux, ivar, wavelength, **options)
+
 
 class PayneModel(_Emulator):
     """A dense-MLP spectrum emulator (The Payne).

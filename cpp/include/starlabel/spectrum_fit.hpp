@@ -1,0 +1,334 @@
+// Fitting observed spectra with an emulator: labels, radial velocity and a multiplicative
+// Chebyshev continuum per wavelength segment, for many spectra at once.
+//
+// The observed model of spectrum n at observed pixel p is
+//     m_p = C_s(p)(t_p) * F( lambda_p / D(v) ),      D(v) = sqrt((1 + v/c) / (1 - v/c)),
+// where F is the emulator's flux on its own (rest-frame) wavelength grid, linearly
+// interpolated at the rest wavelength of the observed pixel (the relativistic Doppler factor
+// D maps rest to observed wavelength), and C_s = sum_k c_{s,k} T_k(t) is a Chebyshev series
+// in the pixel's coordinate t in [-1, 1] across its segment s (e.g. one APOGEE chip).
+// Parameters, in this order: the emulator's scaled labels x (n_labels), v in km/s (when
+// fitted), then the continuum coefficients segment by segment (n_segments * n_coef).
+// The Jacobian follows by the chain rule:
+//   dm/dx_a   = C * interp(dF/dx_a)
+//   dm/dv     = C * F'(w) * w * d ln w / dv,   w = lambda / D(v),  d ln w / dv = -1 / (c (1 - beta^2))
+//   dm/dc_s,k = T_k(t) * F(w)   on segment s's pixels
+// with F' the slope of the linear interpolant (piecewise constant in w).
+//
+// The emulator is anything with
+//   index_t n_labels, n_pixels;
+//   void spectrum(const double* x, double* flux, double* jac) const;
+//        flux (n_pixels,), jac (n_pixels, n_labels) row-major or null, one label vector
+// (the adapters in bind_fit.cpp call the existing batched kernels with one star, one thread).
+// ShiftedSpectrumModel is a per-pixel spectrum model for PixelObjective / fit_lm (lm.hpp).
+#pragma once
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "common.hpp"
+#include "lm.hpp"
+
+namespace starlabel {
+
+constexpr double SPEED_OF_LIGHT_KMS = 299792.458;
+
+// Where the observed pixels sit relative to the model grid, and which parameters are free.
+struct FitLayout {
+  const double* model_wave;     // (n_model,) increasing, Angstrom, rest frame
+  index_t n_model;
+  const double* obs_wave;       // (n_obs,) Angstrom, observed frame
+  index_t n_obs;
+  const std::int32_t* segment;  // (n_obs,) continuum segment of each pixel; -1: none (C = 1)
+  const double* coord;          // (n_obs,) the pixel's Chebyshev coordinate in [-1, 1]
+  index_t n_segments;
+  index_t n_coef;               // continuum coefficients per segment; 0: no continuum
+  bool fit_rv;
+  index_t n_labels;
+
+  index_t n_params() const { return n_labels + (fit_rv ? 1 : 0) + n_segments * n_coef; }
+  index_t rv_index() const { return n_labels; }
+  index_t coef_index() const { return n_labels + (fit_rv ? 1 : 0); }
+};
+
+namespace spectrum_detail {
+
+// Linear interpolation of the model grid at rest wavelength w: F = f[i0] + t (f[i1] - f[i0]).
+// Outside the grid the end value is held (i0 == i1, zero slope), so chi2 stays continuous in
+// v; the front end gives zero weight to pixels that fall outside or into a gap of the grid.
+struct Interp {
+  index_t i0, i1;
+  double t, inv_dw;  // inv_dw = 1 / (w[i1] - w[i0]), 0 when i0 == i1
+};
+
+inline Interp locate(const double* grid, index_t n, double w) {
+  const index_t hi = std::upper_bound(grid, grid + n, w) - grid;
+  if (hi == 0) return {0, 0, 0.0, 0.0};
+  if (hi == n) return {n - 1, n - 1, 0.0, 0.0};
+  const double dw = grid[hi] - grid[hi - 1];
+  return {hi - 1, hi, (w - grid[hi - 1]) / dw, 1.0 / dw};
+}
+
+// Chebyshev polynomials T_0..T_{n-1} at t.
+inline void chebyshev(double t, index_t n, double* out) {
+  if (n > 0) out[0] = 1.0;
+  if (n > 1) out[1] = t;
+  for (index_t k = 2; k < n; ++k) out[k] = 2.0 * t * out[k - 1] - out[k - 2];
+}
+
+// rest wavelength / observed wavelength = 1 / D(v), and d ln(rest wavelength) / dv.
+inline void doppler(double v, double& inv_doppler, double& dlnw_dv) {
+  const double beta = v / SPEED_OF_LIGHT_KMS;
+  if (!(std::abs(beta) < 1.0)) {  // unphysical: make the model non-finite, never crash
+    inv_doppler = dlnw_dv = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
+  inv_doppler = std::sqrt((1.0 - beta) / (1.0 + beta));
+  dlnw_dv = -1.0 / (SPEED_OF_LIGHT_KMS * (1.0 - beta * beta));
+}
+
+}  // namespace spectrum_detail
+
+template <class Emulator>
+struct ShiftedSpectrumModel {
+  const Emulator& emulator;
+  FitLayout layout;
+  index_t n_pixels;  // observed pixels (PixelObjective reads this)
+
+  struct State {
+    std::vector<double> flux, jac;  // the emulator on the model grid: (n_model,), (n_model, n_labels)
+    const double* coef = nullptr;   // continuum coefficients inside the parameter vector
+    double inv_doppler = 1.0, dlnw_dv = 0.0;
+    mutable std::vector<double> cheb;  // scratch of the thread that owns this state
+  };
+
+  ShiftedSpectrumModel(const Emulator& emu, const FitLayout& lay)
+      : emulator(emu), layout(lay), n_pixels(lay.n_obs) {}
+
+  index_t n_params() const { return layout.n_params(); }
+
+  void prepare(const double* x, State& state, bool with_jacobian) const {
+    state.flux.resize(layout.n_model);
+    state.jac.resize(with_jacobian ? layout.n_model * layout.n_labels : 0);
+    emulator.spectrum(x, state.flux.data(), with_jacobian ? state.jac.data() : nullptr);
+    spectrum_detail::doppler(layout.fit_rv ? x[layout.rv_index()] : 0.0, state.inv_doppler,
+                             state.dlnw_dv);
+    state.coef = x + layout.coef_index();  // x outlives the evaluation (lm.hpp keeps it)
+    state.cheb.resize(std::max<index_t>(layout.n_coef, 1));
+  }
+
+  // flux_out (p1 - p0,), jac_out (n_params, p1 - p0) row-major or null.
+  void evaluate(const State& state, index_t p0, index_t p1, double* flux_out, double* jac_out) const {
+    const index_t nb = p1 - p0, L = layout.n_labels, K = layout.n_coef;
+    const index_t np = n_params(), c0 = layout.coef_index();
+    double* cheb = state.cheb.data();
+    const double* f = state.flux.data();
+    const double* jm = state.jac.data();
+    if (jac_out) std::fill(jac_out, jac_out + np * nb, 0.0);
+    for (index_t j = 0; j < nb; ++j) {
+      const index_t p = p0 + j;
+      const double w = layout.obs_wave[p] * state.inv_doppler;
+      const spectrum_detail::Interp in = spectrum_detail::locate(layout.model_wave, layout.n_model, w);
+      const double model = f[in.i0] + in.t * (f[in.i1] - f[in.i0]);
+      const std::int32_t s = layout.segment[p];
+      double cont = 1.0;
+      if (K > 0 && s >= 0) {
+        spectrum_detail::chebyshev(layout.coord[p], K, cheb);
+        const double* c = state.coef + s * K;
+        cont = 0.0;
+        for (index_t k = 0; k < K; ++k) cont += c[k] * cheb[k];
+      }
+      flux_out[j] = cont * model;
+      if (!jac_out) continue;
+      const double* j0 = jm + in.i0 * L;
+      const double* j1 = jm + in.i1 * L;
+      for (index_t a = 0; a < L; ++a) jac_out[a * nb + j] = cont * (j0[a] + in.t * (j1[a] - j0[a]));
+      if (layout.fit_rv) {
+        const double slope = (f[in.i1] - f[in.i0]) * in.inv_dw;
+        jac_out[layout.rv_index() * nb + j] = cont * slope * w * state.dlnw_dv;
+      }
+      if (K > 0 && s >= 0)
+        for (index_t k = 0; k < K; ++k) jac_out[(c0 + s * K + k) * nb + j] = cheb[k] * model;
+    }
+  }
+};
+
+// The observed model (and its Jacobian) for n parameter vectors; for tests and for returning
+// best-fit spectra.
+//   params    (n, n_params)
+//   flux_out  (n, n_obs)
+//   jac_out   (n, n_obs, n_params) or null
+template <class Emulator>
+void spectrum_model_evaluate(const ShiftedSpectrumModel<Emulator>& model, const double* params,
+                             index_t n, double* flux_out, double* jac_out, int n_threads) {
+  const index_t np = model.n_params(), n_obs = model.n_pixels;
+  constexpr index_t block = 256;
+  std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(resolve_threads(n_threads))
+  {
+    typename ShiftedSpectrumModel<Emulator>::State state;
+    std::vector<double> jac_block;
+#pragma omp for schedule(static)
+    for (index_t i = 0; i < n; ++i) {
+      if (failed) continue;
+      try {  // an exception must not leave an OpenMP loop body
+        jac_block.resize(np * block);
+        model.prepare(params + i * np, state, jac_out != nullptr);
+        for (index_t p0 = 0; p0 < n_obs; p0 += block) {
+          const index_t p1 = std::min(p0 + block, n_obs), nb = p1 - p0;
+          model.evaluate(state, p0, p1, flux_out + i * n_obs + p0, jac_out ? jac_block.data() : nullptr);
+          if (!jac_out) continue;
+          double* out = jac_out + (i * n_obs + p0) * np;
+          for (index_t j = 0; j < nb; ++j)
+            for (index_t a = 0; a < np; ++a) out[j * np + a] = jac_block[a * nb + j];
+        }
+      } catch (...) {
+        failed = true;
+      }
+    }
+  }
+  if (failed) throw std::bad_alloc();
+}
+
+namespace spectrum_detail {
+
+// Continuum coefficients for fixed model values: per segment, weighted linear least squares
+// of flux on T_k(t) * model. A segment with fewer used pixels than coefficients, or singular
+// normal equations, keeps the flat continuum (1, 0, ..., 0). Returns chi2 at the solution.
+//   model, flux, weight (n_obs,); coef_out (n_segments * n_coef)
+inline double continuum_solve(const FitLayout& lay, const double* model, const double* flux,
+                              const double* weight, double* coef_out, Eigen::MatrixXd& a,
+                              Eigen::VectorXd& b, std::vector<double>& cheb,
+                              std::vector<index_t>& counts) {
+  const index_t K = lay.n_coef, S = lay.n_segments;
+  cheb.resize(std::max<index_t>(K, 1));
+  for (index_t s = 0; s < S; ++s) {
+    a.setZero(K, K);
+    b.setZero(K);
+    counts[s] = 0;
+    for (index_t p = 0; p < lay.n_obs; ++p) {
+      if (lay.segment[p] != s || !(weight[p] > 0.0)) continue;
+      chebyshev(lay.coord[p], K, cheb.data());
+      for (index_t k = 0; k < K; ++k) {
+        const double bk = cheb[k] * model[p];
+        b[k] += weight[p] * bk * flux[p];
+        for (index_t l = 0; l <= k; ++l) a(k, l) += weight[p] * bk * cheb[l] * model[p];
+      }
+      ++counts[s];
+    }
+    double* c = coef_out + s * K;
+    std::fill(c, c + K, 0.0);
+    c[0] = 1.0;
+    if (counts[s] < K) continue;
+    Eigen::LLT<Eigen::MatrixXd> llt(a);  // reads the lower triangle
+    if (llt.info() != Eigen::Success) continue;
+    const Eigen::VectorXd sol = llt.solve(b);
+    if (!sol.allFinite()) continue;
+    std::copy_n(sol.data(), K, c);
+  }
+  double chi2 = 0.0;
+  for (index_t p = 0; p < lay.n_obs; ++p) {
+    if (!(weight[p] > 0.0)) continue;
+    const std::int32_t s = lay.segment[p];
+    double cont = 1.0;
+    if (s >= 0) {
+      chebyshev(lay.coord[p], K, cheb.data());
+      cont = 0.0;
+      for (index_t k = 0; k < K; ++k) cont += coef_out[s * K + k] * cheb[k];
+    }
+    const double r = flux[p] - cont * model[p];
+    chi2 += weight[p] * r * r;
+  }
+  return chi2;
+}
+
+}  // namespace spectrum_detail
+
+// Global radial-velocity search by a chi2 grid: for each spectrum and each of its templates
+// (the emulator at a starting point, on the model grid), shift the template to every trial
+// velocity, interpolate it onto the observed pixels, solve the continuum coefficients
+// linearly (when n_coef > 0) and record chi2. Used before LM so that large velocities are
+// found: LM alone only finds the nearest local minimum (spectral lines are a few km/s wide).
+//   templates  (n_spectra, n_templates, n_model)
+//   flux, weight (n_spectra, n_obs)  weight == 0 ignores a pixel
+//   velocities (n_v,) km/s
+//   chi2_out   (n_spectra, n_templates, n_v)
+//   best_out   (n_spectra, n_templates)  index of the first minimum over finite chi2 (-1: none)
+//   coef_out   (n_spectra, n_templates, n_segments * n_coef) continuum at the best velocity
+// Work is split by (spectrum, template); each item's sums run in one fixed order, so the
+// result does not depend on the thread count.
+inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t n_spectra,
+                         index_t n_templates, const double* flux, const double* weight,
+                         const double* velocities, index_t n_v, double* chi2_out,
+                         std::int64_t* best_out, double* coef_out, int n_threads) {
+  const index_t n_items = n_spectra * n_templates, n_obs = lay.n_obs;
+  const index_t n_cc = lay.n_segments * lay.n_coef;
+  std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(resolve_threads(n_threads))
+  {
+    std::vector<double> shifted(n_obs), coef(std::max<index_t>(n_cc, 1)), cheb;
+    std::vector<index_t> counts(std::max<index_t>(lay.n_segments, 1));
+    Eigen::MatrixXd a;
+    Eigen::VectorXd b;
+#pragma omp for schedule(dynamic, 1)
+    for (index_t item = 0; item < n_items; ++item) {
+      if (failed) continue;
+      try {
+        const index_t s = item / n_templates;
+        const double* tmpl = templates + item * lay.n_model;
+        const double* f = flux + s * n_obs;
+        const double* w = weight + s * n_obs;
+        // chi2 of the template at velocity v (continuum coefficients into coef)
+        auto chi2_at = [&](double v) {
+          double inv_doppler, dlnw_dv;
+          spectrum_detail::doppler(v, inv_doppler, dlnw_dv);
+          for (index_t p = 0; p < n_obs; ++p) {
+            const spectrum_detail::Interp in =
+                spectrum_detail::locate(lay.model_wave, lay.n_model, lay.obs_wave[p] * inv_doppler);
+            shifted[p] = tmpl[in.i0] + in.t * (tmpl[in.i1] - tmpl[in.i0]);
+          }
+          if (lay.n_coef > 0)
+            return spectrum_detail::continuum_solve(lay, shifted.data(), f, w, coef.data(), a, b,
+                                                    cheb, counts);
+          double chi2 = 0.0;
+          for (index_t p = 0; p < n_obs; ++p) {
+            if (!(w[p] > 0.0)) continue;
+            const double r = f[p] - shifted[p];
+            chi2 += w[p] * r * r;
+          }
+          return chi2;
+        };
+        std::int64_t best = -1;
+        double best_chi2 = std::numeric_limits<double>::infinity();
+        for (index_t k = 0; k < n_v; ++k) {
+          const double c = chi2_at(velocities[k]);
+          chi2_out[item * n_v + k] = c;
+          if (std::isfinite(c) && c < best_chi2) {
+            best_chi2 = c;
+            best = k;
+          }
+        }
+        best_out[item] = best;
+        double* co = coef_out + item * n_cc;
+        if (best >= 0) {
+          chi2_at(velocities[best]);
+          std::copy_n(coef.data(), n_cc, co);
+        } else {
+          for (index_t sg = 0; sg < lay.n_segments; ++sg)
+            for (index_t k = 0; k < lay.n_coef; ++k) co[sg * lay.n_coef + k] = k == 0 ? 1.0 : 0.0;
+        }
+      } catch (...) {
+        failed = true;
+      }
+    }
+  }
+  if (failed) throw std::bad_alloc();
+}
+
+}  // namespace starlabel

@@ -1,0 +1,248 @@
+// Bindings for fitting observed spectra (spectrum_fit.hpp): checks, output allocation, GIL
+// release. No math. The emulator arrives as a dict {"kind": ..., arrays} built by
+// starlabel.fast.fitting, every array float64 (the fit works in double whatever the model's
+// storage dtype): "perpixel" (w0, b0, w1, b1), "mlp" (weights, biases, activation, slope) or
+// "cannon" (exponents, theta_t).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "checks.hpp"
+#include "starlabel/cannon_model.hpp"
+#include "starlabel/lm.hpp"
+#include "starlabel/mlp.hpp"
+#include "starlabel/perpixel_network.hpp"
+#include "starlabel/polynomial.hpp"
+#include "starlabel/spectrum_fit.hpp"
+
+namespace py = pybind11;
+using namespace starlabel;
+using bind::ANY;
+using bind::require;
+using bind::require_optional;
+
+namespace {
+
+// An emulator for ShiftedSpectrumModel from a batched kernel called with one star and one
+// thread (the fit's own OpenMP loop owns the threads).
+template <class Forward>
+struct Emulator {
+  Forward forward;
+  index_t n_labels, n_pixels;
+  void spectrum(const double* x, double* flux, double* jac) const { forward(x, flux, jac); }
+};
+
+template <class Forward>
+Emulator<Forward> make_emulator(Forward f, index_t n_labels, index_t n_pixels) {
+  return Emulator<Forward>{f, n_labels, n_pixels};
+}
+
+py::object item(const py::dict& spec, const char* key) {
+  if (!spec.contains(key)) throw py::value_error(std::string("emulator lacks '") + key + "'");
+  return spec[key];
+}
+
+// Build the emulator described by `spec` and call visit(emulator).
+template <class Visitor>
+void with_emulator(const py::dict& spec, Visitor&& visit) {
+  const std::string kind = py::str(item(spec, "kind"));
+  if (kind == "perpixel") {
+    auto w0 = require<double>(item(spec, "w0"), "w0", {ANY, ANY, ANY});
+    const index_t P = w0.shape(0), H = w0.shape(1), L = w0.shape(2);
+    auto b0 = require<double>(item(spec, "b0"), "b0", {P, H});
+    auto w1 = require<double>(item(spec, "w1"), "w1", {P, H});
+    auto b1 = require<double>(item(spec, "b1"), "b1", {P});
+    const PerPixelNetwork<double> net{w0.data(), b0.data(), w1.data(), b1.data(), P, H, L};
+    visit(make_emulator([net](const double* x, double* f, double* j) {
+      perpixel_forward(net, x, 1, f, j, 1);
+    }, L, P));
+  } else if (kind == "mlp") {
+    const py::list w = item(spec, "weights"), b = item(spec, "biases");
+    if (w.size() == 0 || w.size() != b.size())
+      throw py::value_error("weights and biases must have the same, non-zero number of layers");
+    std::vector<py::array_t<double>> keep;
+    MLP<double> net;
+    for (std::size_t l = 0; l < w.size(); ++l) {
+      const std::string wn = "weights[" + std::to_string(l) + "]", bn = "biases[" + std::to_string(l) + "]";
+      keep.push_back(require<double>(w[l], wn.c_str(), {ANY, l == 0 ? ANY : net.sizes.back()}));
+      if (l == 0) net.sizes.push_back(keep.back().shape(1));
+      net.sizes.push_back(keep.back().shape(0));
+      net.weights.push_back(keep.back().data());
+      keep.push_back(require<double>(b[l], bn.c_str(), {net.sizes.back()}));
+      net.biases.push_back(keep.back().data());
+    }
+    for (index_t s : net.sizes)
+      if (s < 1) throw py::value_error("every layer must have at least one unit");
+    const int code = item(spec, "activation").cast<int>();
+    if (code < 0 || code >= ACT_COUNT) throw py::value_error("activation code out of range");
+    net.activation = static_cast<Activation>(code);
+    net.slope = item(spec, "slope").cast<double>();
+    const MLP<double>* netp = &net;
+    visit(make_emulator([netp](const double* x, double* f, double* j) {
+      mlp_forward(*netp, x, 1, f, j, 1);
+    }, net.n_in(), net.n_out()));
+  } else if (kind == "cannon") {
+    auto exponents = require<std::int32_t>(item(spec, "exponents"), "exponents", {ANY, ANY});
+    const index_t T = exponents.shape(0), L = exponents.shape(1);
+    auto theta_t = require<double>(item(spec, "theta_t"), "theta_t", {T, ANY});
+    const std::int32_t* e = exponents.data();
+    for (py::ssize_t i = 0; i < exponents.size(); ++i)
+      if (e[i] < 0) throw py::value_error("exponents must be >= 0");
+    const Polynomial poly(e, T, L);
+    const CannonSpectrumModel model{poly, theta_t.data(), theta_t.shape(1)};
+    const CannonSpectrumModel* mp = &model;
+    visit(make_emulator([mp](const double* x, double* f, double* j) {
+      cannon_predict(*mp, x, 1, f, j, 1);
+    }, L, theta_t.shape(1)));
+  } else {
+    throw py::value_error("emulator kind must be 'perpixel', 'mlp' or 'cannon', got '" + kind + "'");
+  }
+}
+
+// The layout arrays, checked, and the FitLayout that points into them.
+struct Layout {
+  py::array_t<double> model_wave, obs_wave, coord;
+  py::array_t<std::int32_t> segment;
+  FitLayout view;
+
+  Layout(const py::handle& mw, const py::handle& ow, const py::handle& seg, const py::handle& co,
+         index_t n_segments, index_t n_coef, bool fit_rv, index_t n_labels) {
+    model_wave = require<double>(mw, "model_wavelength", {ANY});
+    obs_wave = require<double>(ow, "wavelength", {ANY});
+    const index_t n_obs = obs_wave.shape(0);
+    segment = require<std::int32_t>(seg, "segment_index", {n_obs});
+    coord = require<double>(co, "segment_coord", {n_obs});
+    if (n_segments < 0 || n_coef < 0) throw py::value_error("n_segments and n_coef must be >= 0");
+    const std::int32_t* s = segment.data();
+    for (index_t p = 0; p < n_obs; ++p)
+      if (s[p] < -1 || s[p] >= n_segments)
+        throw py::value_error("segment_index must lie in [-1, n_segments)");
+    view = FitLayout{model_wave.data(), model_wave.shape(0), obs_wave.data(), n_obs, s,
+                     coord.data(), n_segments, n_coef, fit_rv, n_labels};
+  }
+};
+
+void check_emulator_grid(index_t n_pixels, const Layout& layout) {
+  if (n_pixels != layout.view.n_model)
+    throw py::value_error("model_wavelength has " + std::to_string(layout.view.n_model) +
+                          " pixels, the emulator " + std::to_string(n_pixels));
+}
+
+py::object spectrum_model(const py::dict& spec, const py::handle& mw, const py::handle& ow,
+                          const py::handle& seg, const py::handle& co, index_t n_segments,
+                          index_t n_coef, bool fit_rv, const py::handle& params_in,
+                          bool with_jacobian, int n_threads) {
+  py::object result;
+  with_emulator(spec, [&](const auto& emu) {
+    const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels);
+    check_emulator_grid(emu.n_pixels, layout);
+    const ShiftedSpectrumModel<std::decay_t<decltype(emu)>> model(emu, layout.view);
+    const index_t np = model.n_params(), n_obs = layout.view.n_obs;
+    auto params = require<double>(params_in, "params", {ANY, np});
+    const index_t n = params.shape(0);
+    py::array_t<double> flux({n, n_obs});
+    py::array_t<double> jac = with_jacobian ? py::array_t<double>({n, n_obs, np}) : py::array_t<double>();
+    {
+      py::gil_scoped_release release;
+      spectrum_model_evaluate(model, params.data(), n, flux.mutable_data(),
+                              with_jacobian ? jac.mutable_data() : nullptr, n_threads);
+    }
+    result = with_jacobian ? py::object(py::make_tuple(flux, jac)) : py::object(flux);
+  });
+  return result;
+}
+
+py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
+              const py::handle& seg, const py::handle& co, index_t n_segments, index_t n_coef,
+              bool fit_rv, const py::handle& flux_in, const py::handle& ivar_in,
+              const py::handle& extra_in, const py::handle& initial_in,
+              const py::handle& lower_in, const py::handle& upper_in, int max_iter, int n_threads) {
+  py::tuple result;
+  with_emulator(spec, [&](const auto& emu) {
+    const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels);
+    check_emulator_grid(emu.n_pixels, layout);
+    using Model = ShiftedSpectrumModel<std::decay_t<decltype(emu)>>;
+    const Model model(emu, layout.view);
+    const index_t np = model.n_params(), n_obs = layout.view.n_obs;
+    auto flux = require<double>(flux_in, "flux", {ANY, n_obs});
+    const index_t n_spectra = flux.shape(0);
+    auto ivar = require<double>(ivar_in, "ivar", {n_spectra, n_obs});
+    auto extra = require_optional<double>(extra_in, "extra_variance", {n_obs});
+    auto initial = require<double>(initial_in, "initial", {n_spectra, ANY, np});
+    const index_t n_starts = initial.shape(1);
+    if (n_starts < 1) throw py::value_error("initial must hold at least one starting point");
+    auto lower = require_optional<double>(lower_in, "lower", {np});
+    auto upper = require_optional<double>(upper_in, "upper", {np});
+    if (max_iter < 1) throw py::value_error("max_iter must be >= 1");
+
+    py::array_t<double> params({n_spectra, np});
+    py::array_t<double> covariance({n_spectra, np, np});
+    py::array_t<double> chi2(n_spectra);
+    py::array_t<std::int64_t> n_used(n_spectra);
+    py::array_t<std::int32_t> n_iter(n_spectra);
+    py::array_t<std::int8_t> status(n_spectra);
+    LMOptions options;
+    options.max_iter = max_iter;
+    // Few spectra per batch: every state holds the emulator's spectrum and Jacobian on the
+    // model grid (n_model * (n_labels + 1) doubles), and small batches balance the threads.
+    options.batch = 4;
+    const LMOutputs out{params.mutable_data(), covariance.mutable_data(), chi2.mutable_data(),
+                        n_used.mutable_data(), n_iter.mutable_data(), status.mutable_data()};
+    {
+      py::gil_scoped_release release;
+      const PixelObjective<Model> objective{model, flux.data(), ivar.data(),
+                                            bind::data_or_null(extra), n_spectra};
+      fit_lm(objective, initial.data(), n_starts, bind::data_or_null(lower),
+             bind::data_or_null(upper), options, n_threads, out);
+    }
+    result = py::make_tuple(params, covariance, chi2, n_used, n_iter, status);
+  });
+  return result;
+}
+
+py::tuple rv_grid(const py::handle& mw, const py::handle& ow, const py::handle& seg,
+                  const py::handle& co, index_t n_segments, index_t n_coef,
+                  const py::handle& templates_in, const py::handle& flux_in,
+                  const py::handle& weight_in, const py::handle& velocities_in, int n_threads) {
+  const Layout layout(mw, ow, seg, co, n_segments, n_coef, false, 0);
+  const index_t n_obs = layout.view.n_obs, n_model = layout.view.n_model;
+  auto flux = require<double>(flux_in, "flux", {ANY, n_obs});
+  const index_t n_spectra = flux.shape(0);
+  auto weight = require<double>(weight_in, "weight", {n_spectra, n_obs});
+  auto templates = require<double>(templates_in, "templates", {n_spectra, ANY, n_model});
+  const index_t n_templates = templates.shape(1);
+  auto velocities = require<double>(velocities_in, "velocities", {ANY});
+  const index_t n_v = velocities.shape(0), n_cc = n_segments * n_coef;
+  py::array_t<double> chi2({n_spectra, n_templates, n_v});
+  py::array_t<std::int64_t> best({n_spectra, n_templates});
+  py::array_t<double> coef({n_spectra, n_templates, n_cc});
+  {
+    py::gil_scoped_release release;
+    rv_chi2_grid(layout.view, templates.data(), n_spectra, n_templates, flux.data(), weight.data(),
+                 velocities.data(), n_v, chi2.mutable_data(), best.mutable_data(),
+                 coef.mutable_data(), n_threads);
+  }
+  return py::make_tuple(chi2, best, coef);
+}
+
+}  // namespace
+
+void bind_fit(py::module_& m) {
+  m.def("fit_spectrum_model", &spectrum_model, py::arg("emulator"), py::arg("model_wavelength"),
+        py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
+        py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("params"),
+        py::arg("with_jacobian"), py::arg("n_threads"));
+  m.def("fit_spectra", &fit, py::arg("emulator"), py::arg("model_wavelength"),
+        py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
+        py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("flux"),
+        py::arg("ivar"), py::arg("extra_variance"), py::arg("initial"), py::arg("lower"),
+        py::arg("upper"), py::arg("max_iter"), py::arg("n_threads"));
+  m.def("fit_rv_grid", &rv_grid, py::arg("model_wavelength"), py::arg("wavelength"),
+        py::arg("segment_index"), py::arg("segment_coord"), py::arg("n_segments"),
+        py::arg("n_coef"), py::arg("templates"), py::arg("flux"), py::arg("weight"),
+        py::arg("velocities"), py::arg("n_threads"));
+}

@@ -1,0 +1,127 @@
+"""Argument checks of the spectrum-fitting kernels, shared by both backends so that the same
+bad input raises the same error. Arrays come back C-contiguous float64 (int32 for indices).
+
+Two small dicts describe a fit to the kernels:
+
+- ``emulator``: ``{"kind": "perpixel", "w0", "b0", "w1", "b1"}``,
+  ``{"kind": "mlp", "weights", "biases", "activation", "slope"}`` or
+  ``{"kind": "cannon", "exponents", "theta"}`` (theta finite: 0 at untrained pixels);
+- ``layout``: ``{"model_wavelength", "wavelength", "segment_index", "segment_coord",
+  "n_segments", "n_coef", "fit_rv"}`` (see ``starlabel.fitting``).
+"""
+
+import numpy as np
+
+from . import _validation as check
+from . import payne_io
+
+KINDS = ("perpixel", "mlp", "cannon")
+
+
+def emulator(spec):
+    """Checked copy of an emulator dict with float64 arrays; returns (spec, n_labels, n_pixels)."""
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise TypeError("emulator must be a dict with a 'kind' key")
+    kind = check.choice("emulator kind", spec["kind"], KINDS)
+    try:
+        if kind == "perpixel":
+            w0, b0, w1, b1, _ = payne_io.perpixel_network(*(np.asarray(spec[k], dtype=np.float64)
+                                                           for k in ("w0", "b0", "w1", "b1")))
+            return {"kind": kind, "w0": w0, "b0": b0, "w1": w1, "b1": b1}, w0.shape[2], w0.shape[0]
+        if kind == "mlp":
+            weights, biases, _ = payne_io.network([np.asarray(w, dtype=np.float64) for w in spec["weights"]],
+                                                  [np.asarray(b, dtype=np.float64) for b in spec["biases"]])
+            payne_io.activation(spec["activation"], spec["slope"])
+            return ({"kind": kind, "weights": weights, "biases": biases,
+                     "activation": spec["activation"], "slope": float(spec["slope"])},
+                    weights[0].shape[1], weights[-1].shape[0])
+        exps = check.exponents(spec["exponents"])
+        theta = check.finite_array("theta", spec["theta"], 2)
+        if theta.shape[1] != exps.shape[0]:
+            raise ValueError(f"theta must have {exps.shape[0]} columns, got shape {theta.shape}")
+        return {"kind": kind, "exponents": exps, "theta": theta}, exps.shape[1], theta.shape[0]
+    except KeyError as exc:
+        raise ValueError(f"emulator of kind {kind!r} lacks {exc}") from None
+
+
+def layout(value, n_labels, n_model):
+    """Checked copy of a layout dict; adds ``n_params``."""
+    if not isinstance(value, dict):
+        raise TypeError("layout must be a dict")
+    try:
+        model_wave = check.finite_array("model_wavelength", value["model_wavelength"], 1)
+        wave = check.finite_array("wavelength", value["wavelength"], 1)
+        seg = np.asarray(value["segment_index"])
+        coord = check.finite_array("segment_coord", value["segment_coord"], 1)
+        n_segments = check.positive_int("n_segments", value["n_segments"], minimum=0)
+        n_coef = check.positive_int("n_coef", value["n_coef"], minimum=0)
+        fit_rv = value["fit_rv"]
+    except KeyError as exc:
+        raise ValueError(f"layout lacks {exc}") from None
+    if model_wave.size != n_model:
+        raise ValueError(f"model_wavelength has {model_wave.size} pixels, the emulator {n_model}")
+    if np.any(np.diff(model_wave) <= 0):
+        raise ValueError("model_wavelength must be strictly increasing")
+    if not np.issubdtype(seg.dtype, np.integer) or seg.shape != wave.shape:
+        raise ValueError(f"segment_index must be integers of shape {wave.shape}")
+    if coord.shape != wave.shape:
+        raise ValueError(f"segment_coord must have shape {wave.shape}")
+    if np.any(seg < -1) or np.any(seg >= n_segments):
+        raise ValueError("segment_index must lie in [-1, n_segments)")
+    if not isinstance(fit_rv, (bool, np.bool_)):
+        raise TypeError("fit_rv must be a bool")
+    out = {"model_wavelength": model_wave, "wavelength": wave,
+           "segment_index": np.ascontiguousarray(seg, dtype=np.int32), "segment_coord": coord,
+           "n_segments": n_segments, "n_coef": n_coef, "fit_rv": bool(fit_rv)}
+    out["n_labels"] = n_labels
+    out["n_params"] = n_labels + int(fit_rv) + n_segments * n_coef
+    return out
+
+
+def params(value, n_params):
+    array = check.as_float_array("params", value, np.ndim(value) if np.ndim(value) in (1, 2) else 2)
+    array = np.atleast_2d(array)
+    if array.shape[1] != n_params:
+        raise ValueError(f"params must have {n_params} columns, got shape {array.shape}")
+    return array
+
+
+def fit_arguments(spec, lay, flux, ivar, initial, extra_variance, lower, upper, max_iter, n_threads):
+    """Check the arguments of spectrum_fit; returns them converted."""
+    if n_threads is not None:
+        check.thread_count(n_threads)
+    spec, n_labels, n_model = emulator(spec)
+    lay = layout(lay, n_labels, n_model)
+    n_params = lay["n_params"]
+    flux, ivar = check.spectra(flux, ivar, n_pixels=lay["wavelength"].size)
+    initial = check.starting_points(initial, flux.shape[0], n_params)
+    if extra_variance is not None:
+        extra_variance = check.as_float_array("extra_variance", extra_variance, 1)
+        if extra_variance.shape != (lay["wavelength"].size,) or np.any(np.isnan(extra_variance)) \
+                or np.any(extra_variance < 0):
+            raise ValueError("extra_variance must be (n_pixels,) values >= 0 (inf ignores a pixel)")
+    lower, upper = check.box(lower, upper, n_params)
+    max_iter = check.positive_int("max_iter", max_iter)
+    return spec, lay, flux, ivar, initial, extra_variance, lower, upper, max_iter
+
+
+def rv_grid_arguments(lay, templates, flux, weight, velocities, n_threads):
+    """Check the arguments of rv_chi2_grid; returns them converted."""
+    if n_threads is not None:
+        check.thread_count(n_threads)
+    templates = check.finite_array("templates", templates, 3)
+    lay = layout(lay, 0, templates.shape[2])
+    flux = check.as_float_array("flux", flux, 2)
+    weight = check.as_float_array("weight", weight, 2)
+    if flux.shape != weight.shape or flux.shape[1] != lay["wavelength"].size:
+        raise ValueError(f"flux and weight must both have shape (n_spectra, {lay['wavelength'].size})")
+    if templates.shape[0] != flux.shape[0]:
+        raise ValueError(f"templates must have shape ({flux.shape[0]}, n_templates, n_model)")
+    if not np.all(np.isfinite(weight)) or np.any(weight < 0):
+        raise ValueError("weight must be finite and >= 0")
+    if np.any((weight > 0) & ~np.isfinite(flux)):
+        raise ValueError("flux is NaN or inf where weight > 0")
+    velocities = check.finite_array("velocities", velocities, 1)
+    if np.any(np.abs(velocities) >= 299792.458):
+        raise ValueError("velocities must satisfy |v| < c")
+    return lay, templates, flux, weight, velocities

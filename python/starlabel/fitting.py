@@ -1,0 +1,404 @@
+"""``fit_spectra``: labels, radial velocity and continuum of observed spectra, with any emulator
+(``PayneModel``, ``PerPixelPayneModel``, ``CannonModel``).
+
+The model of an observed spectrum at observed pixel p (wavelength lambda_p) is
+
+    m_p = C_s(t_p) * F(lambda_p / D(rv)),    D(rv) = sqrt((1 + rv/c) / (1 - rv/c)),
+
+with F the emulator's spectrum on its own rest-frame grid, linearly interpolated at the rest
+wavelength of the pixel (so observed spectra may sit on a different grid: the model is
+resampled inside the fit), and C_s a Chebyshev series per wavelength segment s (t_p in
+[-1, 1] across the segment's pixels). Labels, rv and continuum coefficients are fitted jointly
+by Levenberg-Marquardt with analytic derivatives, many spectra in parallel in the compiled
+core. Before LM a chi2 grid over ``rv_range`` (with the continuum solved linearly at every
+trial velocity) finds the global RV minimum; LM alone would stop at the nearest local one.
+
+Pixels whose rest wavelength could fall outside the model grid, or into one of its gaps
+(e.g. between APOGEE's chips) or onto an untrained Cannon pixel, are given zero weight:
+for the RV search over the whole ``rv_range``, for the fit within a margin around the RV
+the search found.
+"""
+
+import numpy as np
+
+from . import _validation as check
+from . import fast, reference
+from .result import FitResult
+
+C_KMS = 299792.458
+BACKENDS = {"fast": fast, "reference": reference}
+GAP_FACTOR = 4.0       # a model-grid step > 4x its neighbours' is a gap, not a pixel
+RV_MARGIN_KMS = 10.0   # LM's coverage mask: search RV +- (2 grid steps + this)
+
+
+class SpectrumFitResult(FitResult):
+    """Result of ``fit_spectra``; every field has one row per spectrum.
+
+    Attributes
+    ----------
+    labels : (n, n_labels) physical labels; ``errors`` their 1-sigma uncertainties
+    rv, rv_error : (n,) km/s (0 and NaN when the RV is not fitted)
+    continuum : (n, n_segments, n_coef) Chebyshev coefficients per segment (empty if not fitted)
+    param_names : label names, then "rv" (if fitted), then "c<segment>_<k>"
+    covariance : (n, n_params, n_params) inverse of J^T W J at the solution, physical units
+    chi2, reduced_chi2 : (n,) reduced by (pixels used - n_params)
+    n_pixels_used, n_iter, status : (n,) (FitStatus codes)
+    rv_grid, rv_chi2 : (n_v,) trial velocities and (n, n_v) chi2 of the search (best start)
+    rv_initial : (n,) the search's best velocity, where LM started
+    model_flux : (n, n_pixels) best-fit model, or None unless ``return_model=True``
+    """
+
+    def __init__(self, label_names, param_names, labels, rv, continuum, covariance, chi2,
+                 n_pixels_used, n_iter, status, rv_grid, rv_chi2, rv_initial, model_flux, fit_rv):
+        super().__init__(label_names, labels, covariance, chi2, n_pixels_used, n_iter, status)
+        self.param_names = tuple(param_names)
+        self.rv = rv
+        self.continuum = continuum
+        self.rv_grid, self.rv_chi2, self.rv_initial = rv_grid, rv_chi2, rv_initial
+        self.model_flux = model_flux
+        n_labels = len(self.label_names)
+        self.rv_error = (np.sqrt(covariance[:, n_labels, n_labels]) if fit_rv
+                         else np.full(len(labels), np.nan))
+        dof = n_pixels_used - len(self.param_names)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.reduced_chi2 = np.where(dof > 0, chi2 / np.maximum(dof, 1), np.nan)
+
+    @property
+    def errors(self):
+        """(n, n_labels) 1-sigma label uncertainties."""
+        n = len(self.label_names)
+        return np.sqrt(np.diagonal(self.covariance, axis1=1, axis2=2)[:, :n])
+
+    def to_table(self):
+        table = super().to_table()
+        table["rv"], table["E_rv"] = self.rv, self.rv_error
+        return table
+
+    def __repr__(self):
+        return "Spectrum" + super().__repr__()
+
+
+def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-500.0, 500.0),
+                rv_step=None, continuum_order=None, segments=None, broadening=None, mask=None,
+                bounds="training", initial=None, max_iter=100, return_model=False, backend=None,
+                n_threads=None):
+    """Fit labels (and radial velocity and continuum) of observed spectra with an emulator.
+
+    Parameters
+    ----------
+    model : PayneModel, PerPixelPayneModel or CannonModel (trained)
+    flux, ivar : (n_spectra, n_pixels) or (n_pixels,); ivar == 0 ignores a pixel
+    wavelength : (n_pixels,) observed wavelengths in Angstrom (astropy Quantity accepted);
+        default the model's grid. The model's own grid is ``model.wavelength`` (if the model
+        has none, ``wavelength`` is taken as the model grid and must match it in size).
+    fit_rv : fit the radial velocity (km/s, positive receding, relativistic Doppler shift);
+        if False the spectra must already be in the rest frame
+    rv_range : (low, high) km/s, the RV search range and the RV bounds (default +-500)
+    rv_step : km/s step of the RV chi2 grid; default half the model grid's pixel velocity
+    continuum_order : None (no continuum) or the order of a multiplicative Chebyshev
+        continuum fitted per segment
+    segments : None (one segment) or a sequence of (low, high) wavelength ranges in Angstrom
+        (e.g. APOGEE's three chips); with a continuum, pixels in no segment are ignored
+    broadening : not supported yet (must be None)
+    mask : bool (n_pixels,) or (n_spectra, n_pixels), True marks a pixel to leave out
+    bounds : "training" (default: the model's training box), None (no label bounds) or a
+        (lower, upper) pair of physical label arrays (+-inf allowed)
+    initial : physical starting labels (n_labels,), (n_starts, n_labels) or (n_spectra,
+        n_starts, n_labels); default the centre of the training box (Payne) or the Cannon's
+        9 spread points. The RV search runs from every start; LM from the best.
+    max_iter : LM trial steps per spectrum
+    return_model : also return the best-fit model spectra (``model_flux``)
+    backend : "fast" or "reference"; default the model's
+    n_threads : threads of the compiled core (None: the default)
+
+    Returns
+    -------
+    SpectrumFitResult
+    """
+    if n_threads is not None:
+        check.thread_count(n_threads)
+    if broadening is not None:
+        raise NotImplementedError("broadening is not supported by fit_spectra yet; broaden the "
+                                  "model or the spectra beforehand (starlabel.preprocess.broaden)")
+    desc = _describe(model)
+    backend = BACKENDS[check.choice("backend", desc["backend"] if backend is None else backend,
+                                    BACKENDS)]
+    n_labels, n_model = len(desc["label_names"]), desc["n_model"]
+    model_wave, obs_wave = _grids(desc["wavelength"], wavelength, n_model)
+    flux, ivar = check.spectra(flux, ivar, n_pixels=obs_wave.size)
+    n_spectra = flux.shape[0]
+    ivar = np.where(_mask(mask, flux.shape), 0.0, ivar)
+    if not isinstance(fit_rv, (bool, np.bool_)):
+        raise TypeError(f"fit_rv must be a bool, got {type(fit_rv).__name__}")
+    fit_rv = bool(fit_rv)
+    rv_lo, rv_hi = _rv_range(rv_range)
+    n_coef = 0 if continuum_order is None else check.positive_int("continuum_order",
+                                                                  continuum_order, 0) + 1
+    seg_index, seg_coord, n_segments = _segments(segments, obs_wave)
+    if n_coef:
+        ivar = np.where(seg_index[None, :] >= 0, ivar, 0.0)
+    max_iter = check.positive_int("max_iter", max_iter)
+    step = _rv_step(rv_step, model_wave)
+    lower_x, upper_x = _label_bounds(bounds, desc)
+    starts = desc["default_initial"] if initial is None else initial
+    starts = desc["scale"](check.starting_points(starts, n_spectra, n_labels))
+    n_starts = starts.shape[1]
+
+    layout = {"model_wavelength": model_wave, "wavelength": obs_wave,
+              "segment_index": seg_index, "segment_coord": seg_coord,
+              "n_segments": n_segments if n_coef else 0, "n_coef": n_coef, "fit_rv": fit_rv}
+    if not n_coef:
+        layout["segment_index"] = np.full(obs_wave.size, -1, dtype=np.int32)
+    extra = _extra_variance(desc, model_wave, obs_wave)
+    bad_model = desc["untrained"]
+
+    # RV search (and the continuum at the best velocity) from every start.
+    velocities = np.array([0.0])
+    if fit_rv:
+        velocities = np.arange(rv_lo, rv_hi + 0.5 * step, step)
+        velocities = np.unique(np.clip(velocities, rv_lo, rv_hi))
+    rv_chi2 = None
+    v0 = np.zeros((n_spectra, n_starts))
+    coef0 = np.zeros((n_spectra, n_starts, layout["n_segments"] * n_coef))
+    if fit_rv or n_coef:
+        templates = _templates(backend, desc["emulator"], model_wave, starts, n_threads)
+        usable = _coverage(model_wave, bad_model, obs_wave, velocities.min(), velocities.max())
+        weight = _weights(ivar * usable[None, :], extra)
+        chi2_grid, best, coef0 = backend.rv_chi2_grid(
+            dict(layout, fit_rv=False), templates, flux, weight, velocities, n_threads=n_threads)
+        v0 = velocities[np.maximum(best, 0)]
+        best_start = np.argmin(np.where(best >= 0, np.take_along_axis(
+            chi2_grid, np.maximum(best, 0)[..., None], axis=2)[..., 0], np.inf), axis=1)
+        rv_chi2 = chi2_grid[np.arange(n_spectra), best_start]
+        centre = v0[np.arange(n_spectra), best_start]
+    else:
+        centre = np.zeros(n_spectra)
+
+    # LM: ignore pixels that could leave the model's coverage near the RV found.
+    margin = (2.0 * step + RV_MARGIN_KMS) if fit_rv else 0.0
+    ivar_fit = ivar * _coverage(model_wave, bad_model, obs_wave, centre - margin, centre + margin)
+    parts = [starts]
+    if fit_rv:
+        parts.append(v0[..., None])
+    parts.append(coef0)
+    initial_params = np.concatenate(parts, axis=2)
+    n_cc = layout["n_segments"] * n_coef
+    lower = np.concatenate([lower_x, [rv_lo] if fit_rv else [], np.full(n_cc, -np.inf)])
+    upper = np.concatenate([upper_x, [rv_hi] if fit_rv else [], np.full(n_cc, np.inf)])
+    sol = backend.spectrum_fit(desc["emulator"], layout, flux, ivar_fit, initial_params,
+                               extra_variance=extra, lower=lower, upper=upper, max_iter=max_iter,
+                               n_threads=n_threads)
+
+    jac_scale = np.concatenate([desc["label_scale"], np.ones(int(fit_rv) + n_cc)])
+    covariance = sol.covariance * jac_scale[None, :, None] * jac_scale[None, None, :]
+    labels = desc["unscale"](sol.x[:, :n_labels])
+    rv = sol.x[:, n_labels] if fit_rv else np.zeros(n_spectra)
+    continuum = sol.x[:, n_labels + int(fit_rv):].reshape(n_spectra, layout["n_segments"], n_coef)
+    model_flux = None
+    if return_model:
+        model_flux = backend.spectrum_model(desc["emulator"], layout, sol.x, n_threads=n_threads)
+    names = list(desc["label_names"]) + (["rv"] if fit_rv else []) + [
+        f"c{s}_{k}" for s in range(layout["n_segments"]) for k in range(n_coef)]
+    return SpectrumFitResult(desc["label_names"], names, labels, rv, continuum, covariance,
+                             sol.chi2, sol.n_used, sol.n_iter, sol.status,
+                             velocities if fit_rv else None, rv_chi2 if fit_rv else None,
+                             centre, model_flux, fit_rv)
+
+
+# --- the emulators -----------------------------------------------------------------------
+
+def _describe(model):
+    """What the fit needs from a model: its kernel description, scaling, box and grid."""
+    from .cannon import CannonModel
+    from .payne import PayneModel, PerPixelPayneModel
+
+    if isinstance(model, (PayneModel, PerPixelPayneModel)):
+        model._require_trained()
+        if isinstance(model, PayneModel):
+            emulator = {"kind": "mlp", "weights": [np.asarray(w, np.float64) for w in model.weights],
+                        "biases": [np.asarray(b, np.float64) for b in model.biases],
+                        "activation": model.activation, "slope": model.slope}
+        else:
+            emulator = {"kind": "perpixel", **{k: np.asarray(getattr(model, k), np.float64)
+                                               for k in ("w0", "b0", "w1", "b1")}}
+        n_model = model.n_pixels
+        return {"emulator": emulator, "label_names": list(model.label_names),
+                "wavelength": model.wavelength, "n_model": n_model, "backend": model.backend,
+                "scale": model.scale, "unscale": model.unscale,
+                "label_scale": model.x_max - model.x_min, "box": (model.x_min, model.x_max),
+                "default_initial": 0.5 * (model.x_min + model.x_max),
+                "untrained": np.zeros(n_model, dtype=bool), "s2": None}
+    if isinstance(model, CannonModel):
+        model._require_trained()
+        untrained = ~np.all(np.isfinite(model.theta), axis=1)
+        vec = model.vectorizer
+        return {"emulator": {"kind": "cannon", "exponents": vec.exponents,
+                             "theta": np.where(untrained[:, None], 0.0, model.theta)},
+                "label_names": list(model.label_names), "wavelength": model.wavelength,
+                "n_model": model.theta.shape[0], "backend": model.backend,
+                "scale": vec.scale, "unscale": vec.unscale, "label_scale": vec.scales,
+                "box": model.training_range, "default_initial": model.initial_labels,
+                "untrained": untrained, "s2": np.where(untrained, 0.0, model.s2)}
+    raise TypeError(f"model must be a PayneModel, PerPixelPayneModel or CannonModel, "
+                    f"got {type(model).__name__}")
+
+
+def _templates(backend, emulator, model_wave, starts, n_threads):
+    """The emulator at every start on its own grid, (n_spectra, n_starts, n_model)."""
+    layout = {"model_wavelength": model_wave, "wavelength": model_wave,
+              "segment_index": np.full(model_wave.size, -1, dtype=np.int32),
+              "segment_coord": np.zeros(model_wave.size), "n_segments": 0, "n_coef": 0,
+              "fit_rv": False}
+    shared = bool(np.all(starts == starts[:1]))  # the same starts for every spectrum
+    rows = starts[0] if shared else starts.reshape(-1, starts.shape[2])
+    flux = backend.spectrum_model(emulator, layout, rows, n_threads=n_threads)
+    if shared:
+        return np.ascontiguousarray(np.broadcast_to(flux, (starts.shape[0],) + flux.shape))
+    return flux.reshape(starts.shape[0], starts.shape[1], -1)
+
+
+# --- option parsing -------------------------------------------------------------------------
+
+def _wavelength(name, value):
+    if hasattr(value, "unit"):  # astropy Quantity
+        value = value.to_value("Angstrom")
+    wave = check.finite_array(name, value, 1)
+    if np.any(wave <= 0):
+        raise ValueError(f"{name} must be > 0 (Angstrom)")
+    return wave
+
+
+def _grids(model_wavelength, wavelength, n_model):
+    """(model grid, observed grid)."""
+    obs = None if wavelength is None else _wavelength("wavelength", wavelength)
+    if model_wavelength is None:
+        if obs is None:
+            raise ValueError("wavelength is required: the model stores no wavelength grid")
+        if obs.size != n_model:
+            raise ValueError(f"the model stores no wavelength grid, so wavelength must be its "
+                             f"grid ({n_model} pixels), got {obs.size}")
+        model_wave = obs
+    else:
+        model_wave = _wavelength("model wavelength", model_wavelength)
+    if np.any(np.diff(model_wave) <= 0):
+        raise ValueError("the model's wavelength grid must be strictly increasing")
+    return model_wave, model_wave if obs is None else obs
+
+
+def _mask(mask, shape):
+    if mask is None:
+        return np.zeros(shape, dtype=bool)
+    array = np.asarray(mask)
+    if array.dtype != bool:
+        raise TypeError(f"mask must be boolean (True leaves a pixel out), got dtype {array.dtype}")
+    if array.shape not in (shape[1:], shape):
+        raise ValueError(f"mask must have shape ({shape[1]},) or {shape}, got {array.shape}")
+    return np.broadcast_to(array, shape)
+
+
+def _rv_range(rv_range):
+    try:
+        lo, hi = (float(v) for v in rv_range)
+    except (TypeError, ValueError):
+        raise TypeError("rv_range must be a (low, high) pair of numbers in km/s") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and -C_KMS < lo <= hi < C_KMS):
+        raise ValueError(f"rv_range must satisfy -c < low <= high < c (km/s), got {rv_range}")
+    return lo, hi
+
+
+def _rv_step(rv_step, model_wave):
+    if rv_step is not None:
+        step = check.nonnegative_float("rv_step", rv_step)
+        if step == 0:
+            raise ValueError("rv_step must be > 0")
+        return step
+    if model_wave.size < 2:
+        return 1.0
+    dv = C_KMS * np.diff(model_wave) / model_wave[:-1]
+    return 0.5 * float(np.median(dv))  # half a pixel: the chi2 minimum is within a quarter pixel
+
+
+def _segments(segments, wave):
+    """Segment index (-1: none) and Chebyshev coordinate in [-1, 1] of every observed pixel."""
+    if segments is None:
+        ranges = [(wave.min(), wave.max())]
+    else:
+        try:
+            ranges = [(float(lo), float(hi)) for lo, hi in segments]
+        except (TypeError, ValueError):
+            raise TypeError("segments must be a sequence of (low, high) wavelength pairs") from None
+        if not ranges or any(not (np.isfinite(lo) and np.isfinite(hi) and lo < hi) for lo, hi in ranges):
+            raise ValueError("segments must be non-empty (low, high) pairs with low < high")
+    index = np.full(wave.size, -1, dtype=np.int32)
+    coord = np.zeros(wave.size)
+    for s, (lo, hi) in enumerate(ranges):
+        on = (wave >= lo) & (wave <= hi) & (index < 0)
+        index[on] = s
+        if on.any():
+            w_lo, w_hi = wave[on].min(), wave[on].max()
+            coord[on] = 2 * (wave[on] - w_lo) / (w_hi - w_lo) - 1 if w_hi > w_lo else 0.0
+    return index, coord, len(ranges)
+
+
+def _label_bounds(bounds, desc):
+    n = len(desc["label_names"])
+    if bounds is None:
+        return np.full(n, -np.inf), np.full(n, np.inf)
+    if isinstance(bounds, str):
+        check.choice("bounds", bounds, {"training"})
+        lower, upper = desc["box"]
+    else:
+        try:
+            lower, upper = bounds
+        except (TypeError, ValueError):
+            raise TypeError("bounds must be None, 'training' or a (lower, upper) pair") from None
+    lower, upper = check.box(lower, upper, n)
+    lower = np.full(n, -np.inf) if lower is None else lower
+    upper = np.full(n, np.inf) if upper is None else upper
+    with np.errstate(invalid="ignore"):
+        return desc["scale"](lower[None])[0], desc["scale"](upper[None])[0]
+
+
+def _extra_variance(desc, model_wave, obs_wave):
+    """The Cannon's s2 at the observed pixels (the RV shift is ignored: s2 varies slowly)."""
+    if desc["s2"] is None:
+        return None
+    return np.interp(obs_wave, model_wave, desc["s2"])
+
+
+def _gaps(model_wave, bad):
+    """Bad intervals of the model grid: gaps (a step > GAP_FACTOR x a neighbour's) and
+    intervals touching an untrained pixel. (n_model - 1,)"""
+    dw = np.diff(model_wave)
+    if dw.size == 0:
+        return np.zeros(0, dtype=bool)
+    neighbour = np.minimum(np.r_[dw[:1], dw[:-1]], np.r_[dw[1:], dw[-1:]])
+    return (dw > GAP_FACTOR * neighbour) | bad[:-1] | bad[1:]
+
+
+def _coverage(model_wave, bad, obs_wave, v_lo, v_hi):
+    """1.0 where a pixel's rest wavelength stays on good model intervals (and good knots) for
+    every RV in [v_lo, v_hi], else 0.0: (n_obs,) for scalar velocities, (n, n_obs) for (n,)."""
+    inv_d = lambda v: np.sqrt((1 - v / C_KMS) / (1 + v / C_KMS))[..., None]  # noqa: E731
+    w_lo = obs_wave * inv_d(np.asarray(v_hi, dtype=np.float64))
+    w_hi = obs_wave * inv_d(np.asarray(v_lo, dtype=np.float64))
+    n = model_wave.size
+    inside = (w_lo >= model_wave[0]) & (w_hi <= model_wave[-1])
+    if n < 2:
+        return np.where(inside & ~bad[0], 1.0, 0.0)
+    # intervals [w_k, w_k+1] that [w_lo, w_hi] meets in more than an end point: k_lo..k_hi
+    cum = np.concatenate([[0], np.cumsum(_gaps(model_wave, bad))])
+    k_lo = np.clip(np.searchsorted(model_wave, w_lo, side="right") - 1, 0, n - 2)
+    k_hi = np.clip(np.searchsorted(model_wave, w_hi, side="left") - 1, 0, n - 2)
+    bad_intervals = np.where(k_hi >= k_lo, cum[k_hi + 1] - cum[k_lo], 0)
+    # knots inside [w_lo, w_hi] (a pixel exactly on a knot uses only that knot)
+    cum_knots = np.concatenate([[0], np.cumsum(bad)])
+    bad_knots = (cum_knots[np.searchsorted(model_wave, w_hi, side="right")]
+                 - cum_knots[np.searchsorted(model_wave, w_lo, side="left")])
+    return np.where(inside & (bad_intervals == 0) & (bad_knots == 0), 1.0, 0.0)
+
+
+def _weights(ivar, extra):
+    if extra is None:
+        return ivar
+    return np.where(ivar > 0, ivar / (1.0 + ivar * extra), 0.0)

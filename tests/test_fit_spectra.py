@@ -1,0 +1,393 @@
+"""fit_spectra: derivatives against finite differences, fast against reference (every ISA
+level, 1 vs 2 threads), recovery of known labels / RV / continuum with honest errors, the
+Cannon special case against CannonModel.fit_labels, and bad input."""
+
+import numpy as np
+import pytest
+from numpy.polynomial import chebyshev
+
+import starlabel
+from starlabel import CannonModel, FitStatus, PayneModel, PerPixelPayneModel, fast, reference
+from starlabel.preprocess import doppler_factor
+
+C_KMS = 299792.458
+
+
+def log_grid(start, n, step=6e-6):
+    return 10 ** (np.log10(start) + step * np.arange(n))
+
+
+def line_emulator(n_chip=600, seed=0):
+    """A per-pixel network whose spectrum is a continuum-normalized line spectrum: two chips
+    of log-linear pixels (4.1 km/s each) with a gap; every label sets the depth of its own
+    lines through a sigmoid, so labels and RV are all constrained by line shapes."""
+    rng = np.random.default_rng(seed)
+    wave = np.concatenate([log_grid(15200.0, n_chip), log_grid(15900.0, n_chip)])
+    n_labels, n = 3, wave.size
+    profiles = np.zeros((n, n_labels))
+    for a in range(n_labels):
+        for centre in rng.choice(wave, 40):
+            sigma = centre * 1.5 * 6e-6 * np.log(10)  # 1.5 pixels
+            profiles[:, a] += rng.uniform(0.1, 0.5) * np.exp(-0.5 * ((wave - centre) / sigma) ** 2)
+    w0 = np.zeros((n, n_labels, n_labels))
+    for a in range(n_labels):
+        w0[:, a, a] = 4.0
+    b0 = np.ones((n, n_labels))
+    w1 = -profiles  # flux = 1 - sum_a profile_a * sigmoid(4 x_a + 1): depths 0.27-0.95 x profile
+    b1 = np.ones(n)
+    return PerPixelPayneModel(["A", "B", "C"], w0, b0, w1, b1, np.zeros(3), np.ones(3),
+                              wavelength=wave)
+
+
+def shifted_spectra(model, labels, rv, coefs, segments, wave, snr, rng):
+    """Independent generator: the emulator on its grid (predict), moved by np.interp at
+    lambda / D(rv) (preprocess.doppler_factor), times numpy's chebval per segment, plus noise."""
+    flux = []
+    base = model.predict(labels, warn=False)
+    for f_model, v, c in zip(base, rv, coefs):
+        shifted = np.interp(wave / doppler_factor(v), model.wavelength, f_model)
+        cont = np.ones_like(wave)
+        for s, (lo, hi) in enumerate(segments):
+            on = (wave >= lo) & (wave <= hi)
+            t = 2 * (wave[on] - wave[on].min()) / (wave[on].max() - wave[on].min()) - 1
+            cont[on] = chebyshev.chebval(t, c[s])
+        flux.append(cont * shifted)
+    flux = np.array(flux)
+    sigma = flux / snr[:, None]
+    return flux + rng.normal(size=flux.shape) * sigma, 1 / sigma**2
+
+
+@pytest.fixture(scope="module")
+def lines():
+    return line_emulator()
+
+
+SEGMENTS = [(15000.0, 15800.0), (15850.0, 17000.0)]
+
+
+def random_mlp(n_pixels, wave, seed=3):
+    rng = np.random.default_rng(seed)
+    model = PayneModel(["A", "B"], hidden=(6, 5), activation="tanh", dtype="float64",
+                       wavelength=wave)
+    sizes = (2, 6, 5, n_pixels)
+    weights = [rng.normal(size=(o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [rng.normal(0, 0.1, o) for o in sizes[1:]]
+    biases[-1] += 1.0
+    model._set_network(weights, biases, np.array([0.0, -1.0]), np.array([1.0, 2.0]))
+    return model
+
+
+def emulator_and_layout(kind, survey=None):
+    """Kernel-level emulator dict + layout for derivative and parity tests."""
+    rng = np.random.default_rng(7)
+    wave = np.concatenate([log_grid(15200.0, 80), log_grid(15500.0, 70)])
+    if kind == "perpixel":
+        emu = {"kind": "perpixel", "w0": rng.normal(size=(150, 4, 3)), "b0": rng.normal(size=(150, 4)),
+               "w1": rng.normal(size=(150, 4)) * 0.1, "b1": np.ones(150)}
+        n_labels = 3
+    elif kind == "mlp":
+        m = random_mlp(150, wave)
+        emu = {"kind": "mlp", "weights": m.weights, "biases": m.biases, "activation": "tanh",
+               "slope": 0.01}
+        n_labels = 2
+    else:
+        exps = np.array([[0, 0], [1, 0], [0, 1], [2, 0], [1, 1], [0, 2]], dtype=np.int32)
+        emu = {"kind": "cannon", "exponents": exps, "theta": rng.normal(size=(150, 6)) * 0.05 + [1, 0, 0, 0, 0, 0]}
+        n_labels = 2
+    # observed pixels on a different grid, inside the model's coverage
+    obs = np.linspace(15215.0, 15780.0, 120)
+    seg = np.where(obs < 15500, 0, 1).astype(np.int32)
+    coord = np.where(seg == 0, (obs - 15215) / (15499 - 15215) * 2 - 1, (obs - 15500) / 280 * 2 - 1)
+    layout = {"model_wavelength": wave, "wavelength": obs, "segment_index": seg,
+              "segment_coord": coord, "n_segments": 2, "n_coef": 3, "fit_rv": True}
+    params = np.concatenate([rng.uniform(-0.4, 0.4, (4, n_labels)), rng.uniform(-60, 60, (4, 1)),
+                             np.tile([1.0, 0.05, -0.02, 0.9, -0.03, 0.01], (4, 1))], axis=1)
+    return emu, layout, params
+
+
+KINDS = ["perpixel", "mlp", "cannon"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", [fast, reference], ids=["fast", "reference"])
+def test_jacobian_matches_finite_differences(kind, backend):
+    emu, layout, params = emulator_and_layout(kind)
+    flux, jac = backend.spectrum_model(emu, layout, params, jacobian=True)
+    n_params = params.shape[1]
+    n_labels = n_params - 7
+    for a in range(n_params):
+        # labels and coefficients are O(1): h = 1e-6 keeps truncation (h^2) and rounding
+        # (1e-16 / h) errors near 1e-10. rv: the rest wavelength ~1.5e4 A is rounded to
+        # ~2e-12 A, so h must move it by much more: 1e-3 km/s moves it by 5e-5 A (rounding
+        # 4e-8 relative); pixels whose interpolation interval changes within +-h (a kink of
+        # the linear interpolant) are left out of the comparison.
+        h = 1e-3 if a == n_labels else 1e-6
+        up, down = params.copy(), params.copy()
+        up[:, a] += h
+        down[:, a] -= h
+        numeric = (backend.spectrum_model(emu, layout, up) - backend.spectrum_model(emu, layout, down)) / (2 * h)
+        smooth = np.ones(numeric.shape, dtype=bool)
+        if a == n_labels:
+            smooth = np.array([bracket(layout, v + h) == bracket(layout, v - h) for v in params[:, a]])
+            assert smooth.mean() > 0.9
+        scale = np.abs(jac[:, :, a]).max() + 1e-300
+        # 1e-6 of the column's scale: the FD errors above are ~1e-8 of it at most
+        np.testing.assert_allclose(jac[:, :, a][smooth], numeric[smooth], rtol=0, atol=1e-6 * scale,
+                                   err_msg=f"parameter {a} (labels are 0..{n_labels - 1}, rv {n_labels})")
+
+
+def bracket(layout, v):
+    """Index of the model interval holding every observed pixel's rest wavelength at v."""
+    rest = layout["wavelength"] / doppler_factor(v)
+    return np.searchsorted(layout["model_wavelength"], rest, side="right")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_spectrum_model_parity(isa_core, kind):
+    emu, layout, params = emulator_and_layout(kind)
+    a = fast.spectrum_model(emu, layout, params, jacobian=True)
+    b = reference.spectrum_model(emu, layout, params, jacobian=True)
+    # same arithmetic up to summation order in the emulators (einsum vs loops): ~1e-15 relative
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-10, atol=1e-12 * np.abs(b[1]).max())
+
+
+@pytest.mark.parametrize("n_coef", [0, 3])
+def test_rv_grid_parity(isa_core, n_coef):
+    emu, layout, params = emulator_and_layout("perpixel")
+    layout = dict(layout, n_coef=n_coef, fit_rv=False)
+    rng = np.random.default_rng(1)
+    model_layout = dict(layout, wavelength=layout["model_wavelength"], n_coef=0,
+                        segment_index=np.full(150, -1, np.int32), segment_coord=np.zeros(150),
+                        n_segments=0)
+    templates = reference.spectrum_model(emu, model_layout, params[:2, :3]).reshape(2, 1, 150)
+    templates = np.repeat(templates, 2, axis=1)
+    flux = rng.normal(1, 0.1, (2, 120))
+    weight = rng.uniform(0, 100, (2, 120))
+    weight[0, :70] = 0.0  # segment 0 of spectrum 0 empty: the flat-continuum fallback
+    v = np.linspace(-80, 80, 41)
+    a = fast.rv_chi2_grid(layout, templates, flux, weight, v)
+    b = reference.rv_chi2_grid(layout, templates, flux, weight, v)
+    # chi2 from the residuals in both; the continuum solves differ in rounding only
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-9)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(a[2], b[2], rtol=1e-8, atol=1e-10)
+
+
+def test_rv_search_finds_the_velocity_of_a_template():
+    """Oracle: a template shifted by np.interp to a known velocity is found at that grid point."""
+    emu, layout, _ = emulator_and_layout("perpixel")
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-0.4, 0.4, 3)
+    model_layout = dict(layout, wavelength=layout["model_wavelength"], n_coef=0, n_segments=0,
+                        fit_rv=False, segment_index=np.full(150, -1, np.int32),
+                        segment_coord=np.zeros(150))
+    tmpl = reference.spectrum_model(emu, model_layout, x[None])[0]
+    v_true = 37.0
+    flux = np.interp(layout["wavelength"] / doppler_factor(v_true), layout["model_wavelength"], tmpl)
+    v = np.arange(-100.0, 100.5, 1.0)
+    for backend in (fast, reference):
+        chi2, best, _ = backend.rv_chi2_grid(dict(layout, n_coef=0, fit_rv=False), tmpl[None, None],
+                                             flux[None], np.ones((1, 120)), v)
+        assert v[best[0, 0]] == v_true
+        assert chi2[0, 0, best[0, 0]] < 1e-20
+
+
+def fit_lines(model, flux, ivar, wave, backend, n_threads=None, **kw):
+    return starlabel.fit_spectra(model, flux, ivar, wave, continuum_order=2, segments=SEGMENTS,
+                                 backend=backend, n_threads=n_threads, **kw)
+
+
+def truth(n, rng, rv_max=400.0):
+    labels = rng.uniform(0.2, 0.8, (n, 3))
+    rv = rng.uniform(-rv_max, rv_max, n)
+    coefs = np.stack([np.stack([rng.uniform(0.8, 1.2, n), rng.uniform(-0.05, 0.05, n),
+                                rng.uniform(-0.02, 0.02, n)], axis=1) for _ in SEGMENTS], axis=1)
+    return labels, rv, coefs
+
+
+def test_fit_parity_and_threads(isa_core, lines):
+    rng = np.random.default_rng(5)
+    labels, rv, coefs = truth(3, rng)
+    wave = lines.wavelength
+    flux, ivar = shifted_spectra(lines, labels, rv, coefs, SEGMENTS, wave, np.full(3, 80.0), rng)
+    ivar[1, 100:140] = 0.0
+    flux[1, 100:140] = np.nan
+    kw = dict(rv_range=(-450, 450), rv_step=4.0, return_model=True)
+    a = fit_lines(lines, flux, ivar, wave, "fast", n_threads=1, **kw)
+    b = fit_lines(lines, flux, ivar, wave, "reference", **kw)
+    c = fit_lines(lines, flux, ivar, wave, "fast", n_threads=2, **kw)
+    # threads: work is split by spectrum, every spectrum's arithmetic is fixed: identical
+    for field in ("labels", "rv", "continuum", "covariance", "chi2", "n_iter", "status"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(c, field))
+    np.testing.assert_array_equal(a.rv_chi2, c.rv_chi2)
+    # backends: the same LM steps; evaluations differ by summation order (~1e-15 relative), and
+    # the converged point is fixed to far better than 1e-7 of an error bar
+    assert np.all(a.status == FitStatus.CONVERGED) and np.array_equal(a.status, b.status)
+    np.testing.assert_allclose(a.rv_chi2, b.rv_chi2, rtol=1e-9)
+    np.testing.assert_allclose(a.chi2, b.chi2, rtol=1e-9)
+    np.testing.assert_allclose(a.labels, b.labels, rtol=0, atol=1e-7 * a.errors.min())
+    np.testing.assert_allclose(a.rv, b.rv, rtol=0, atol=1e-7 * a.rv_error.min())
+    np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-6, atol=1e-14)
+    np.testing.assert_allclose(a.model_flux, b.model_flux, rtol=1e-9)
+    np.testing.assert_array_equal(a.n_pixels_used, b.n_pixels_used)
+
+
+def test_recovery_and_pulls(lines):
+    """Emulator spectra shifted across +-400 km/s, times a known continuum, S/N 30-300:
+    labels, RV and continuum unbiased, and the reported errors match the scatter."""
+    rng = np.random.default_rng(11)
+    n = 240
+    labels, rv, coefs = truth(n, rng)
+    snr = rng.uniform(30, 300, n)
+    flux, ivar = shifted_spectra(lines, labels, rv, coefs, SEGMENTS, lines.wavelength, snr, rng)
+    res = fit_lines(lines, flux, ivar, lines.wavelength, "fast")
+    assert np.all(res.status == FitStatus.CONVERGED)
+    pulls = np.column_stack([(res.labels - labels) / res.errors, (res.rv - rv) / res.rv_error,
+                             (res.continuum[:, :, 0] - coefs[:, :, 0]) /
+                             np.sqrt(np.diagonal(res.covariance, axis1=1, axis2=2)[:, [4, 7]])])
+    # with 240 draws the sample mean of a unit normal has sigma 0.065 and the sample std 0.046:
+    # |mean| < 0.25 is ~4 sigma (unbiased), std in [0.9, 1.1] ~2 sigma (the issue's band)
+    assert np.all(np.abs(pulls.mean(axis=0)) < 0.25), pulls.mean(axis=0)
+    assert np.all((pulls.std(axis=0) > 0.9) & (pulls.std(axis=0) < 1.1)), pulls.std(axis=0)
+    assert np.median(np.abs(res.rv - rv)) < 0.5  # km/s; pixels are 4.1 km/s
+    assert 0.85 < np.median(res.reduced_chi2) < 1.15
+
+
+def test_initial_rv_search_beats_local_minimum(lines):
+    """Without the global search LM from rv = 0 cannot reach 350 km/s; with it, it does."""
+    rng = np.random.default_rng(3)
+    labels, _, coefs = truth(1, rng)
+    flux, ivar = shifted_spectra(lines, labels, np.array([350.0]), coefs, SEGMENTS,
+                                 lines.wavelength, np.array([100.0]), rng)
+    res = fit_lines(lines, flux, ivar, lines.wavelength, "fast")
+    assert abs(res.rv[0] - 350.0) < 5 * res.rv_error[0]
+    assert res.rv_grid[np.argmin(res.rv_chi2[0])] == pytest.approx(350.0, abs=2.1)
+
+
+def test_cannon_matches_fit_labels(survey):
+    """With no RV and no continuum on the model's own grid, fit_spectra is the Cannon's test
+    step: same model, weights 1/(1/ivar + s2), same bounds, same start -> same labels."""
+    model = CannonModel(survey.label_names, order=2, wavelength=survey.wavelength)
+    model.train(survey.labels[:200], survey.flux[:200], survey.ivar[:200])
+    flux, ivar = survey.flux[200:205], survey.ivar[200:205]
+    start = model.initial_labels
+    expected = model.fit_labels(flux, ivar, initial=start)
+    for backend in ("fast", "reference"):
+        got = starlabel.fit_spectra(model, flux, ivar, fit_rv=False, bounds=None, initial=start,
+                                    backend=backend)
+        # the same LM on the same chi2, only the Jacobian is summed in another order
+        np.testing.assert_allclose(got.labels, expected.labels, rtol=0,
+                                   atol=1e-6 * expected.errors.min())
+        np.testing.assert_allclose(got.chi2, expected.chi2, rtol=1e-9)
+        np.testing.assert_allclose(got.covariance, expected.covariance, rtol=1e-5)
+
+
+def test_cannon_with_continuum_parity(isa_core, survey):
+    model = CannonModel(survey.label_names, order=2, wavelength=survey.wavelength)
+    model.train(survey.labels[:200], survey.flux[:200], survey.ivar[:200])
+    flux = survey.flux[200:203] * np.linspace(0.9, 1.1, survey.flux.shape[1])
+    ivar = survey.ivar[200:203]
+    a = starlabel.fit_spectra(model, flux, ivar, fit_rv=False, continuum_order=1, backend="fast")
+    b = starlabel.fit_spectra(model, flux, ivar, fit_rv=False, continuum_order=1,
+                              backend="reference")
+    np.testing.assert_allclose(a.labels, b.labels, rtol=0, atol=1e-7 * a.errors.min())
+    np.testing.assert_allclose(a.continuum, b.continuum, rtol=1e-7)
+    assert a.continuum.shape == (3, 1, 2)
+
+
+def test_mlp_fit_parity_and_recovery(isa_core):
+    wave = log_grid(15200.0, 300)
+    model = random_mlp(300, wave)
+    lab = np.array([[0.3, 0.5], [0.7, 1.4]])
+    flux0 = model.predict(lab)
+    flux = np.array([np.interp(wave / doppler_factor(v), wave, f) for v, f in zip([-30.0, 55.0], flux0)])
+    ivar = np.full_like(flux, 1e6)
+    kw = dict(rv_range=(-100, 100), initial=[[0.5, 0.5], [0.2, 1.0]])
+    a = starlabel.fit_spectra(model, flux, ivar, backend="fast", **kw)
+    b = starlabel.fit_spectra(model, flux, ivar, backend="reference", **kw)
+    np.testing.assert_allclose(a.labels, b.labels, rtol=0, atol=1e-7 * a.errors.min())
+    np.testing.assert_allclose(a.rv, [-30.0, 55.0], atol=1e-3)  # noiseless: exact recovery
+    np.testing.assert_allclose(a.labels, lab, atol=1e-4)
+
+
+def test_edges(lines):
+    """One spectrum with every pixel ignored: NO_PIXELS, no crash; one label fitted alone."""
+    flux = np.full((2, lines.n_pixels), np.nan)
+    ivar = np.zeros((2, lines.n_pixels))
+    flux[1] = lines.predict([0.5, 0.5, 0.5])[0]
+    ivar[1] = 1e4
+    for backend in ("fast", "reference"):
+        res = starlabel.fit_spectra(lines, flux, ivar, rv_range=(-20, 20), backend=backend)
+        assert res.status[0] == FitStatus.NO_PIXELS and res.status[1] == FitStatus.CONVERGED
+        assert np.all(np.isnan(res.covariance[0]))
+
+
+def test_table_and_repr(lines):
+    flux = lines.predict([0.5, 0.4, 0.6])
+    res = starlabel.fit_spectra(lines, flux, np.full_like(flux, 1e4), rv_range=(-20, 20))
+    assert "SpectrumFitResult" in repr(res)
+    assert res.param_names == ("A", "B", "C", "rv")
+    assert res.errors.shape == (1, 3) and res.covariance.shape == (1, 4, 4)
+    pytest.importorskip("astropy")
+    table = res.to_table()
+    assert "rv" in table.colnames and "E_A" in table.colnames
+
+
+BAD = [
+    (dict(flux=np.ones((2, 5))), ValueError),
+    (dict(mask=np.ones(1200)), TypeError),
+    (dict(mask=np.ones(7, dtype=bool)), ValueError),
+    (dict(rv_range=(10, -10)), ValueError),
+    (dict(rv_range="wide"), TypeError),
+    (dict(rv_step=0.0), ValueError),
+    (dict(continuum_order=-1), ValueError),
+    (dict(continuum_order=1.5), TypeError),
+    (dict(continuum_order=1, segments=[(1, 0)]), ValueError),
+    (dict(continuum_order=1, segments=[3]), TypeError),
+    (dict(broadening="gauss"), NotImplementedError),
+    (dict(bounds="wide"), ValueError),
+    (dict(initial=np.ones(2)), ValueError),
+    (dict(fit_rv="yes"), TypeError),
+    (dict(n_threads=0), ValueError),
+    (dict(max_iter=0), ValueError),
+    (dict(model="not a model"), TypeError),
+    (dict(wavelength=np.ones(3)), ValueError),
+]
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("change,error", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input(lines, backend, change, error):
+    args = dict(model=lines, flux=np.ones((2, 1200)), ivar=np.ones((2, 1200)), wavelength=None)
+    args.update(change)
+    if "flux" in change:
+        args["ivar"] = np.ones_like(change["flux"])
+    with pytest.raises(error):
+        starlabel.fit_spectra(args.pop("model"), args.pop("flux"), args.pop("ivar"),
+                              args.pop("wavelength"), backend=backend, **args)
+
+
+@pytest.mark.parametrize("backend", [fast, reference], ids=["fast", "reference"])
+def test_kernel_bad_input(backend):
+    emu, layout, params = emulator_and_layout("perpixel")
+    with pytest.raises(ValueError, match="params"):
+        backend.spectrum_model(emu, layout, params[:, :3])
+    with pytest.raises(ValueError, match="emulator kind"):
+        backend.spectrum_model(dict(emu, kind="other"), layout, params)
+    with pytest.raises(ValueError, match="segment_index"):
+        backend.spectrum_model(emu, dict(layout, n_segments=1), params[:, :-3])
+    with pytest.raises(ValueError, match="velocities"):
+        backend.rv_chi2_grid(dict(layout, fit_rv=False), np.ones((1, 1, 150)), np.ones((1, 120)),
+                             np.ones((1, 120)), np.array([3e5]))
+    with pytest.raises(ValueError, match="model_wavelength"):
+        backend.spectrum_model(emu, dict(layout, model_wavelength=layout["model_wavelength"][:-1]), params)
+
+
+def test_payne_fit_labels_delegates(lines):
+    flux = lines.predict([0.4, 0.5, 0.6])
+    ivar = np.full_like(flux, 1e4)
+    a = lines.fit_labels(flux, ivar, rv_range=(-20, 20))
+    b = starlabel.fit_spectra(lines, flux, ivar, rv_range=(-20, 20))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.labels, [[0.4, 0.5, 0.6]], atol=1e-6)  # noiseless, RV 0
