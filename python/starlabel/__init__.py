@@ -1,6 +1,7 @@
 """starlabel: stellar labels from spectra with The Cannon and The Payne, on a fast compiled core.
 
 - ``CannonModel``: train, predict, fit labels, save and load.
+- ``PayneModel`` (labels -> flux) and ``LabelRegressor`` (flux -> labels): dense MLPs.
 - ``starlabel.fast`` / ``starlabel.reference``: the same kernels, compiled or in NumPy.
 - ``starlabel.datasets.synthetic_survey``: a seeded synthetic survey for demos and tests.
 - ``show_config()``, ``set_num_threads()``.
@@ -22,6 +23,7 @@ from .gap import SyntheticGap, synthetic_gap
 from .io import (read_apstar, read_apstars, read_apvisit, read_fits_spectra, read_fits_spectrum,
                  read_labels, read_results, write_results)
 from .fitting import SpectrumFitResult, fit_spectra
+from .regressor import LabelRegressor
 
 __all__ = [
     "CannonModel", "FitResult", "FitStatus", "PixelStatus", "PolynomialVectorizer",
@@ -34,3 +36,4 @@ __all__ += ["io", "preprocess", "augment", "Augmented", "read_apstar", "read_aps
             "read_results", "write_results"]
 __all__ += ["synthetic_gap", "SyntheticGap"]
 __all__ += ["fit_spectra", "SpectrumFitResult"]
+__all__ += ["LabelRegressor"]

@@ -109,15 +109,8 @@ class PayneModel(_Emulator):
         if not names or len(set(names)) != len(names):
             raise ValueError(f"label_names must be non-empty without duplicates, got {names}")
         self.label_names = names
-        try:
-            self.hidden = tuple(check.positive_int("hidden", h) for h in hidden)
-        except TypeError:
-            raise TypeError("hidden must be a sequence of positive ints") from None
-        payne_io.activation(activation, slope)
-        self.activation, self.slope = activation, float(slope)
-        self.dtype = np.dtype(check.choice("dtype", str(np.dtype(dtype).name)
-                                           if not isinstance(dtype, str) else dtype,
-                                           payne_io.DTYPES))
+        self.hidden, self.activation, self.slope, self.dtype = _architecture(
+            hidden, activation, slope, dtype)
         self.backend = check.choice("backend", backend, BACKENDS)
         self.wavelength = None if wavelength is None else _wavelength_array(wavelength)
         self.weights = self.biases = None
@@ -141,14 +134,8 @@ class PayneModel(_Emulator):
 
     def initialize(self, n_pixels, seed=0):
         """Random weights as PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        rng = np.random.default_rng(seed)
         sizes = (self.n_labels,) + self.hidden + (check.positive_int("n_pixels", n_pixels),)
-        weights, biases = [], []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-            bound = 1.0 / math.sqrt(n_in)
-            weights.append(rng.uniform(-bound, bound, (n_out, n_in)).astype(self.dtype))
-            biases.append(rng.uniform(-bound, bound, n_out).astype(self.dtype))
-        return weights, biases
+        return _init_network(sizes, self.dtype, seed)
 
     # -- training ------------------------------------------------------------------------
 
@@ -184,29 +171,16 @@ class PayneModel(_Emulator):
             raise ValueError(f"labels has {labels.shape[0]} stars but flux has {flux.shape[0]}")
         if self.wavelength is not None and self.wavelength.size != flux.shape[1]:
             raise ValueError(f"flux has {flux.shape[1]} pixels but wavelength has {self.wavelength.size}")
-        epochs = check.positive_int("epochs", epochs)
-        batch_size = check.positive_int("batch_size", batch_size)
-        check.choice("optimizer", optimizer, payne_io.OPTIMIZERS)
-        payne_io.loss_name(loss)
-        learning_rate = check.nonnegative_float("learning_rate", learning_rate)
-        if not callable(lr_schedule):
-            check.choice("lr_schedule", lr_schedule, set(LR_SCHEDULES))
-        if patience is not None:
-            patience = check.positive_int("patience", patience)
-        if n_threads is not None:
-            check.thread_count(n_threads)
+        options = _training_options(epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                                    loss=loss, learning_rate=learning_rate,
+                                    lr_schedule=lr_schedule, patience=patience,
+                                    n_threads=n_threads)
         rng = np.random.default_rng(seed)
 
         if validation is None:
-            fraction = float(validation_fraction)
-            if not 0 <= fraction < 1:
-                raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
-            n_val = int(round(fraction * labels.shape[0]))
-            split = rng.permutation(labels.shape[0])
-            val_labels, val_flux = labels[split[:n_val]], flux[split[:n_val]]
-            labels, flux = labels[split[n_val:]], flux[split[n_val:]]
-            if labels.shape[0] == 0:
-                raise ValueError("validation_fraction leaves no training stars")
+            val, keep = _validation_split(rng, labels.shape[0], validation_fraction)
+            val_labels, val_flux = labels[val], flux[val]
+            labels, flux = labels[keep], flux[keep]
         else:
             try:
                 val_labels, val_flux = validation
@@ -224,64 +198,17 @@ class PayneModel(_Emulator):
             raise ValueError(f"labels {constant} are constant in the training set: cannot scale")
         self.x_min, self.x_max = x_min, x_max
         weights, biases = self.initialize(flux.shape[1], seed=rng.integers(2**63))
-        backend = BACKENDS[self.backend]
-        state = backend.new_optimizer_state(weights, biases)
         x = np.ascontiguousarray(self.scale(labels), dtype=self.dtype)
         y = np.ascontiguousarray(flux, dtype=self.dtype)
         x_val = np.ascontiguousarray(self.scale(val_labels), dtype=self.dtype)
         if pixel_weights is not None:
             pixel_weights = payne_io.pixel_weights(pixel_weights, flux.shape[1], self.dtype)
-
-        n_batches = -(-x.shape[0] // batch_size)
-        total_steps = epochs * n_batches
-        history = {"train_loss": [], "validation_loss": [], "learning_rate": [], "best_epoch": None}
-        best = (np.inf, None)
-        bar = _progress(epochs, progress)
-        stale = 0
-        try:
-            for epoch in range(epochs):
-                if callable(lr_schedule):
-                    lr = np.full(n_batches, learning_rate * float(lr_schedule(epoch)))
-                elif lr_schedule == "cosine":
-                    steps = epoch * n_batches + np.arange(n_batches)
-                    lr = learning_rate * 0.5 * (1 + np.cos(np.pi * steps / total_steps))
-                else:
-                    lr = np.full(n_batches, learning_rate)
-                order = rng.permutation(x.shape[0])
-                batch_losses = backend.mlp_train_epoch(
-                    weights, biases, state, x, y, order, batch_size=batch_size,
-                    learning_rate=lr, optimizer=optimizer, betas=betas, eps=eps,
-                    weight_decay=weight_decay, activation=self.activation, slope=self.slope,
-                    loss=loss, pixel_weights=pixel_weights, n_threads=n_threads)
-                sizes = np.minimum(batch_size, x.shape[0] - batch_size * np.arange(n_batches))
-                train_loss = float(np.sum(batch_losses * sizes) / x.shape[0])
-                history["train_loss"].append(train_loss)
-                history["learning_rate"].append(float(lr[0]))
-                if x_val.shape[0]:
-                    pred = backend.mlp_forward(weights, biases, x_val, activation=self.activation,
-                                               slope=self.slope, n_threads=n_threads)
-                    val_loss = _loss(pred, val_flux, pixel_weights, loss)
-                else:
-                    val_loss = train_loss
-                history["validation_loss"].append(val_loss if x_val.shape[0] else None)
-                if val_loss < best[0]:
-                    best = (val_loss, ([w.copy() for w in weights], [b.copy() for b in biases]))
-                    history["best_epoch"] = epoch
-                    stale = 0
-                else:
-                    stale += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(train=f"{train_loss:.3g}", validation=f"{val_loss:.3g}")
-                if patience is not None and stale >= patience:
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-        if best[1] is None:  # every loss was NaN: keep the last weights
-            best = (None, (weights, biases))
-        self._set_network(*best[1], x_min, x_max)
-        self.history = history
+        best, self.history = _train_network(
+            BACKENDS[self.backend], weights, biases, x, y, x_val, val_flux, rng=rng,
+            lr_schedule=lr_schedule, weight_decay=weight_decay, betas=betas, eps=eps,
+            output_weights=pixel_weights, progress=progress, activation=self.activation,
+            slope=self.slope, **options)
+        self._set_network(*best, x_min, x_max)
         return self
 
     # -- persistence ---------------------------------------------------------------------
@@ -292,9 +219,7 @@ class PayneModel(_Emulator):
         arrays = {"label_names": np.array(self.label_names), "x_min": self.x_min,
                   "x_max": self.x_max, "activation": np.array(self.activation),
                   "slope": np.float64(self.slope), "dtype": np.array(self.dtype.name),
-                  "n_layers": np.int64(len(self.weights))}
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            arrays[f"weights_{layer}"], arrays[f"biases_{layer}"] = w, b
+                  **_network_arrays(self.weights, self.biases)}
         if self.wavelength is not None:
             arrays["wavelength"] = self.wavelength
         write_model_file(path, "payne", arrays)
@@ -305,14 +230,7 @@ class PayneModel(_Emulator):
         arrays = read_model_file(path, "payne", required=(
             "label_names", "x_min", "x_max", "activation", "slope", "dtype", "n_layers"))
         try:
-            n_layers = int(arrays["n_layers"])
-            keys = [f"{k}_{i}" for i in range(n_layers) for k in ("weights", "biases")]
-            missing = [k for k in keys if k not in arrays]
-            if missing:
-                raise ValueError(f"lacks {missing}")
-            weights = [arrays[f"weights_{i}"] for i in range(n_layers)]
-            biases = [arrays[f"biases_{i}"] for i in range(n_layers)]
-            weights, biases, _ = payne_io.network(weights, biases)
+            weights, biases = _network_from_arrays(arrays)
             model = cls([str(n) for n in arrays["label_names"]],
                         hidden=tuple(w.shape[0] for w in weights[:-1]),
                         activation=str(arrays["activation"]), slope=float(arrays["slope"]),
@@ -365,6 +283,144 @@ class PerPixelPayneModel(_Emulator):
     def __repr__(self):
         return (f"PerPixelPayneModel({self.label_names}, {self.n_pixels} pixels, "
                 f"{self.w0.shape[1]} hidden units, backend={self.backend!r})")
+
+
+def _architecture(hidden, activation, slope, dtype):
+    """Checked (hidden, activation, slope, dtype) of a dense network model."""
+    try:
+        hidden = tuple(check.positive_int("hidden", h) for h in hidden)
+    except TypeError:
+        raise TypeError("hidden must be a sequence of positive ints") from None
+    payne_io.activation(activation, slope)
+    dtype = np.dtype(check.choice("dtype", str(np.dtype(dtype).name)
+                                  if not isinstance(dtype, str) else dtype, payne_io.DTYPES))
+    return hidden, activation, float(slope), dtype
+
+
+def _init_network(sizes, dtype, seed):
+    """Dense layers sizes[0] -> ... -> sizes[-1] initialised as PyTorch's default:
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights (out x in) and biases."""
+    rng = np.random.default_rng(seed)
+    weights, biases = [], []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        bound = 1.0 / math.sqrt(n_in)
+        weights.append(rng.uniform(-bound, bound, (n_out, n_in)).astype(dtype))
+        biases.append(rng.uniform(-bound, bound, n_out).astype(dtype))
+    return weights, biases
+
+
+def _training_options(*, epochs, batch_size, optimizer, loss, learning_rate, lr_schedule,
+                      patience, n_threads):
+    """Check the training options shared by every network model; returns the checked ones
+    that ``_train_network`` takes as keywords."""
+    epochs = check.positive_int("epochs", epochs)
+    batch_size = check.positive_int("batch_size", batch_size)
+    check.choice("optimizer", optimizer, payne_io.OPTIMIZERS)
+    payne_io.loss_name(loss)
+    learning_rate = check.nonnegative_float("learning_rate", learning_rate)
+    if not callable(lr_schedule):
+        check.choice("lr_schedule", lr_schedule, set(LR_SCHEDULES))
+    if patience is not None:
+        patience = check.positive_int("patience", patience)
+    if n_threads is not None:
+        check.thread_count(n_threads)
+    return dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, loss=loss,
+                learning_rate=learning_rate, patience=patience, n_threads=n_threads)
+
+
+def _validation_split(rng, n_stars, validation_fraction):
+    """Seeded (validation rows, training rows) holding out ``validation_fraction``."""
+    fraction = float(validation_fraction)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
+    n_val = int(round(fraction * n_stars))
+    split = rng.permutation(n_stars)
+    if n_stars - n_val == 0:
+        raise ValueError("validation_fraction leaves no training stars")
+    return split[:n_val], split[n_val:]
+
+
+def _train_network(backend, weights, biases, x, y, x_val, y_val, *, rng, epochs, batch_size,
+                   optimizer, learning_rate, lr_schedule, weight_decay, betas, eps, loss,
+                   output_weights, patience, progress, activation, slope, n_threads):
+    """The mini-batch training loop shared by PayneModel and LabelRegressor.
+
+    Trains ``weights`` / ``biases`` (updated in place) on inputs x and targets y (already
+    scaled, in the network's dtype) one epoch per backend call, scoring (x_val, y_val) after
+    every epoch. Returns ((best weights, best biases), history): the weights of the best
+    validation epoch (of the best training epoch without validation rows).
+    """
+    state = backend.new_optimizer_state(weights, biases)
+    n_batches = -(-x.shape[0] // batch_size)
+    total_steps = epochs * n_batches
+    history = {"train_loss": [], "validation_loss": [], "learning_rate": [], "best_epoch": None}
+    best = (np.inf, None)
+    bar = _progress(epochs, progress)
+    stale = 0
+    try:
+        for epoch in range(epochs):
+            if callable(lr_schedule):
+                lr = np.full(n_batches, learning_rate * float(lr_schedule(epoch)))
+            elif lr_schedule == "cosine":
+                steps = epoch * n_batches + np.arange(n_batches)
+                lr = learning_rate * 0.5 * (1 + np.cos(np.pi * steps / total_steps))
+            else:
+                lr = np.full(n_batches, learning_rate)
+            order = rng.permutation(x.shape[0])
+            batch_losses = backend.mlp_train_epoch(
+                weights, biases, state, x, y, order, batch_size=batch_size,
+                learning_rate=lr, optimizer=optimizer, betas=betas, eps=eps,
+                weight_decay=weight_decay, activation=activation, slope=slope,
+                loss=loss, pixel_weights=output_weights, n_threads=n_threads)
+            sizes = np.minimum(batch_size, x.shape[0] - batch_size * np.arange(n_batches))
+            train_loss = float(np.sum(batch_losses * sizes) / x.shape[0])
+            history["train_loss"].append(train_loss)
+            history["learning_rate"].append(float(lr[0]))
+            if x_val.shape[0]:
+                pred = backend.mlp_forward(weights, biases, x_val, activation=activation,
+                                           slope=slope, n_threads=n_threads)
+                val_loss = _loss(pred, y_val, output_weights, loss)
+            else:
+                val_loss = train_loss
+            history["validation_loss"].append(val_loss if x_val.shape[0] else None)
+            if val_loss < best[0]:
+                best = (val_loss, ([w.copy() for w in weights], [b.copy() for b in biases]))
+                history["best_epoch"] = epoch
+                stale = 0
+            else:
+                stale += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(train=f"{train_loss:.3g}", validation=f"{val_loss:.3g}")
+            if patience is not None and stale >= patience:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if best[1] is None:  # every loss was NaN: keep the last weights
+        best = (None, (weights, biases))
+    return best[1], history
+
+
+def _network_arrays(weights, biases):
+    """Layer arrays for a model file: n_layers, weights_<l>, biases_<l>."""
+    arrays = {"n_layers": np.int64(len(weights))}
+    for layer, (w, b) in enumerate(zip(weights, biases)):
+        arrays[f"weights_{layer}"], arrays[f"biases_{layer}"] = w, b
+    return arrays
+
+
+def _network_from_arrays(arrays):
+    """(weights, biases) checked from a model file's n_layers, weights_<l>, biases_<l>."""
+    n_layers = int(arrays["n_layers"])
+    keys = [f"{k}_{i}" for i in range(n_layers) for k in ("weights", "biases")]
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ValueError(f"lacks {missing}")
+    weights = [arrays[f"weights_{i}"] for i in range(n_layers)]
+    biases = [arrays[f"biases_{i}"] for i in range(n_layers)]
+    weights, biases, _ = payne_io.network(weights, biases)
+    return weights, biases
 
 
 def _loss(pred, target, pixel_weights, loss):
