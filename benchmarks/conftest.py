@@ -3,24 +3,32 @@
 Data sets and trained models are built once per session and shared by the benchmarks.
 """
 
+import io
+import os
 import types
 
 import numpy as np
 import pytest
+import starlabel
 from starlabel import CannonModel, PolynomialVectorizer, datasets
 
-# Sizes of each run. "ref_*" are the subsets the slow NumPy reference is run on; "thread_*"
-# the subsets the 1-thread runs use; None means everything. Keys 3 and 17 are label counts.
+# Sizes of each run. Subsets (None = everything; keys 3 and 17 are label counts):
+# ref_pixels / ref_spectra / ref_l1_pixels: what the slow NumPy reference runs on;
+# thread_pixels / thread_spectra: what the 1-thread runs use; l1_pixels: the fast L1 training.
+# Times on a pixel subset are scaled per pixel to the full problem by the report.
 SIZES = {
     "small": dict(n_train=300, n_test=20, n_pixels=96, snr=100.0,
                   ref_pixels={3: 8, 17: 4}, l1_pixels=None, ref_l1_pixels=2,
                   thread_pixels={3: None, 17: None}, thread_spectra=None,
                   ref_spectra={3: 5, 17: 2}, gram_block=64, rounds={3: 3, 17: 1}),
     "survey": dict(n_train=1600, n_test=1000, n_pixels=8575, snr=100.0,
-                   ref_pixels={3: 256, 17: 12}, l1_pixels=None, ref_l1_pixels=3,
+                   ref_pixels={3: 256, 17: 12}, l1_pixels=2048, ref_l1_pixels=3,
                    thread_pixels={3: None, 17: 1024}, thread_spectra=200,
                    ref_spectra={3: 40, 17: 4}, gram_block=64, rounds={3: 3, 17: 1}),
 }
+# The compiled core this session loaded (its file may be reinstalled while the run goes on).
+CORE_FILE = {"file": starlabel._core.core.__file__,
+             "mtime": os.path.getmtime(starlabel._core.core.__file__)}
 
 
 def pytest_addoption(parser):
@@ -93,7 +101,8 @@ class Problem:
     @property
     def n_monomials(self):
         """Distinct entries of v v^T: monomials of degree <= 4 in n_labels variables."""
-        return len({tuple(a + b) for a in self.exponents for b in self.exponents})
+        exponents = self.exponents
+        return len({tuple(a + b) for a in exponents for b in exponents})
 
 
 class Problems(dict):
@@ -146,16 +155,13 @@ def timed(benchmark):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record starlabel's build, the BLAS threads and OPENBLAS_CORETYPE in the JSON."""
-    import io
-    import os
-
-    import starlabel
-
     text = io.StringIO()
     starlabel.show_config(file=text)
     machine_info["starlabel_config"] = text.getvalue()
+    machine_info["starlabel_core"] = CORE_FILE
     machine_info["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
     machine_info["benchmark_size"] = config.getoption("--size")
+    machine_info["load_average_1_5_15_min"] = os.getloadavg()  # at the end of the run
     try:
         from threadpoolctl import threadpool_info
         machine_info["threadpools"] = threadpool_info()
