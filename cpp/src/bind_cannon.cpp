@@ -81,16 +81,14 @@ py::object predict(const py::handle& exponents_in, const py::handle& theta_t_in,
   return std::move(flux);
 }
 
-py::tuple fit(const py::handle& exponents_in, const py::handle& theta_in,
+py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
               const py::handle& s2_in, const py::handle& flux_in, const py::handle& ivar_in,
               const py::handle& initial_in, const py::handle& lower_in,
               const py::handle& upper_in, int max_iter, bool quadratic_form, int n_threads) {
   auto exponents = require<std::int32_t>(exponents_in, "exponents", {ANY, ANY});
   const index_t n_terms = exponents.shape(0), n_labels = exponents.shape(1);
-  // theta arrives (n_pixels, n_terms) for the quadratic form, transposed for per-pixel sums
-  auto theta = quadratic_form ? require<double>(theta_in, "theta", {ANY, n_terms})
-                              : require<double>(theta_in, "theta_t", {n_terms, ANY});
-  const index_t n_pixels = quadratic_form ? theta.shape(0) : theta.shape(1);
+  auto theta_t = require<double>(theta_t_in, "theta_t", {n_terms, ANY});
+  const index_t n_pixels = theta_t.shape(1);
   auto s2 = require<double>(s2_in, "s2", {n_pixels});
   auto flux = require<double>(flux_in, "flux", {ANY, n_pixels});
   const index_t n_spectra = flux.shape(0);
@@ -118,11 +116,11 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_in,
   {
     py::gil_scoped_release release;
     if (quadratic_form) {
-      const CannonQuadraticObjective objective{poly, theta.data(), flux.data(), ivar.data(),
+      const CannonQuadraticObjective objective{poly, theta_t.data(), flux.data(), ivar.data(),
                                                s2.data(), n_pixels, n_spectra};
       fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);
     } else {
-      const CannonSpectrumModel model{poly, theta.data(), n_pixels};
+      const CannonSpectrumModel model{poly, theta_t.data(), n_pixels};
       const PixelObjective<CannonSpectrumModel> objective{model, flux.data(), ivar.data(),
                                                           s2.data(), n_spectra};
       fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);

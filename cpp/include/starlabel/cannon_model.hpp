@@ -114,11 +114,12 @@ inline void cannon_predict(const CannonSpectrumModel& model, const double* x, in
 // cancellation (~log10(c / chi2)) but only ranks the starts; every chi2 the fit acts on
 // comes from the residuals.
 //
-//   theta  (n_pixels, n_terms) row-major, finite (0 at untrained pixels, whose s2 is inf)
+//   theta_t  (n_terms, n_pixels) row-major (theta transposed, so products run along pixels),
+//            finite (0 at untrained pixels, whose s2 is inf)
 //   flux, ivar (n_spectra, n_pixels); s2 (n_pixels,)
 struct CannonQuadraticObjective {
   const Polynomial& poly;
-  const double* theta;
+  const double* theta_t;
   const double* flux;
   const double* ivar;
   const double* s2;
@@ -131,7 +132,7 @@ struct CannonQuadraticObjective {
     std::vector<double> c;
     std::vector<std::int64_t> n_used;
     RowMatrix weights, clean_flux;  // (batch, n_pixels)
-    RowMatrix scaled_theta;
+    RowMatrix scaled_theta_t;
     Eigen::VectorXd scaled_flux, terms, a_terms, theta_wr, resid, wresid;
     Eigen::MatrixXd deriv, a_deriv;
     std::vector<double> deriv_values, powers;
@@ -143,7 +144,7 @@ struct CannonQuadraticObjective {
 
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
     const index_t K = poly.n_terms, nbatch = s1 - s0;
-    const Eigen::Map<const RowMatrix> theta_map(theta, n_pixels, K);
+    const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
     batch.a.resize(nbatch);
     batch.b.resize(nbatch);
     batch.c.assign(nbatch, 0.0);
@@ -161,13 +162,13 @@ struct CannonQuadraticObjective {
         root_w[p] = std::sqrt(w);
         batch.n_used[i] += w > 0.0;
       }
-      batch.scaled_theta.noalias() = root_w.asDiagonal() * theta_map;
+      batch.scaled_theta_t.noalias() = theta_map * root_w.asDiagonal();
       batch.scaled_flux = root_w.cwiseProduct(batch.clean_flux.row(i).transpose());
       batch.c[i] = batch.scaled_flux.squaredNorm();
       batch.a[i].setZero(K, K);
-      batch.a[i].selfadjointView<Eigen::Lower>().rankUpdate(batch.scaled_theta.transpose());
+      batch.a[i].selfadjointView<Eigen::Lower>().rankUpdate(batch.scaled_theta_t);
       batch.a[i].triangularView<Eigen::StrictlyUpper>() = batch.a[i].transpose();
-      batch.b[i].noalias() = batch.scaled_theta.transpose() * batch.scaled_flux;
+      batch.b[i].noalias() = batch.scaled_theta_t * batch.scaled_flux;
     }
   }
 
@@ -190,11 +191,11 @@ struct CannonQuadraticObjective {
         continue;
       }
       // residuals, chi2 and theta^T W r: two matrix-vector products over theta
-      const Eigen::Map<const RowMatrix> theta_map(theta, n_pixels, K);
-      batch.resid.noalias() = batch.clean_flux.row(id).transpose() - theta_map * batch.terms;
+      const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
+      batch.resid.noalias() = batch.clean_flux.row(id).transpose() - theta_map.transpose() * batch.terms;
       batch.wresid = batch.weights.row(id).transpose().cwiseProduct(batch.resid);
       out[i].chi2 = batch.wresid.dot(batch.resid);
-      batch.theta_wr.noalias() = theta_map.transpose() * batch.wresid;
+      batch.theta_wr.noalias() = theta_map * batch.wresid;
       batch.deriv.setZero(K, L);
       for (index_t d = 0; d < poly.n_deriv(); ++d)
         batch.deriv(poly.deriv_term[d], poly.deriv_label[d]) = batch.deriv_values[d];

@@ -90,6 +90,6 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
     theta = np.where(untrained[:, None], 0.0, theta)
     s2 = np.where(untrained, np.inf, s2)
     quadratic = use_quadratic_form(exponents, initial.shape[1])
-    theta = np.ascontiguousarray(theta if quadratic else theta.T)
-    return LMSolution(*core.cannon_fit(exponents, theta, s2, flux, ivar, initial, lower, upper,
-                                       max_iter, quadratic, resolve_threads(n_threads)))
+    return LMSolution(*core.cannon_fit(exponents, np.ascontiguousarray(theta.T), s2, flux, ivar,
+                                       initial, lower, upper, max_iter, quadratic,
+                                       resolve_threads(n_threads)))
