@@ -159,9 +159,10 @@ class CannonModel:
         FitResult (labels, covariance, chi2, reduced_chi2, n_iter, status per spectrum)
         """
         self._require_trained()
-        flux, ivar = check.spectra(flux, ivar, n_pixels=self.n_pixels)
+        # flux, ivar and the shape of initial are checked once, by the backend
         initial = self.initial_labels if initial is None else initial
-        initial = check.starting_points(initial, flux.shape[0], len(self.label_names))
+        ndim = np.ndim(initial)
+        initial = check.as_float_array("initial", initial, ndim if ndim in (1, 2, 3) else 3)
         lower, upper = self._scaled_bounds(bounds)
         sol = BACKENDS[self.backend].cannon_fit(
             self.vectorizer.exponents, self.theta, self.s2, flux, ivar,

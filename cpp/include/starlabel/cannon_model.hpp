@@ -132,8 +132,8 @@ struct CannonQuadraticObjective {
     std::vector<double> c;
     std::vector<std::int64_t> n_used;
     RowMatrix weights, clean_flux;  // (batch, n_pixels)
-    RowMatrix scaled_theta_t;
-    Eigen::VectorXd scaled_flux, terms, a_terms, theta_wr, resid, wresid;
+    RowMatrix scaled_theta_t;        // a block of theta_t * diag(w)
+    Eigen::VectorXd terms, a_terms, theta_wr, resid, wresid;
     Eigen::MatrixXd deriv, a_deriv;
     std::vector<double> deriv_values, powers;
     std::vector<index_t> offsets;
@@ -145,13 +145,12 @@ struct CannonQuadraticObjective {
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
     const index_t K = poly.n_terms, nbatch = s1 - s0;
     const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
-    batch.a.resize(nbatch);
-    batch.b.resize(nbatch);
+    batch.a.assign(nbatch, Eigen::MatrixXd::Zero(K, K));
+    batch.b.assign(nbatch, Eigen::VectorXd::Zero(K));
     batch.c.assign(nbatch, 0.0);
     batch.n_used.assign(nbatch, 0);
     batch.weights.resize(nbatch, n_pixels);
     batch.clean_flux.resize(nbatch, n_pixels);
-    Eigen::VectorXd root_w(n_pixels);
     for (index_t i = 0; i < nbatch; ++i) {
       const double* f = flux + (s0 + i) * n_pixels;
       const double* iv = ivar + (s0 + i) * n_pixels;
@@ -159,17 +158,32 @@ struct CannonQuadraticObjective {
         const double w = iv[p] > 0.0 ? iv[p] / (1.0 + iv[p] * s2[p]) : 0.0;
         batch.weights(i, p) = w;
         batch.clean_flux(i, p) = w > 0.0 ? f[p] : 0.0;  // ignored pixels may hold NaN
-        root_w[p] = std::sqrt(w);
         batch.n_used[i] += w > 0.0;
       }
-      batch.scaled_theta_t.noalias() = theta_map * root_w.asDiagonal();
-      batch.scaled_flux = root_w.cwiseProduct(batch.clean_flux.row(i).transpose());
-      batch.c[i] = batch.scaled_flux.squaredNorm();
-      batch.a[i].setZero(K, K);
-      batch.a[i].selfadjointView<Eigen::Lower>().rankUpdate(batch.scaled_theta_t);
-      batch.a[i].triangularView<Eigen::StrictlyUpper>() = batch.a[i].transpose();
-      batch.b[i].noalias() = batch.scaled_theta_t * batch.scaled_flux;
     }
+    // A, b, c by dot products along pixels, one cache-sized block of theta at a time for all
+    // spectra of the batch: for outputs this small a GEMM or rank update spends its time
+    // packing theta, and Eigen's dot() is vectorized where a plain loop reduction is not
+    // (no -ffast-math).
+    constexpr index_t block = 512;
+    batch.scaled_theta_t.resize(K, block);
+    for (index_t p0 = 0; p0 < n_pixels; p0 += block) {
+      const index_t nb = std::min(block, n_pixels - p0);
+      const auto theta_block = theta_map.middleCols(p0, nb);
+      for (index_t i = 0; i < nbatch; ++i) {
+        const auto w = batch.weights.row(i).segment(p0, nb);
+        const auto f = batch.clean_flux.row(i).segment(p0, nb);
+        auto scaled = batch.scaled_theta_t.leftCols(nb);
+        scaled.noalias() = theta_block * w.asDiagonal();
+        batch.c[i] += w.cwiseProduct(f).dot(f);
+        for (index_t k = 0; k < K; ++k) {
+          batch.b[i][k] += scaled.row(k).dot(f);
+          for (index_t l = 0; l <= k; ++l) batch.a[i](k, l) += scaled.row(k).dot(theta_block.row(l));
+        }
+      }
+    }
+    for (index_t i = 0; i < nbatch; ++i)
+      batch.a[i].triangularView<Eigen::StrictlyUpper>() = batch.a[i].transpose();
   }
 
   void evaluate(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,

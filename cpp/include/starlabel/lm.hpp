@@ -81,6 +81,8 @@ struct PixelObjective {
   index_t n_spectra_total;
   index_t pixel_block = 256;
 
+  using Vector = Eigen::Map<const Eigen::VectorXd>;
+
   struct Batch {
     index_t s0 = 0;
     std::vector<double> weights;   // (batch, n_pixels) effective inverse variance
@@ -128,16 +130,18 @@ struct PixelObjective {
         model.evaluate(batch.states[i], p0, p1, batch.model_flux.data(), with_jacobian ? jac : nullptr);
         const double* f = flux + (batch.s0 + ids[i]) * n_pixels + p0;
         const double* weight = batch.weights.data() + ids[i] * n_pixels + p0;
-        double chi2 = 0.0;
         std::int64_t used = 0;
         for (index_t j = 0; j < nb; ++j) {
           const double w = weight[j];
           const double r = w > 0.0 ? f[j] - batch.model_flux[j] : 0.0;
+          batch.model_flux[j] = r;  // reused for the residual
           batch.wresid[j] = w * r;
-          chi2 += w * r * r;
           used += w > 0.0;
         }
-        out[i].chi2 += chi2;
+        // Reductions through Eigen's dot(), which is vectorized (a plain loop reduction is
+        // not without -ffast-math).
+        const Vector resid(batch.model_flux.data(), nb), wresid(batch.wresid.data(), nb);
+        out[i].chi2 += wresid.dot(resid);
         out[i].n_used += used;
         if (!with_jacobian) continue;
         // jac and wjac are (np, nb) row-major. Zero-weight pixels may hold non-finite model
@@ -149,17 +153,9 @@ struct PixelObjective {
             wjac[a * nb + j] = v * weight[j];
           }
         for (index_t a = 0; a < np; ++a) {
-          const double* ja = jac + a * nb;
-          const double* wja = wjac + a * nb;
-          double g = 0.0;
-          for (index_t j = 0; j < nb; ++j) g += ja[j] * batch.wresid[j];
-          out[i].grad[a] += g;
-          for (index_t b = a; b < np; ++b) {
-            const double* jb = jac + b * nb;
-            double h = 0.0;
-            for (index_t j = 0; j < nb; ++j) h += wja[j] * jb[j];
-            out[i].hess(a, b) += h;
-          }
+          const Vector ja(jac + a * nb, nb), wja(wjac + a * nb, nb);
+          out[i].grad[a] += ja.dot(wresid);
+          for (index_t b = a; b < np; ++b) out[i].hess(a, b) += wja.dot(Vector(jac + b * nb, nb));
         }
       }
     }
