@@ -79,7 +79,7 @@ struct PixelObjective {
   const double* ivar;
   const double* extra_variance;
   index_t n_spectra_total;
-  index_t pixel_block = 256;
+  index_t pixel_block = 64;
 
   using Vector = Eigen::Map<const Eigen::VectorXd>;
 
