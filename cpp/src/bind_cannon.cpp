@@ -68,7 +68,7 @@ py::object predict(const py::handle& exponents_in, const py::handle& theta_t_in,
   auto x = require<double>(x_in, "x", {ANY, n_labels});
   const index_t n_stars = x.shape(0), n_pixels = theta_t.shape(1);
   const Polynomial poly = polynomial_from(exponents);
-  const CannonSpectrumModel model{poly, theta_t.data(), n_pixels};
+  const CannonSpectrumModel model{poly, theta_t.data(), n_pixels, {}, {}};
   py::array_t<double> flux({n_stars, n_pixels});
   py::array_t<double> jac = with_jacobian ? py::array_t<double>({n_stars, n_pixels, n_labels})
                                           : py::array_t<double>();
@@ -120,7 +120,8 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
                                                s2.data(), n_pixels, n_spectra};
       fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);
     } else {
-      const CannonSpectrumModel model{poly, theta_t.data(), n_pixels};
+      CannonSpectrumModel model{poly, theta_t.data(), n_pixels, {}, {}};
+      model.gather_by_label();
       const PixelObjective<CannonSpectrumModel> objective{model, flux.data(), ivar.data(),
                                                           s2.data(), n_spectra};
       fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);

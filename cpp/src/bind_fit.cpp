@@ -93,7 +93,7 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
     for (py::ssize_t i = 0; i < exponents.size(); ++i)
       if (e[i] < 0) throw py::value_error("exponents must be >= 0");
     const Polynomial poly(e, T, L);
-    const CannonSpectrumModel model{poly, theta_t.data(), theta_t.shape(1)};
+    const CannonSpectrumModel model{poly, theta_t.data(), theta_t.shape(1), {}, {}};
     const CannonSpectrumModel* mp = &model;
     visit(make_emulator([mp](const double* x, double* f, double* j) {
       cannon_predict(*mp, x, 1, f, j, 1);

@@ -24,14 +24,70 @@ namespace starlabel {
 // The LM driver calls prepare() once per parameter vector, then evaluate() on consecutive
 // pixel blocks; a block of theta_t stays in cache while all spectra of a batch use it.
 struct CannonSpectrumModel {
+  using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Strided = Eigen::OuterStride<>;
+
   const Polynomial& poly;
   const double* theta_t;
   index_t n_pixels;
+  // For evaluate_many: per label a, the derivative entries d with deriv_label[d] == a and a
+  // contiguous copy of their theta_t rows (filled by gather_by_label()).
+  std::vector<std::vector<index_t>> label_derivs;
+  std::vector<RowMatrix> theta_by_label;
 
   struct State {
     std::vector<double> terms, deriv, powers;
     std::vector<index_t> offsets;
   };
+
+  // Scratch of evaluate_many, one per thread.
+  struct ManyScratch {
+    RowMatrix terms, deriv;
+  };
+
+  void gather_by_label() {
+    label_derivs.assign(poly.n_labels, {});
+    for (index_t d = 0; d < poly.n_deriv(); ++d) label_derivs[poly.deriv_label[d]].push_back(d);
+    theta_by_label.resize(poly.n_labels);
+    for (index_t a = 0; a < poly.n_labels; ++a) {
+      const auto& ds = label_derivs[a];
+      theta_by_label[a].resize(static_cast<index_t>(ds.size()), n_pixels);
+      for (std::size_t r = 0; r < ds.size(); ++r)
+        theta_by_label[a].row(r) =
+            Eigen::Map<const Eigen::RowVectorXd>(theta_t + poly.deriv_term[ds[r]] * n_pixels, n_pixels);
+    }
+  }
+
+  // Flux (and Jacobians) of many parameter vectors on pixels [p0, p1) as matrix products:
+  // terms (n, n_terms) . theta_t block, and per label the derivative values times the
+  // gathered theta rows of the terms containing that label. Each block of theta is read once
+  // for all n spectra instead of once per spectrum.
+  //   flux_out (n, p1 - p0); jac_out (n, n_params, p1 - p0) or null
+  void evaluate_many(const std::vector<State>& states, index_t n, index_t p0, index_t p1,
+                     ManyScratch& scratch, double* flux_out, double* jac_out) const {
+    const index_t K = poly.n_terms, nb = p1 - p0, np = poly.n_labels;
+    scratch.terms.resize(n, K);
+    for (index_t i = 0; i < n; ++i)
+      scratch.terms.row(i) = Eigen::Map<const Eigen::RowVectorXd>(states[i].terms.data(), K);
+    const Eigen::Map<const RowMatrix, 0, Strided> theta_block(theta_t + p0, K, nb, Strided(n_pixels));
+    Eigen::Map<RowMatrix>(flux_out, n, nb).noalias() = scratch.terms * theta_block;
+    if (jac_out == nullptr) return;
+    for (index_t a = 0; a < np; ++a) {
+      const auto& ds = label_derivs[a];
+      const index_t m = static_cast<index_t>(ds.size());
+      Eigen::Map<RowMatrix, 0, Strided> jac_a(jac_out + a * nb, n, nb, Strided(np * nb));
+      if (m == 0) {
+        jac_a.setZero();
+        continue;
+      }
+      scratch.deriv.resize(n, m);
+      for (index_t i = 0; i < n; ++i)
+        for (index_t r = 0; r < m; ++r) scratch.deriv(i, r) = states[i].deriv[ds[r]];
+      const Eigen::Map<const RowMatrix, 0, Strided> rows(theta_by_label[a].data() + p0, m, nb,
+                                                         Strided(n_pixels));
+      jac_a.noalias() = scratch.deriv * rows;
+    }
+  }
 
   index_t n_params() const { return poly.n_labels; }
 

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <limits>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "common.hpp"
@@ -63,6 +64,24 @@ struct NormalEquations {
 
 using detail::NormalEquations;
 
+namespace detail {
+// Whether a Model can evaluate many parameter vectors at once (see evaluate_many in
+// CannonSpectrumModel); PixelObjective then uses it instead of one evaluate() per vector.
+template <class M, class = void>
+struct evaluates_many : std::false_type {};
+template <class M>
+struct evaluates_many<M, std::void_t<typename M::ManyScratch>> : std::true_type {};
+struct NoScratch {};
+template <class M, bool many>
+struct ManyScratchOf {
+  using type = NoScratch;
+};
+template <class M>
+struct ManyScratchOf<M, true> {
+  using type = typename M::ManyScratch;
+};
+}  // namespace detail
+
 // The objective of a per-pixel spectrum model:
 //   index_t n_params() const;  index_t n_pixels;  struct State;
 //   void prepare(const double* x, State&, bool with_jacobian) const;
@@ -79,15 +98,17 @@ struct PixelObjective {
   const double* ivar;
   const double* extra_variance;
   index_t n_spectra_total;
-  index_t pixel_block = 64;
+  index_t pixel_block = 256;
 
   using Vector = Eigen::Map<const Eigen::VectorXd>;
 
+  static constexpr bool many = detail::evaluates_many<Model>::value;
   struct Batch {
     index_t s0 = 0;
     std::vector<double> weights;   // (batch, n_pixels) effective inverse variance
     std::vector<typename Model::State> states;
-    std::vector<double> model_flux, wresid, jac, wjac;
+    std::vector<double> model_flux, resid, wresid, jac, wjac;
+    typename detail::ManyScratchOf<Model, many>::type scratch;
   };
 
   index_t n_params() const { return model.n_params(); }
@@ -118,29 +139,37 @@ struct PixelObjective {
       out[i].hess.setZero(np, np);
       out[i].grad.setZero(np);
     }
-    batch.model_flux.resize(pixel_block);
+    const index_t per_item = many ? n_items : 1;  // evaluate_many fills every item at once
+    batch.model_flux.resize(per_item * pixel_block);
+    if (with_jacobian) batch.jac.resize(per_item * np * pixel_block);
+    batch.resid.resize(pixel_block);
     batch.wresid.resize(pixel_block);
-    batch.jac.resize(np * pixel_block);
     batch.wjac.resize(np * pixel_block);
-    double* jac = batch.jac.data();
     double* wjac = batch.wjac.data();
     for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
       const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
+      if constexpr (many)
+        model.evaluate_many(batch.states, n_items, p0, p1, batch.scratch, batch.model_flux.data(),
+                            with_jacobian ? batch.jac.data() : nullptr);
       for (index_t i = 0; i < n_items; ++i) {
-        model.evaluate(batch.states[i], p0, p1, batch.model_flux.data(), with_jacobian ? jac : nullptr);
+        const index_t slot = many ? i : 0;
+        const double* model_flux = batch.model_flux.data() + slot * nb;
+        double* jac = batch.jac.data() + slot * np * nb;
+        if constexpr (!many)
+          model.evaluate(batch.states[i], p0, p1, batch.model_flux.data(), with_jacobian ? jac : nullptr);
         const double* f = flux + (batch.s0 + ids[i]) * n_pixels + p0;
         const double* weight = batch.weights.data() + ids[i] * n_pixels + p0;
         std::int64_t used = 0;
         for (index_t j = 0; j < nb; ++j) {
           const double w = weight[j];
-          const double r = w > 0.0 ? f[j] - batch.model_flux[j] : 0.0;
-          batch.model_flux[j] = r;  // reused for the residual
+          const double r = w > 0.0 ? f[j] - model_flux[j] : 0.0;
+          batch.resid[j] = r;
           batch.wresid[j] = w * r;
           used += w > 0.0;
         }
         // Reductions through Eigen's dot(), which is vectorized (a plain loop reduction is
         // not without -ffast-math).
-        const Vector resid(batch.model_flux.data(), nb), wresid(batch.wresid.data(), nb);
+        const Vector resid(batch.resid.data(), nb), wresid(batch.wresid.data(), nb);
         out[i].chi2 += wresid.dot(resid);
         out[i].n_used += used;
         if (!with_jacobian) continue;
