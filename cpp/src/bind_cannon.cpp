@@ -101,16 +101,10 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   if (max_iter < 1) throw py::value_error("max_iter must be >= 1");
   const Polynomial poly = polynomial_from(exponents);
 
-  py::array_t<double> params({n_spectra, n_labels});
-  py::array_t<double> covariance({n_spectra, n_labels, n_labels});
-  py::array_t<double> chi2(n_spectra);
-  py::array_t<std::int64_t> n_used(n_spectra);
-  py::array_t<std::int32_t> n_iter(n_spectra);
-  py::array_t<std::int8_t> status(n_spectra);
+  bind::LMResultArrays result(n_spectra, n_labels);
+  const LMOutputs out = result.outputs();
   LMOptions options;
   options.max_iter = max_iter;
-  const LMOutputs out{params.mutable_data(), covariance.mutable_data(), chi2.mutable_data(),
-                      n_used.mutable_data(), n_iter.mutable_data(), status.mutable_data()};
   const double* lo = bind::data_or_null(lower);
   const double* hi = bind::data_or_null(upper);
   {
@@ -127,7 +121,7 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
       fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);
     }
   }
-  return py::make_tuple(params, covariance, chi2, n_used, n_iter, status);
+  return result.as_tuple();
 }
 
 }  // namespace

@@ -179,19 +179,13 @@ py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
     auto upper = require_optional<double>(upper_in, "upper", {np});
     if (max_iter < 1) throw py::value_error("max_iter must be >= 1");
 
-    py::array_t<double> params({n_spectra, np});
-    py::array_t<double> covariance({n_spectra, np, np});
-    py::array_t<double> chi2(n_spectra);
-    py::array_t<std::int64_t> n_used(n_spectra);
-    py::array_t<std::int32_t> n_iter(n_spectra);
-    py::array_t<std::int8_t> status(n_spectra);
+    bind::LMResultArrays arrays(n_spectra, np);
+    const LMOutputs out = arrays.outputs();
     LMOptions options;
     options.max_iter = max_iter;
     // Few spectra per batch: every state holds the emulator's spectrum and Jacobian on the
     // model grid (n_model * (n_labels + 1) doubles), and small batches balance the threads.
     options.batch = 4;
-    const LMOutputs out{params.mutable_data(), covariance.mutable_data(), chi2.mutable_data(),
-                        n_used.mutable_data(), n_iter.mutable_data(), status.mutable_data()};
     {
       py::gil_scoped_release release;
       const PixelObjective<Model> objective{model, flux.data(), ivar.data(),
@@ -199,7 +193,7 @@ py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
       fit_lm(objective, initial.data(), n_starts, bind::data_or_null(lower),
              bind::data_or_null(upper), options, n_threads, out);
     }
-    result = py::make_tuple(params, covariance, chi2, n_used, n_iter, status);
+    result = arrays.as_tuple();
   });
   return result;
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "starlabel/common.hpp"
+#include "starlabel/lm.hpp"
 
 namespace starlabel::bind {
 
@@ -54,5 +55,26 @@ template <class T>
 const T* data_or_null(const std::optional<py::array_t<T>>& array) {
   return array ? array->data() : nullptr;
 }
+
+
+// The output arrays of a Levenberg-Marquardt fit (see LMOutputs), for every binding that
+// runs fit_lm: allocated here, filled by the kernel, returned as one tuple.
+struct LMResultArrays {
+  py::array_t<double> params, covariance, chi2;
+  py::array_t<std::int64_t> n_used;
+  py::array_t<std::int32_t> n_iter;
+  py::array_t<std::int8_t> status;
+
+  LMResultArrays(index_t n_spectra, index_t n_params)
+      : params({n_spectra, n_params}), covariance({n_spectra, n_params, n_params}),
+        chi2(n_spectra), n_used(n_spectra), n_iter(n_spectra), status(n_spectra) {}
+
+  LMOutputs outputs() {
+    return {params.mutable_data(), covariance.mutable_data(), chi2.mutable_data(),
+            n_used.mutable_data(), n_iter.mutable_data(), status.mutable_data()};
+  }
+
+  py::tuple as_tuple() const { return py::make_tuple(params, covariance, chi2, n_used, n_iter, status); }
+};
 
 }  // namespace starlabel::bind
