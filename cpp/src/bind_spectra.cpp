@@ -15,6 +15,14 @@ using bind::require;
 
 namespace {
 
+// segments (n_segments, 2): increasing, disjoint pixel ranges [start, stop) inside the spectrum.
+void check_segments(const std::int64_t* seg, index_t n_segments, index_t n_pixels) {
+  for (index_t g = 0; g < n_segments; ++g)
+    if (seg[2 * g] < 0 || seg[2 * g] > seg[2 * g + 1] || seg[2 * g + 1] > n_pixels ||
+        (g > 0 && seg[2 * g] < seg[2 * g - 1]))
+      throw py::value_error("segments must be increasing, disjoint ranges inside [0, n_pixels]");
+}
+
 py::tuple resample(const py::handle& in_lo_in, const py::handle& in_hi_in,
                    const py::handle& flux_in, const py::handle& ivar_in,
                    const py::handle& out_lo_in, const py::handle& out_hi_in,
@@ -59,10 +67,7 @@ py::tuple convolve(const py::handle& flux_in, const py::handle& ivar_in,
   auto segments = require<std::int64_t>(segments_in, "segments", {ANY, 2});
   const index_t n_segments = segments.shape(0);
   const std::int64_t* seg = segments.data();
-  for (index_t g = 0; g < n_segments; ++g)
-    if (seg[2 * g] < 0 || seg[2 * g] > seg[2 * g + 1] || seg[2 * g + 1] > n_pixels ||
-        (g > 0 && seg[2 * g] < seg[2 * g - 1]))
-      throw py::value_error("segments must be increasing, disjoint ranges inside [0, n_pixels]");
+  check_segments(seg, n_segments, n_pixels);
   if (!(min_weight > 0.0 && min_weight <= 1.0))
     throw py::value_error("min_weight must be in (0, 1]");
   py::array_t<double> flux_out({n_spectra, n_pixels});
@@ -85,10 +90,7 @@ py::array_t<double> quantile(const py::handle& flux_in, const py::handle& ivar_i
   auto segments = require<std::int64_t>(segments_in, "segments", {ANY, 2});
   const index_t n_segments = segments.shape(0);
   const std::int64_t* seg = segments.data();
-  for (index_t g = 0; g < n_segments; ++g)
-    if (seg[2 * g] < 0 || seg[2 * g] > seg[2 * g + 1] || seg[2 * g + 1] > n_pixels ||
-        (g > 0 && seg[2 * g] < seg[2 * g - 1]))
-      throw py::value_error("segments must be increasing, disjoint ranges inside [0, n_pixels]");
+  check_segments(seg, n_segments, n_pixels);
   if (half < 0) throw py::value_error("half must be >= 0");
   if (!(q >= 0.0 && q <= 1.0)) throw py::value_error("quantile must be in [0, 1]");
   py::array_t<double> out({n_spectra, n_pixels});

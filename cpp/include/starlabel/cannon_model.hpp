@@ -3,8 +3,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
-#include <new>
 #include <vector>
 
 #include <Eigen/Core>
@@ -121,43 +119,13 @@ struct CannonSpectrumModel {
 };
 
 // Model spectra (and optionally their Jacobians) for many label vectors.
-//
 //   x          (n_stars, n_labels)            scaled labels
 //   flux_out   (n_stars, n_pixels)            model flux
 //   jac_out    (n_stars, n_pixels, n_labels)  d flux / d x, or null
-// Work is split by star, so results do not depend on the number of threads.
 inline void cannon_predict(const CannonSpectrumModel& model, const double* x, index_t n_stars,
                            double* flux_out, double* jac_out, int n_threads) {
-  const index_t n_labels = model.n_params(), n_pixels = model.n_pixels;
-  constexpr index_t block = 512;
-  std::atomic<bool> failed{false};
-#pragma omp parallel num_threads(resolve_threads(n_threads))
-  {
-    CannonSpectrumModel::State state;
-    std::vector<double> jac_block;
-#pragma omp for schedule(static)
-    for (index_t s = 0; s < n_stars; ++s) {
-      if (failed) continue;
-      try {  // an exception must not leave an OpenMP loop body
-        jac_block.resize(n_labels * block);
-        model.prepare(x + s * n_labels, state, jac_out != nullptr);
-        for (index_t p0 = 0; p0 < n_pixels; p0 += block) {
-          const index_t p1 = std::min(p0 + block, n_pixels), nb = p1 - p0;
-          model.evaluate(state, p0, p1, flux_out + s * n_pixels + p0,
-                         jac_out ? jac_block.data() : nullptr);
-          if (!jac_out) continue;
-          double* out = jac_out + (s * n_pixels + p0) * n_labels;
-          for (index_t i = 0; i < nb; ++i)
-            for (index_t a = 0; a < n_labels; ++a) out[i * n_labels + a] = jac_block[a * nb + i];
-        }
-      } catch (...) {
-        failed = true;
-      }
-    }
-  }
-  if (failed) throw std::bad_alloc();
+  evaluate_spectra(model, x, n_stars, flux_out, jac_out, n_threads);
 }
-
 
 // The Cannon's normal equations through its Gram matrix. With A = theta^T W theta
 // (n_terms, n_terms) and D = dv/dx (n_terms, n_labels), J^T W J = D^T A D and

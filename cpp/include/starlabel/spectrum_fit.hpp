@@ -167,33 +167,7 @@ struct ShiftedSpectrumModel {
 template <class Emulator>
 void spectrum_model_evaluate(const ShiftedSpectrumModel<Emulator>& model, const double* params,
                              index_t n, double* flux_out, double* jac_out, int n_threads) {
-  const index_t np = model.n_params(), n_obs = model.n_pixels;
-  constexpr index_t block = 256;
-  std::atomic<bool> failed{false};
-#pragma omp parallel num_threads(resolve_threads(n_threads))
-  {
-    typename ShiftedSpectrumModel<Emulator>::State state;
-    std::vector<double> jac_block;
-#pragma omp for schedule(static)
-    for (index_t i = 0; i < n; ++i) {
-      if (failed) continue;
-      try {  // an exception must not leave an OpenMP loop body
-        jac_block.resize(np * block);
-        model.prepare(params + i * np, state, jac_out != nullptr);
-        for (index_t p0 = 0; p0 < n_obs; p0 += block) {
-          const index_t p1 = std::min(p0 + block, n_obs), nb = p1 - p0;
-          model.evaluate(state, p0, p1, flux_out + i * n_obs + p0, jac_out ? jac_block.data() : nullptr);
-          if (!jac_out) continue;
-          double* out = jac_out + (i * n_obs + p0) * np;
-          for (index_t j = 0; j < nb; ++j)
-            for (index_t a = 0; a < np; ++a) out[j * np + a] = jac_block[a * nb + j];
-        }
-      } catch (...) {
-        failed = true;
-      }
-    }
-  }
-  if (failed) throw std::bad_alloc();
+  evaluate_spectra(model, params, n, flux_out, jac_out, n_threads);
 }
 
 namespace spectrum_detail {
