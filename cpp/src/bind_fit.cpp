@@ -27,13 +27,13 @@ using bind::require_optional;
 
 namespace {
 
-// An emulator for ShiftedSpectrumModel from a batched kernel called with one star and one
-// thread (the fit's own OpenMP loop owns the threads).
+// An emulator for ShiftedSpectrumModel from a batched kernel called with one thread (the
+// fit's own OpenMP loop owns the threads).
 template <class Forward>
 struct Emulator {
   Forward forward;
   index_t n_labels, n_pixels;
-  void spectrum(const double* x, double* flux, double* jac) const { forward(x, flux, jac); }
+  void spectra(const double* x, index_t n, double* flux, double* jac) const { forward(x, n, flux, jac); }
 };
 
 template <class Forward>
@@ -57,8 +57,8 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
     auto w1 = require<double>(item(spec, "w1"), "w1", {P, H});
     auto b1 = require<double>(item(spec, "b1"), "b1", {P});
     const PerPixelNetwork<double> net{w0.data(), b0.data(), w1.data(), b1.data(), P, H, L};
-    visit(make_emulator([net](const double* x, double* f, double* j) {
-      perpixel_forward(net, x, 1, f, j, 1);
+    visit(make_emulator([net](const double* x, index_t n, double* f, double* j) {
+      perpixel_forward(net, x, n, f, j, 1);
     }, L, P));
   } else if (kind == "mlp") {
     const py::list w = item(spec, "weights"), b = item(spec, "biases");
@@ -82,8 +82,8 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
     net.activation = static_cast<Activation>(code);
     net.slope = item(spec, "slope").cast<double>();
     const MLP<double>* netp = &net;
-    visit(make_emulator([netp](const double* x, double* f, double* j) {
-      mlp_forward(*netp, x, 1, f, j, 1);
+    visit(make_emulator([netp](const double* x, index_t n, double* f, double* j) {
+      mlp_forward(*netp, x, n, f, j, 1);
     }, net.n_in(), net.n_out()));
   } else if (kind == "cannon") {
     auto exponents = require<std::int32_t>(item(spec, "exponents"), "exponents", {ANY, ANY});
@@ -95,8 +95,8 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
     const Polynomial poly(e, T, L);
     const CannonSpectrumModel model{poly, theta_t.data(), theta_t.shape(1), {}, {}};
     const CannonSpectrumModel* mp = &model;
-    visit(make_emulator([mp](const double* x, double* f, double* j) {
-      cannon_predict(*mp, x, 1, f, j, 1);
+    visit(make_emulator([mp](const double* x, index_t n, double* f, double* j) {
+      cannon_predict(*mp, x, n, f, j, 1);
     }, L, theta_t.shape(1)));
   } else {
     throw py::value_error("emulator kind must be 'perpixel', 'mlp' or 'cannon', got '" + kind + "'");
@@ -183,9 +183,12 @@ py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
     const LMOutputs out = arrays.outputs();
     LMOptions options;
     options.max_iter = max_iter;
-    // Few spectra per batch: every state holds the emulator's spectrum and Jacobian on the
-    // model grid (n_model * (n_labels + 1) doubles), and small batches balance the threads.
-    options.batch = 4;
+    // 16 spectra per batch: enough columns for the emulator's Jacobian GEMM, while the
+    // batch's model spectra and Jacobians (n_model * (n_labels + 1) doubles each) stay a few
+    // tens of MB per thread. The emulator's Jacobian costs n_labels times its spectrum:
+    // trial steps are judged on the spectrum alone.
+    options.batch = 16;
+    options.jacobian_after_accept = true;
     {
       py::gil_scoped_release release;
       const PixelObjective<Model> objective{model, flux.data(), ivar.data(),

@@ -19,8 +19,8 @@ namespace starlabel {
 //   theta_t  (n_terms, n_pixels) row-major: theta transposed, so that every inner loop runs
 //            over contiguous pixels and vectorizes
 //
-// The LM driver calls prepare() once per parameter vector, then evaluate() on consecutive
-// pixel blocks; a block of theta_t stays in cache while all spectra of a batch use it.
+// The LM driver calls prepare() for a set of parameter vectors, then evaluate() on
+// consecutive pixel blocks; a block of theta_t stays in cache while all spectra of a batch use it.
 struct CannonSpectrumModel {
   using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Strided = Eigen::OuterStride<>;
@@ -89,11 +89,18 @@ struct CannonSpectrumModel {
 
   index_t n_params() const { return poly.n_labels; }
 
-  void prepare(const double* x, State& state, bool with_jacobian) const {
-    state.terms.resize(poly.n_terms);
-    state.deriv.resize(poly.n_deriv());
-    poly.evaluate(x, state.terms.data(), with_jacobian ? state.deriv.data() : nullptr,
-                  state.powers, state.offsets);
+  struct Workspace {};
+
+  void prepare(const std::vector<const double*>& xs, bool with_jacobian, Workspace&,
+               std::vector<State>& states) const {
+    states.resize(xs.size());
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+      State& state = states[i];
+      state.terms.resize(poly.n_terms);
+      state.deriv.resize(poly.n_deriv());
+      poly.evaluate(xs[i], state.terms.data(), with_jacobian ? state.deriv.data() : nullptr,
+                    state.powers, state.offsets);
+    }
   }
 
   // Model flux and Jacobian on pixels [p0, p1).

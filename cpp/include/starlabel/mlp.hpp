@@ -151,7 +151,6 @@ struct MLP {
   int n_layers() const { return static_cast<int>(weights.size()); }
   index_t n_in() const { return sizes.front(); }
   index_t n_out() const { return sizes.back(); }
-  index_t max_width() const { return *std::max_element(sizes.begin(), sizes.end()); }
 };
 
 // Tile shapes. Fixed numbers, never derived from the thread count.
@@ -177,11 +176,13 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
   if (n_stars <= 0) return;
   const int L = net.n_layers();
   const index_t n_in = net.n_in(), n_out = net.n_out(), H = net.sizes[L - 1];
-  const index_t W = net.max_width();
+  // widest layer held in the per-tile buffers: the inputs and hidden layers, never the output
+  const index_t W = *std::max_element(net.sizes.begin(), net.sizes.end() - 1);
   const bool want_jac = jac_out != nullptr;
-  const index_t sb = want_jac ? std::max<index_t>(1, blocking.jac_columns / n_in)
-                              : blocking.star_block;
-  const index_t chunk = sb * blocking.chunk_tiles;
+  const index_t sb = std::min(n_stars, want_jac ? std::max<index_t>(1, blocking.jac_columns / n_in)
+                                                : blocking.star_block);
+  // a call with few stars (one LM batch) allocates for those stars only
+  const index_t chunk = std::min(sb * blocking.chunk_tiles, n_blocks(n_stars, sb) * sb);
   const index_t pb = blocking.pixel_block;
   const index_t n_pb = n_blocks(n_out, pb);
   const int nt = useful_threads(

@@ -17,9 +17,11 @@
 //
 // The emulator is anything with
 //   index_t n_labels, n_pixels;
-//   void spectrum(const double* x, double* flux, double* jac) const;
-//        flux (n_pixels,), jac (n_pixels, n_labels) row-major or null, one label vector
-// (the adapters in bind_fit.cpp call the existing batched kernels with one star, one thread).
+//   void spectra(const double* x, index_t n, double* flux, double* jac) const;
+//        x (n, n_labels), flux (n, n_pixels), jac (n, n_pixels, n_labels) or null
+// (the adapters in bind_fit.cpp call the batched kernels with one thread: the fit's own
+// OpenMP loop owns the threads). All parameter vectors of an LM batch go through the
+// emulator together, so an MLP's Jacobian is matrix-matrix work.
 // ShiftedSpectrumModel is a per-pixel spectrum model for PixelObjective / fit_lm (lm.hpp).
 #pragma once
 
@@ -82,6 +84,14 @@ inline void chebyshev(double t, index_t n, double* out) {
   for (index_t k = 2; k < n; ++k) out[k] = 2.0 * t * out[k - 1] - out[k - 2];
 }
 
+// T_k(t_p) for every observed pixel: (n_obs, n_coef).
+inline std::vector<double> chebyshev_table(const FitLayout& lay) {
+  std::vector<double> table(lay.n_obs * lay.n_coef);
+  for (index_t p = 0; p < lay.n_obs; ++p)
+    chebyshev(lay.coord[p], lay.n_coef, table.data() + p * lay.n_coef);
+  return table;
+}
+
 // rest wavelength / observed wavelength = 1 / D(v), and d ln(rest wavelength) / dv.
 inline void doppler(double v, double& inv_doppler, double& dlnw_dv) {
   const double beta = v / SPEED_OF_LIGHT_KMS;
@@ -99,37 +109,49 @@ template <class Emulator>
 struct ShiftedSpectrumModel {
   const Emulator& emulator;
   FitLayout layout;
-  index_t n_pixels;  // observed pixels (PixelObjective reads this)
+  index_t n_pixels;            // observed pixels (PixelObjective reads this)
+  std::vector<double> cheb;    // (n_obs, n_coef) T_k at each pixel's segment coordinate
 
   struct State {
-    std::vector<double> flux, jac;  // the emulator on the model grid: (n_model,), (n_model, n_labels)
-    const double* coef = nullptr;   // continuum coefficients inside the parameter vector
+    const double* flux = nullptr;  // the emulator on the model grid (n_model,), in the workspace
+    const double* jac = nullptr;   // (n_model, n_labels) or null
+    const double* coef = nullptr;  // continuum coefficients inside the parameter vector
     double inv_doppler = 1.0, dlnw_dv = 0.0;
-    mutable std::vector<double> cheb;  // scratch of the thread that owns this state
+  };
+  struct Workspace {
+    std::vector<double> labels, flux, jac;  // (n, n_labels), (n, n_model), (n, n_model, n_labels)
   };
 
   ShiftedSpectrumModel(const Emulator& emu, const FitLayout& lay)
-      : emulator(emu), layout(lay), n_pixels(lay.n_obs) {}
+      : emulator(emu), layout(lay), n_pixels(lay.n_obs), cheb(spectrum_detail::chebyshev_table(lay)) {}
 
   index_t n_params() const { return layout.n_params(); }
 
-  void prepare(const double* x, State& state, bool with_jacobian) const {
-    state.flux.resize(layout.n_model);
-    state.jac.resize(with_jacobian ? layout.n_model * layout.n_labels : 0);
-    emulator.spectrum(x, state.flux.data(), with_jacobian ? state.jac.data() : nullptr);
-    spectrum_detail::doppler(layout.fit_rv ? x[layout.rv_index()] : 0.0, state.inv_doppler,
-                             state.dlnw_dv);
-    state.coef = x + layout.coef_index();  // x outlives the evaluation (lm.hpp keeps it)
-    state.cheb.resize(std::max<index_t>(layout.n_coef, 1));
+  void prepare(const std::vector<const double*>& xs, bool with_jacobian, Workspace& ws,
+               std::vector<State>& states) const {
+    const index_t n = static_cast<index_t>(xs.size()), L = layout.n_labels, M = layout.n_model;
+    ws.labels.resize(n * L);
+    ws.flux.resize(n * M);
+    ws.jac.resize(with_jacobian ? n * M * L : 0);
+    for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, ws.labels.data() + i * L);
+    emulator.spectra(ws.labels.data(), n, ws.flux.data(), with_jacobian ? ws.jac.data() : nullptr);
+    states.resize(n);
+    for (index_t i = 0; i < n; ++i) {
+      State& state = states[i];
+      state.flux = ws.flux.data() + i * M;
+      state.jac = with_jacobian ? ws.jac.data() + i * M * L : nullptr;
+      spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
+                               state.dlnw_dv);
+      state.coef = xs[i] + layout.coef_index();  // xs outlive the evaluation (lm.hpp keeps them)
+    }
   }
 
   // flux_out (p1 - p0,), jac_out (n_params, p1 - p0) row-major or null.
   void evaluate(const State& state, index_t p0, index_t p1, double* flux_out, double* jac_out) const {
     const index_t nb = p1 - p0, L = layout.n_labels, K = layout.n_coef;
     const index_t np = n_params(), c0 = layout.coef_index();
-    double* cheb = state.cheb.data();
-    const double* f = state.flux.data();
-    const double* jm = state.jac.data();
+    const double* f = state.flux;
+    const double* jm = state.jac;
     if (jac_out) std::fill(jac_out, jac_out + np * nb, 0.0);
     for (index_t j = 0; j < nb; ++j) {
       const index_t p = p0 + j;
@@ -137,12 +159,12 @@ struct ShiftedSpectrumModel {
       const spectrum_detail::Interp in = spectrum_detail::locate(layout.model_wave, layout.n_model, w);
       const double model = f[in.i0] + in.t * (f[in.i1] - f[in.i0]);
       const std::int32_t s = layout.segment[p];
+      const double* t = cheb.data() + p * K;
       double cont = 1.0;
       if (K > 0 && s >= 0) {
-        spectrum_detail::chebyshev(layout.coord[p], K, cheb);
         const double* c = state.coef + s * K;
         cont = 0.0;
-        for (index_t k = 0; k < K; ++k) cont += c[k] * cheb[k];
+        for (index_t k = 0; k < K; ++k) cont += c[k] * t[k];
       }
       flux_out[j] = cont * model;
       if (!jac_out) continue;
@@ -154,7 +176,7 @@ struct ShiftedSpectrumModel {
         jac_out[layout.rv_index() * nb + j] = cont * slope * w * state.dlnw_dv;
       }
       if (K > 0 && s >= 0)
-        for (index_t k = 0; k < K; ++k) jac_out[(c0 + s * K + k) * nb + j] = cheb[k] * model;
+        for (index_t k = 0; k < K; ++k) jac_out[(c0 + s * K + k) * nb + j] = t[k] * model;
     }
   }
 };
@@ -172,37 +194,66 @@ void spectrum_model_evaluate(const ShiftedSpectrumModel<Emulator>& model, const 
 
 namespace spectrum_detail {
 
-// Continuum coefficients for fixed model values: per segment, weighted linear least squares
-// of flux on T_k(t) * model. A segment with fewer used pixels than coefficients, or singular
-// normal equations, keeps the flat continuum (1, 0, ..., 0). Returns chi2 at the solution.
-//   model, flux, weight (n_obs,); coef_out (n_segments * n_coef)
-inline double continuum_solve(const FitLayout& lay, const double* model, const double* flux,
-                              const double* weight, double* coef_out, Eigen::MatrixXd& a,
-                              Eigen::VectorXd& b, std::vector<double>& cheb,
-                              std::vector<index_t>& counts) {
-  const index_t K = lay.n_coef, S = lay.n_segments;
-  cheb.resize(std::max<index_t>(K, 1));
-  for (index_t s = 0; s < S; ++s) {
-    a.setZero(K, K);
-    b.setZero(K);
-    counts[s] = 0;
-    for (index_t p = 0; p < lay.n_obs; ++p) {
-      if (lay.segment[p] != s || !(weight[p] > 0.0)) continue;
-      chebyshev(lay.coord[p], K, cheb.data());
-      for (index_t k = 0; k < K; ++k) {
-        const double bk = cheb[k] * model[p];
-        b[k] += weight[p] * bk * flux[p];
-        for (index_t l = 0; l <= k; ++l) a(k, l) += weight[p] * bk * cheb[l] * model[p];
-      }
-      ++counts[s];
+// Linear interpolation of `model` (on the model grid) at every observed pixel's rest
+// wavelength obs_wave * inv_doppler. Consecutive pixels usually fall in the same or the next
+// grid interval, so the search starts from the previous pixel's interval.
+inline void shift_onto_pixels(const FitLayout& lay, const double* model, double inv_doppler,
+                              double* shifted) {
+  const double* grid = lay.model_wave;
+  const index_t n = lay.n_model;
+  index_t hi = 0;  // first grid point above the previous pixel's wavelength
+  for (index_t p = 0; p < lay.n_obs; ++p) {
+    const double w = lay.obs_wave[p] * inv_doppler;
+    if (hi > 0 && hi < n && grid[hi - 1] <= w) {
+      while (hi < n && grid[hi] <= w) ++hi;
+    } else {
+      hi = std::upper_bound(grid, grid + n, w) - grid;
     }
+    if (hi == 0 || hi == n) {  // outside the grid: the end value is held, as in locate()
+      shifted[p] = model[hi == 0 ? 0 : n - 1];
+    } else {
+      const double t = (w - grid[hi - 1]) / (grid[hi] - grid[hi - 1]);
+      shifted[p] = model[hi - 1] + t * (model[hi] - model[hi - 1]);
+    }
+  }
+}
+
+// Continuum coefficients for fixed model values: per segment, weighted linear least squares
+// of flux on T_k(t) * model (normal equations accumulated in one pass over the pixels). A
+// segment with fewer used pixels than coefficients, or singular normal equations, keeps the
+// flat continuum (1, 0, ..., 0). Returns chi2 at the solution, from the residuals.
+//   model, flux, weight (n_obs,); cheb (n_obs, n_coef); coef_out (n_segments * n_coef)
+//   normal (n_segments * n_coef * (n_coef + 1)) scratch
+inline double continuum_solve(const FitLayout& lay, const double* cheb, const double* model,
+                              const double* flux, const double* weight, double* coef_out,
+                              std::vector<double>& normal, std::vector<index_t>& counts) {
+  const index_t K = lay.n_coef, S = lay.n_segments, stride = K * (K + 1);
+  normal.assign(S * stride, 0.0);  // per segment: A (K, K) lower triangle, then b (K,)
+  counts.assign(S, 0);
+  for (index_t p = 0; p < lay.n_obs; ++p) {
+    const std::int32_t s = lay.segment[p];
+    if (s < 0 || !(weight[p] > 0.0)) continue;
+    const double* t = cheb + p * K;
+    double* a = normal.data() + s * stride;
+    double* b = a + K * K;
+    const double wm = weight[p] * model[p], wmm = wm * model[p];
+    for (index_t k = 0; k < K; ++k) {
+      b[k] += wm * flux[p] * t[k];
+      const double wmmt = wmm * t[k];
+      for (index_t l = 0; l <= k; ++l) a[k * K + l] += wmmt * t[l];
+    }
+    ++counts[s];
+  }
+  for (index_t s = 0; s < S; ++s) {
     double* c = coef_out + s * K;
     std::fill(c, c + K, 0.0);
     c[0] = 1.0;
     if (counts[s] < K) continue;
-    Eigen::LLT<Eigen::MatrixXd> llt(a);  // reads the lower triangle
+    // A was accumulated row-major (a[k * K + l], l <= k): read as column-major, it is A^T
+    const Eigen::Map<const Eigen::MatrixXd> a(normal.data() + s * stride, K, K);
+    Eigen::LLT<Eigen::MatrixXd> llt(a.transpose());  // reads the lower triangle
     if (llt.info() != Eigen::Success) continue;
-    const Eigen::VectorXd sol = llt.solve(b);
+    const Eigen::VectorXd sol = llt.solve(Eigen::Map<const Eigen::VectorXd>(normal.data() + s * stride + K * K, K));
     if (!sol.allFinite()) continue;
     std::copy_n(sol.data(), K, c);
   }
@@ -212,9 +263,8 @@ inline double continuum_solve(const FitLayout& lay, const double* model, const d
     const std::int32_t s = lay.segment[p];
     double cont = 1.0;
     if (s >= 0) {
-      chebyshev(lay.coord[p], K, cheb.data());
       cont = 0.0;
-      for (index_t k = 0; k < K; ++k) cont += coef_out[s * K + k] * cheb[k];
+      for (index_t k = 0; k < K; ++k) cont += coef_out[s * K + k] * cheb[p * K + k];
     }
     const double r = flux[p] - cont * model[p];
     chi2 += weight[p] * r * r;
@@ -243,13 +293,12 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
                          std::int64_t* best_out, double* coef_out, int n_threads) {
   const index_t n_items = n_spectra * n_templates, n_obs = lay.n_obs;
   const index_t n_cc = lay.n_segments * lay.n_coef;
+  const std::vector<double> cheb = spectrum_detail::chebyshev_table(lay);
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(resolve_threads(n_threads))
   {
-    std::vector<double> shifted(n_obs), coef(std::max<index_t>(n_cc, 1)), cheb;
-    std::vector<index_t> counts(std::max<index_t>(lay.n_segments, 1));
-    Eigen::MatrixXd a;
-    Eigen::VectorXd b;
+    std::vector<double> shifted(n_obs), coef(std::max<index_t>(n_cc, 1)), normal;
+    std::vector<index_t> counts;
 #pragma omp for schedule(dynamic, 1)
     for (index_t item = 0; item < n_items; ++item) {
       if (failed) continue;
@@ -262,14 +311,10 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
         auto chi2_at = [&](double v) {
           double inv_doppler, dlnw_dv;
           spectrum_detail::doppler(v, inv_doppler, dlnw_dv);
-          for (index_t p = 0; p < n_obs; ++p) {
-            const spectrum_detail::Interp in =
-                spectrum_detail::locate(lay.model_wave, lay.n_model, lay.obs_wave[p] * inv_doppler);
-            shifted[p] = tmpl[in.i0] + in.t * (tmpl[in.i1] - tmpl[in.i0]);
-          }
+          spectrum_detail::shift_onto_pixels(lay, tmpl, inv_doppler, shifted.data());
           if (lay.n_coef > 0)
-            return spectrum_detail::continuum_solve(lay, shifted.data(), f, w, coef.data(), a, b,
-                                                    cheb, counts);
+            return spectrum_detail::continuum_solve(lay, cheb.data(), shifted.data(), f, w,
+                                                    coef.data(), normal, counts);
           double chi2 = 0.0;
           for (index_t p = 0; p < n_obs; ++p) {
             if (!(w[p] > 0.0)) continue;

@@ -2,8 +2,9 @@
 
 Same algorithm, step for step: the best of the starting points by chi2, Marquardt damping
 (H + lambda diag H) delta = J^T W r with parameters held on a bound they push against,
-projection onto the box, lambda / 10 after an accepted
-step and x 10 after a rejected one, and the same stopping rules (Newton decrement, chi2
+projection onto the box, Nielsen's damping update (after an accepted step lambda is scaled
+by max(1/3, 1 - (2 rho - 1)^3), rho the actual over the predicted chi2 decrease; after
+successive rejections by 2, 4, 8, ...), and the same stopping rules (Newton decrement, chi2
 decrease, step size, damping limit, iteration limit).
 """
 
@@ -72,7 +73,7 @@ def fit_one(objective, starts, lower, upper, max_iter):
     elif not np.isfinite(chi2) or not np.all(np.isfinite(hess)):
         status = FitStatus.NON_FINITE
     active = status == FitStatus.CONVERGED and chi2 > 0
-    lam = LAMBDA_INIT
+    lam, nu = LAMBDA_INIT, 2.0
     while active:
         # parameters on a bound with the gradient pointing outward are held there
         held = ((x <= lower) & (grad < 0)) | ((x >= upper) & (grad > 0))
@@ -88,6 +89,8 @@ def fit_one(objective, starts, lower, upper, max_iter):
         except np.linalg.LinAlgError:
             step = np.zeros(n_params)
         x_trial = np.clip(x + step, lower, upper)
+        step = x_trial - x
+        predicted = 2.0 * free_grad @ step - step @ free_hess @ step
         n_iter += 1
         trial = objective(x_trial, True)
         if np.isfinite(trial[0]) and trial[0] < chi2 and np.all(np.isfinite(trial[2])):
@@ -95,11 +98,14 @@ def fit_one(objective, starts, lower, upper, max_iter):
             decrease = chi2 - trial[0]
             x = x_trial
             chi2, n_used, hess, grad = trial
-            lam = max(lam / 10.0, 1e-12)
+            rho = decrease / predicted if predicted > 0 else 0.0
+            lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-12)
+            nu = 2.0
             if decrease <= FTOL * chi2 or moved <= XTOL:
                 active = False
         else:
-            lam *= 10.0
+            lam *= nu
+            nu *= 2.0
             if lam > LAMBDA_MAX:
                 active = False
         if active and n_iter >= max_iter:
