@@ -62,23 +62,15 @@ class SyntheticGap:
     method: str
 
     def plot(self, ax=None):
-        """Scatter the two sets in the first two embedding dimensions (needs matplotlib)."""
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
+        """Scatter the two sets in the first two embedding dimensions on ``ax`` (a new pyplot
+        figure when None) and return ``ax``; needs matplotlib. ``starlabel.plots.gap_embedding``
+        draws the same on a figure of its own."""
+        from . import plots
+
+        plots._check_gap(self)
         if ax is None:
-            _, ax = plt.subplots()
-        if self.synthetic.shape[1] < 2:
-            raise ValueError("the plot needs an embedding with at least 2 dimensions")
-        ax.scatter(*self.synthetic[:, :2].T, s=6, alpha=0.6, label="synthetic")
-        ax.scatter(*self.observed[:, :2].T, s=6, alpha=0.6, label="observed")
-        label = "PC" if self.method == "pca" else "t-SNE "
-        ax.set_xlabel(f"{label}1")
-        ax.set_ylabel(f"{label}2")
-        ax.set_title(f"synthetic gap: distance {self.distance:.3g}")
-        ax.legend()
-        return ax
+            _, ax = plots._pyplot().subplots()
+        return plots._draw_gap(self, ax)
 
 
 def _fill(name, flux, ivar):

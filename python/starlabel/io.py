@@ -682,6 +682,7 @@ def read_results(path, *, format=None):
             table = Table.read(path, format=fmt)
     except Exception as exc:
         raise OSError(f"{path}: not a readable {fmt} table ({type(exc).__name__}: {exc})") from None
+    table.convert_bytestring_to_unicode()  # FITS string columns (ids) read back as bytes
     for name in table.colnames:
         unit = table[name].unit
         if unit is not None and str(unit) == "dex":
