@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -107,13 +108,17 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
 struct Layout {
   py::array_t<double> model_wave, obs_wave, coord;
   py::array_t<std::int32_t> segment;
+  std::optional<py::array_t<double>> kernels;
+  std::optional<py::array_t<std::int64_t>> kernel_segments;
   FitLayout view;
 
   Layout(const py::handle& mw, const py::handle& ow, const py::handle& seg, const py::handle& co,
-         index_t n_segments, index_t n_coef, bool fit_rv, index_t n_labels) {
+         index_t n_segments, index_t n_coef, bool fit_rv, index_t n_labels,
+         const py::handle& kern = py::none(), const py::handle& kseg = py::none(),
+         index_t n_kernel_rows = 1) {
     model_wave = require<double>(mw, "model_wavelength", {ANY});
     obs_wave = require<double>(ow, "wavelength", {ANY});
-    const index_t n_obs = obs_wave.shape(0);
+    const index_t n_obs = obs_wave.shape(0), n_model = model_wave.shape(0);
     segment = require<std::int32_t>(seg, "segment_index", {n_obs});
     coord = require<double>(co, "segment_coord", {n_obs});
     if (n_segments < 0 || n_coef < 0) throw py::value_error("n_segments and n_coef must be >= 0");
@@ -121,8 +126,35 @@ struct Layout {
     for (index_t p = 0; p < n_obs; ++p)
       if (s[p] < -1 || s[p] >= n_segments)
         throw py::value_error("segment_index must lie in [-1, n_segments)");
-    view = FitLayout{model_wave.data(), model_wave.shape(0), obs_wave.data(), n_obs, s,
+    view = FitLayout{model_wave.data(), n_model, obs_wave.data(), n_obs, s,
                      coord.data(), n_segments, n_coef, fit_rv, n_labels};
+    kernels = require_optional<double>(kern, "kernels", {ANY, ANY});
+    if (!kernels) return;
+    const index_t rows = kernels->shape(0), n_taps = kernels->shape(1);
+    if (rows != 1 && rows != n_kernel_rows)
+      throw py::value_error("kernels must have 1 or " + std::to_string(n_kernel_rows) + " rows");
+    if (n_taps % 2 != 1) throw py::value_error("kernels must have an odd number of taps");
+    const double* k = kernels->data();
+    for (index_t r = 0; r < rows; ++r) {
+      for (index_t t = 0; t < n_taps; ++t)
+        if (!(k[r * n_taps + t] >= 0.0) || !std::isfinite(k[r * n_taps + t]))
+          throw py::value_error("kernels must be finite and >= 0");
+      if (!(k[r * n_taps + n_taps / 2] > 0.0))  // keeps every renormalization finite
+        throw py::value_error("kernels must be > 0 at their centre tap");
+    }
+    kernel_segments = require<std::int64_t>(kseg, "kernel_segments", {ANY, 2});
+    const std::int64_t* g = kernel_segments->data();
+    const index_t n_kseg = kernel_segments->shape(0);
+    for (index_t i = 0; i < n_kseg; ++i)  // every model pixel in exactly one run, in order
+      if (g[2 * i] != (i == 0 ? 0 : g[2 * i - 1]) || g[2 * i + 1] <= g[2 * i])
+        throw py::value_error("kernel_segments must split [0, n_model) into consecutive runs");
+    if (n_kseg == 0 || g[2 * n_kseg - 1] != n_model)
+      throw py::value_error("kernel_segments must split [0, n_model) into consecutive runs");
+    view.kernels = k;
+    view.n_taps = n_taps;
+    view.kernel_stride = rows == 1 ? 0 : n_taps;
+    view.kernel_segments = g;
+    view.n_kernel_segments = n_kseg;
   }
 };
 
@@ -135,15 +167,18 @@ void check_emulator_grid(index_t n_pixels, const Layout& layout) {
 py::object spectrum_model(const py::dict& spec, const py::handle& mw, const py::handle& ow,
                           const py::handle& seg, const py::handle& co, index_t n_segments,
                           index_t n_coef, bool fit_rv, const py::handle& params_in,
-                          bool with_jacobian, int n_threads) {
+                          bool with_jacobian, const py::handle& kernels,
+                          const py::handle& kernel_segments, int n_threads) {
   py::object result;
   with_emulator(spec, [&](const auto& emu) {
-    const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels);
-    check_emulator_grid(emu.n_pixels, layout);
-    const ShiftedSpectrumModel<std::decay_t<decltype(emu)>> model(emu, layout.view);
-    const index_t np = model.n_params(), n_obs = layout.view.n_obs;
+    const index_t np = emu.n_labels + (fit_rv ? 1 : 0) + n_segments * n_coef;
     auto params = require<double>(params_in, "params", {ANY, np});
     const index_t n = params.shape(0);
+    const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels, kernels,
+                        kernel_segments, n);
+    check_emulator_grid(emu.n_pixels, layout);
+    const ShiftedSpectrumModel<std::decay_t<decltype(emu)>> model(emu, layout.view);
+    const index_t n_obs = layout.view.n_obs;
     py::array_t<double> flux({n, n_obs});
     py::array_t<double> jac = with_jacobian ? py::array_t<double>({n, n_obs, np}) : py::array_t<double>();
     {
@@ -160,16 +195,19 @@ py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
               const py::handle& seg, const py::handle& co, index_t n_segments, index_t n_coef,
               bool fit_rv, const py::handle& flux_in, const py::handle& ivar_in,
               const py::handle& extra_in, const py::handle& initial_in,
-              const py::handle& lower_in, const py::handle& upper_in, int max_iter, int n_threads) {
+              const py::handle& lower_in, const py::handle& upper_in, int max_iter,
+              const py::handle& kernels, const py::handle& kernel_segments, int n_threads) {
   py::tuple result;
   with_emulator(spec, [&](const auto& emu) {
-    const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels);
+    auto flux = require<double>(flux_in, "flux", {ANY, ANY});
+    const index_t n_spectra = flux.shape(0);
+    const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels, kernels,
+                        kernel_segments, n_spectra);
     check_emulator_grid(emu.n_pixels, layout);
     using Model = ShiftedSpectrumModel<std::decay_t<decltype(emu)>>;
     const Model model(emu, layout.view);
     const index_t np = model.n_params(), n_obs = layout.view.n_obs;
-    auto flux = require<double>(flux_in, "flux", {ANY, n_obs});
-    const index_t n_spectra = flux.shape(0);
+    flux = require<double>(flux_in, "flux", {n_spectra, n_obs});
     auto ivar = require<double>(ivar_in, "ivar", {n_spectra, n_obs});
     auto extra = require_optional<double>(extra_in, "extra_variance", {n_obs});
     auto initial = require<double>(initial_in, "initial", {n_spectra, ANY, np});
@@ -232,12 +270,14 @@ void bind_fit(py::module_& m) {
   m.def("fit_spectrum_model", &spectrum_model, py::arg("emulator"), py::arg("model_wavelength"),
         py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
         py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("params"),
-        py::arg("with_jacobian"), py::arg("n_threads"));
+        py::arg("with_jacobian"), py::arg("kernels"), py::arg("kernel_segments"),
+        py::arg("n_threads"));
   m.def("fit_spectra", &fit, py::arg("emulator"), py::arg("model_wavelength"),
         py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
         py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("flux"),
         py::arg("ivar"), py::arg("extra_variance"), py::arg("initial"), py::arg("lower"),
-        py::arg("upper"), py::arg("max_iter"), py::arg("n_threads"));
+        py::arg("upper"), py::arg("max_iter"), py::arg("kernels"), py::arg("kernel_segments"),
+        py::arg("n_threads"));
   m.def("fit_rv_grid", &rv_grid, py::arg("model_wavelength"), py::arg("wavelength"),
         py::arg("segment_index"), py::arg("segment_coord"), py::arg("n_segments"),
         py::arg("n_coef"), py::arg("templates"), py::arg("flux"), py::arg("weight"),

@@ -72,10 +72,32 @@ def layout(value, n_labels, n_model):
         raise TypeError("fit_rv must be a bool")
     out = {"model_wavelength": model_wave, "wavelength": wave,
            "segment_index": np.ascontiguousarray(seg, dtype=np.int32), "segment_coord": coord,
-           "n_segments": n_segments, "n_coef": n_coef, "fit_rv": bool(fit_rv)}
+           "n_segments": n_segments, "n_coef": n_coef, "fit_rv": bool(fit_rv),
+           "kernels": None, "kernel_segments": None}
+    if value.get("kernels") is not None:
+        out["kernels"], out["kernel_segments"] = _kernels(value, n_model)
     out["n_labels"] = n_labels
     out["n_params"] = n_labels + int(fit_rv) + n_segments * n_coef
     return out
+
+
+def _kernels(value, n_model):
+    """Broadening kernels (n_rows, n_taps) on the model grid and the runs they stay in."""
+    kernels = check.finite_array("kernels", value["kernels"], 2)
+    if kernels.shape[1] % 2 != 1 or np.any(kernels < 0) or np.any(kernels[:, kernels.shape[1] // 2] <= 0):
+        raise ValueError("kernels must have an odd number of taps, be >= 0 and > 0 at the centre")
+    runs = np.asarray(value.get("kernel_segments"))
+    if (runs.ndim != 2 or runs.shape[1:] != (2,) or not np.issubdtype(runs.dtype, np.integer)
+            or runs.size == 0 or runs[0, 0] != 0 or runs[-1, 1] != n_model
+            or np.any(runs[1:, 0] != runs[:-1, 1]) or np.any(runs[:, 1] <= runs[:, 0])):
+        raise ValueError("kernel_segments must split [0, n_model) into consecutive runs")
+    return kernels, np.ascontiguousarray(runs, dtype=np.int64)
+
+
+def kernel_rows(lay, n_rows):
+    """Check that the layout's kernels have 1 or n_rows rows."""
+    if lay["kernels"] is not None and lay["kernels"].shape[0] not in (1, n_rows):
+        raise ValueError(f"kernels must have 1 or {n_rows} rows, got {lay['kernels'].shape[0]}")
 
 
 def params(value, n_params):
@@ -83,6 +105,8 @@ def params(value, n_params):
     array = np.atleast_2d(array)
     if array.shape[1] != n_params:
         raise ValueError(f"params must have {n_params} columns, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):   # else each backend fails its own way (or not at all)
+        raise ValueError("params contains NaN or inf")
     return array
 
 
@@ -94,6 +118,7 @@ def fit_arguments(spec, lay, flux, ivar, initial, extra_variance, lower, upper, 
     lay = layout(lay, n_labels, n_model)
     n_params = lay["n_params"]
     flux, ivar = check.spectra(flux, ivar, n_pixels=lay["wavelength"].size)
+    kernel_rows(lay, flux.shape[0])
     initial = check.starting_points(initial, flux.shape[0], n_params)
     if extra_variance is not None:
         extra_variance = check.as_float_array("extra_variance", extra_variance, 1)

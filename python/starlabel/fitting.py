@@ -5,7 +5,8 @@ The model of an observed spectrum at observed pixel p (wavelength lambda_p) is
 
     m_p = C_s(t_p) * F(lambda_p / D(rv)),    D(rv) = sqrt((1 + rv/c) / (1 - rv/c)),
 
-with F the emulator's spectrum on its own rest-frame grid, linearly interpolated at the rest
+with F the emulator's spectrum on its own rest-frame grid (optionally broadened there by a
+fixed Gaussian and rotational kernel per spectrum), linearly interpolated at the rest
 wavelength of the pixel (so observed spectra may sit on a different grid: the model is
 resampled inside the fit), and C_s a Chebyshev series per wavelength segment s (t_p in
 [-1, 1] across the segment's pixels). Labels, rv and continuum coefficients are fitted jointly
@@ -21,8 +22,11 @@ the search found.
 
 import numpy as np
 
+from . import _grid
 from . import _validation as check
 from . import fast, reference
+from .augment import rotation_kernel
+from .preprocess import gaussian_kernel
 from .result import FitResult
 
 C_KMS = 299792.458
@@ -99,7 +103,11 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
         continuum fitted per segment
     segments : None (one segment) or a sequence of (low, high) wavelength ranges in Angstrom
         (e.g. APOGEE's three chips); with a continuum, pixels in no segment are ignored
-    broadening : not supported yet (must be None)
+    broadening : None, or fixed broadening of the model (applied on its grid, before the
+        Doppler shift) as a dict: ``"sigma"`` (km/s; Gaussian: macroturbulence and the
+        instrumental profile), ``"vsini"`` (km/s; rotation with linear limb darkening
+        ``"limb_darkening"``, default 0.6), each a scalar or one value per spectrum. Needs a
+        model grid uniform in log(wavelength) (gaps allowed). Not a fit parameter.
     mask : bool (n_pixels,) or (n_spectra, n_pixels), True marks a pixel to leave out
     bounds : "training" (default: the model's training box), None (no label bounds) or a
         (lower, upper) pair of physical label arrays (+-inf allowed)
@@ -117,9 +125,6 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     """
     if n_threads is not None:
         check.thread_count(n_threads)
-    if broadening is not None:
-        raise NotImplementedError("broadening is not supported by fit_spectra yet; broaden the "
-                                  "model or the spectra beforehand (starlabel.preprocess.broaden)")
     desc = _describe(model)
     backend = BACKENDS[check.choice("backend", desc["backend"] if backend is None else backend,
                                     BACKENDS)]
@@ -144,9 +149,12 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     starts = desc["scale"](check.starting_points(starts, n_spectra, n_labels))
     n_starts = starts.shape[1]
 
+    kernels, kernel_segments = _broadening_kernels(broadening, model_wave, n_spectra)
+
     layout = {"model_wavelength": model_wave, "wavelength": obs_wave,
               "segment_index": seg_index, "segment_coord": seg_coord,
-              "n_segments": n_segments if n_coef else 0, "n_coef": n_coef, "fit_rv": fit_rv}
+              "n_segments": n_segments if n_coef else 0, "n_coef": n_coef, "fit_rv": fit_rv,
+              "kernels": kernels, "kernel_segments": kernel_segments}
     if not n_coef:
         layout["segment_index"] = np.full(obs_wave.size, -1, dtype=np.int32)
     extra = _extra_variance(desc, model_wave, obs_wave)
@@ -161,7 +169,8 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     v0 = np.zeros((n_spectra, n_starts))
     coef0 = np.zeros((n_spectra, n_starts, layout["n_segments"] * n_coef))
     if fit_rv or n_coef:
-        templates = _templates(backend, desc["emulator"], model_wave, starts, n_threads)
+        templates = _templates(backend, desc["emulator"], model_wave, starts, kernels,
+                               kernel_segments, n_threads)
         usable = _coverage(model_wave, bad_model, obs_wave, velocities.min(), velocities.max())
         weight = _weights(ivar * usable[None, :], extra)
         chi2_grid, best, coef0 = backend.rv_chi2_grid(
@@ -243,13 +252,17 @@ def _describe(model):
                     f"got {type(model).__name__}")
 
 
-def _templates(backend, emulator, model_wave, starts, n_threads):
-    """The emulator at every start on its own grid, (n_spectra, n_starts, n_model)."""
+def _templates(backend, emulator, model_wave, starts, kernels, kernel_segments, n_threads):
+    """The (broadened) emulator at every start on its own grid, (n_spectra, n_starts, n_model)."""
+    n_spectra, n_starts = starts.shape[:2]
+    if kernels is not None and kernels.shape[0] > 1:  # one kernel per spectrum and start
+        kernels = np.repeat(kernels, n_starts, axis=0)
     layout = {"model_wavelength": model_wave, "wavelength": model_wave,
               "segment_index": np.full(model_wave.size, -1, dtype=np.int32),
               "segment_coord": np.zeros(model_wave.size), "n_segments": 0, "n_coef": 0,
-              "fit_rv": False}
-    shared = bool(np.all(starts == starts[:1]))  # the same starts for every spectrum
+              "fit_rv": False, "kernels": kernels, "kernel_segments": kernel_segments}
+    # the same starts (and kernel) for every spectrum: evaluate them once
+    shared = bool(np.all(starts == starts[:1])) and (kernels is None or kernels.shape[0] == 1)
     rows = starts[0] if shared else starts.reshape(-1, starts.shape[2])
     flux = backend.spectrum_model(emulator, layout, rows, n_threads=n_threads)
     if shared:
@@ -316,6 +329,41 @@ def _rv_step(rv_step, model_wave):
         return 1.0
     dv = C_KMS * np.diff(model_wave) / model_wave[:-1]
     return 0.5 * float(np.median(dv))  # half a pixel: the chi2 minimum is within a quarter pixel
+
+
+def _broadening_kernels(broadening, model_wave, n_spectra):
+    """Kernels (1 or n_spectra rows, odd length) in model pixels and the log-uniform runs of
+    the model grid they stay in; (None, None) without broadening."""
+    if broadening is None:
+        return None, None
+    if not isinstance(broadening, dict):
+        raise TypeError("broadening must be None or a dict with 'sigma', 'vsini', 'limb_darkening'")
+    unknown = sorted(set(broadening) - {"sigma", "vsini", "limb_darkening"})
+    if unknown:
+        raise ValueError(f"broadening has unknown keys {unknown}; known: sigma, vsini, limb_darkening")
+    try:
+        runs, dln = _grid.log_uniform_segments(model_wave)
+    except ValueError:
+        raise ValueError("broadening needs the model's wavelength grid to be uniform in "
+                         "log(wavelength) (gaps allowed)") from None
+    step = C_KMS * dln  # km/s per model pixel
+    values = {}
+    for name in ("sigma", "vsini"):
+        v = np.asarray(broadening.get(name, 0.0), dtype=np.float64)
+        if v.ndim > 1 or (v.ndim == 1 and v.size != n_spectra):
+            raise ValueError(f"broadening['{name}'] must be a scalar or {n_spectra} values "
+                             f"(one per spectrum), got shape {v.shape}")
+        if not np.all(np.isfinite(v)) or np.any(v < 0):
+            raise ValueError(f"broadening['{name}'] must be finite and >= 0 km/s")
+        values[name] = np.atleast_1d(v)
+    n_rows = max(values["sigma"].size, values["vsini"].size)
+    sigma = np.broadcast_to(values["sigma"], (n_rows,))
+    vsini = np.broadcast_to(values["vsini"], (n_rows,))
+    gauss = np.atleast_2d(gaussian_kernel(sigma / step))
+    rotation = np.atleast_2d(rotation_kernel(vsini, step, broadening.get("limb_darkening", 0.6)))
+    kernels = np.array([np.convolve(g, r) for g, r in zip(gauss, rotation)])
+    kernels /= kernels.sum(axis=1, keepdims=True)
+    return kernels, np.array(runs, dtype=np.int64)
 
 
 def _segments(segments, wave):

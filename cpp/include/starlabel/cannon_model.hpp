@@ -91,8 +91,8 @@ struct CannonSpectrumModel {
 
   struct Workspace {};
 
-  void prepare(const std::vector<const double*>& xs, bool with_jacobian, Workspace&,
-               std::vector<State>& states) const {
+  void prepare(const std::vector<const double*>& xs, const std::vector<index_t>& /*rows*/,
+               bool with_jacobian, Workspace&, std::vector<State>& states) const {
     states.resize(xs.size());
     for (std::size_t i = 0; i < xs.size(); ++i) {
       State& state = states[i];

@@ -87,11 +87,12 @@ struct ManyScratchOf<M, true> {
 
 // The objective of a per-pixel spectrum model:
 //   index_t n_params() const;  index_t n_pixels;  struct State;  struct Workspace;
-//   void prepare(const std::vector<const double*>& xs, bool with_jacobian, Workspace&,
-//                std::vector<State>& states) const;
+//   void prepare(const std::vector<const double*>& xs, const std::vector<index_t>& rows,
+//                bool with_jacobian, Workspace&, std::vector<State>& states) const;
 //        everything per parameter vector that does not depend on the pixel, for all the
-//        vectors at once (an emulator runs them as one batch); states[i] may point into the
-//        workspace until the next prepare()
+//        vectors at once (an emulator runs them as one batch); rows[i] is the spectrum (or
+//        output row) that xs[i] belongs to; states[i] may point into the workspace until
+//        the next prepare()
 //   void evaluate(const State&, index_t p0, index_t p1, double* flux_out, double* jac_out) const;
 //        flux_out (p1 - p0,), jac_out (n_params, p1 - p0) row-major or null
 // Every evaluation sweeps the pixels block by block and all spectra of a batch use a block
@@ -115,6 +116,7 @@ struct PixelObjective {
     std::vector<double> weights;   // (batch, n_pixels) effective inverse variance
     std::vector<typename Model::State> states;
     typename Model::Workspace workspace;
+    std::vector<index_t> rows;
     std::vector<double> model_flux, resid, wresid, jac, wjac;
     typename detail::ManyScratchOf<Model, many>::type scratch;
   };
@@ -138,7 +140,9 @@ struct PixelObjective {
                 bool with_jacobian, std::vector<NormalEquations>& out) const {
     const index_t n_items = static_cast<index_t>(ids.size());
     const index_t np = model.n_params(), n_pixels = model.n_pixels;
-    model.prepare(xs, with_jacobian, batch.workspace, batch.states);
+    batch.rows.resize(n_items);
+    for (index_t i = 0; i < n_items; ++i) batch.rows[i] = batch.s0 + ids[i];
+    model.prepare(xs, batch.rows, with_jacobian, batch.workspace, batch.states);
     out.resize(n_items);
     for (index_t i = 0; i < n_items; ++i) {
       out[i].chi2 = 0.0;
@@ -218,6 +222,7 @@ void evaluate_spectra(const Model& model, const double* params, index_t n, doubl
     std::vector<typename Model::State> states;
     typename Model::Workspace workspace;
     std::vector<const double*> xs;
+    std::vector<index_t> rows;
     std::vector<double> jac_block;
 #pragma omp for schedule(static)
     for (index_t g = 0; g < n_groups; ++g) {
@@ -226,8 +231,12 @@ void evaluate_spectra(const Model& model, const double* params, index_t n, doubl
         const index_t i0 = g * group, i1 = std::min(i0 + group, n);
         jac_block.resize(np * block);
         xs.clear();
-        for (index_t i = i0; i < i1; ++i) xs.push_back(params + i * np);
-        model.prepare(xs, jac_out != nullptr, workspace, states);
+        rows.clear();
+        for (index_t i = i0; i < i1; ++i) {
+          xs.push_back(params + i * np);
+          rows.push_back(i);
+        }
+        model.prepare(xs, rows, jac_out != nullptr, workspace, states);
         for (index_t i = i0; i < i1; ++i)
           for (index_t p0 = 0; p0 < n_pixels; p0 += block) {
             const index_t p1 = std::min(p0 + block, n_pixels), nb = p1 - p0;

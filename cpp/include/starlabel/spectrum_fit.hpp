@@ -14,6 +14,9 @@
 //   dm/dv     = C * F'(w) * w * d ln w / dv,   w = lambda / D(v),  d ln w / dv = -1 / (c (1 - beta^2))
 //   dm/dc_s,k = T_k(t) * F(w)   on segment s's pixels
 // with F' the slope of the linear interpolant (piecewise constant in w).
+// Optionally F (and dF/dx) is first broadened on the model grid by a fixed kernel per
+// spectrum (Gaussian and rotational broadening, built by the front end in model pixels):
+// a linear operator, so the chain rule above is unchanged.
 //
 // The emulator is anything with
 //   index_t n_labels, n_pixels;
@@ -53,6 +56,15 @@ struct FitLayout {
   index_t n_coef;               // continuum coefficients per segment; 0: no continuum
   bool fit_rv;
   index_t n_labels;
+  // Broadening on the model grid (optional): kernels (n_kernel_rows, n_taps), n_taps odd and
+  // centred, row r used for spectrum r (kernel_stride n_taps) or one row for all (stride 0);
+  // kernel_segments (n_kernel_segments, 2) [start, stop) runs of the model grid that are
+  // uniform in log(wavelength): a kernel never reaches across a gap, and is renormalized
+  // where it is cut at a run's end.
+  const double* kernels = nullptr;
+  index_t n_taps = 0, kernel_stride = 0;
+  const std::int64_t* kernel_segments = nullptr;
+  index_t n_kernel_segments = 0;
 
   index_t n_params() const { return n_labels + (fit_rv ? 1 : 0) + n_segments * n_coef; }
   index_t rv_index() const { return n_labels; }
@@ -92,6 +104,31 @@ inline std::vector<double> chebyshev_table(const FitLayout& lay) {
   return table;
 }
 
+// Broaden every column of values (n_model, n_cols) row-major with a centred kernel along the
+// model grid, within each kernel segment (see FitLayout): out_j = sum_t K_t v_i / sum_t K_t
+// over the taps with i = j + t - n_taps / 2 inside j's segment.
+inline void broaden_columns(const FitLayout& lay, const double* kernel, const double* values,
+                            index_t n_cols, double* out) {
+  const index_t centre = lay.n_taps / 2;
+  for (index_t g = 0; g < lay.n_kernel_segments; ++g) {
+    const index_t start = lay.kernel_segments[2 * g], stop = lay.kernel_segments[2 * g + 1];
+    for (index_t j = start; j < stop; ++j) {
+      const index_t t0 = std::max<index_t>(0, start - (j - centre));
+      const index_t t1 = std::min<index_t>(lay.n_taps, stop - (j - centre));
+      double* o = out + j * n_cols;
+      std::fill(o, o + n_cols, 0.0);
+      double weight = 0.0;
+      for (index_t t = t0; t < t1; ++t) {
+        const double k = kernel[t];
+        const double* v = values + (j + t - centre) * n_cols;
+        weight += k;
+        for (index_t c = 0; c < n_cols; ++c) o[c] += k * v[c];
+      }
+      for (index_t c = 0; c < n_cols; ++c) o[c] /= weight;
+    }
+  }
+}
+
 // rest wavelength / observed wavelength = 1 / D(v), and d ln(rest wavelength) / dv.
 inline void doppler(double v, double& inv_doppler, double& dlnw_dv) {
   const double beta = v / SPEED_OF_LIGHT_KMS;
@@ -120,6 +157,7 @@ struct ShiftedSpectrumModel {
   };
   struct Workspace {
     std::vector<double> labels, flux, jac;  // (n, n_labels), (n, n_model), (n, n_model, n_labels)
+    std::vector<double> broad_flux, broad_jac;  // the same, broadened
   };
 
   ShiftedSpectrumModel(const Emulator& emu, const FitLayout& lay)
@@ -127,19 +165,34 @@ struct ShiftedSpectrumModel {
 
   index_t n_params() const { return layout.n_params(); }
 
-  void prepare(const std::vector<const double*>& xs, bool with_jacobian, Workspace& ws,
-               std::vector<State>& states) const {
+  void prepare(const std::vector<const double*>& xs, const std::vector<index_t>& rows,
+               bool with_jacobian, Workspace& ws, std::vector<State>& states) const {
     const index_t n = static_cast<index_t>(xs.size()), L = layout.n_labels, M = layout.n_model;
     ws.labels.resize(n * L);
     ws.flux.resize(n * M);
     ws.jac.resize(with_jacobian ? n * M * L : 0);
     for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, ws.labels.data() + i * L);
     emulator.spectra(ws.labels.data(), n, ws.flux.data(), with_jacobian ? ws.jac.data() : nullptr);
+    const double* flux = ws.flux.data();
+    const double* jac = ws.jac.data();
+    if (layout.kernels) {
+      ws.broad_flux.resize(ws.flux.size());
+      ws.broad_jac.resize(ws.jac.size());
+      for (index_t i = 0; i < n; ++i) {
+        const double* kernel = layout.kernels + rows[i] * layout.kernel_stride;
+        spectrum_detail::broaden_columns(layout, kernel, flux + i * M, 1, ws.broad_flux.data() + i * M);
+        if (with_jacobian)
+          spectrum_detail::broaden_columns(layout, kernel, jac + i * M * L, L,
+                                           ws.broad_jac.data() + i * M * L);
+      }
+      flux = ws.broad_flux.data();
+      jac = ws.broad_jac.data();
+    }
     states.resize(n);
     for (index_t i = 0; i < n; ++i) {
       State& state = states[i];
-      state.flux = ws.flux.data() + i * M;
-      state.jac = with_jacobian ? ws.jac.data() + i * M * L : nullptr;
+      state.flux = flux + i * M;
+      state.jac = with_jacobian ? jac + i * M * L : nullptr;
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
                                state.dlnw_dv);
       state.coef = xs[i] + layout.coef_index();  // xs outlive the evaluation (lm.hpp keeps them)

@@ -35,8 +35,10 @@ def spectrum_model(emulator, layout, params, *, jacobian=False, n_threads=None):
     spec, n_labels, n_model = check.emulator(emulator)
     lay = check.layout(layout, n_labels, n_model)
     params = check.params(params, lay["n_params"])
+    check.kernel_rows(lay, params.shape[0])
     return core.fit_spectrum_model(_core_emulator(spec), *_layout_args(lay), lay["fit_rv"], params,
-                                   bool(jacobian), resolve_threads(n_threads))
+                                   bool(jacobian), lay["kernels"], lay["kernel_segments"],
+                                   resolve_threads(n_threads))
 
 
 def rv_chi2_grid(layout, templates, flux, weight, velocities, *, n_threads=None):
@@ -54,4 +56,5 @@ def spectrum_fit(emulator, layout, flux, ivar, initial, *, extra_variance=None, 
         emulator, layout, flux, ivar, initial, extra_variance, lower, upper, max_iter, n_threads)
     return LMSolution(*core.fit_spectra(_core_emulator(spec), *_layout_args(lay), lay["fit_rv"],
                                         flux, ivar, extra, initial, lower, upper, max_iter,
+                                        lay["kernels"], lay["kernel_segments"],
                                         resolve_threads(n_threads)))

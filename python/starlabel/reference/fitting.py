@@ -66,6 +66,23 @@ def _basis(lay):
     return chebyshev.chebvander(lay["segment_coord"], lay["n_coef"] - 1)
 
 
+def _broaden(lay, row, emu_flux, emu_jac):
+    """The emulator's flux (n_model,) and Jacobian (n_model, n_labels) convolved with the
+    layout's kernel for spectrum ``row`` inside each kernel segment, the kernel renormalized
+    where a segment cuts it (np.convolve per column; the twin of broaden_columns)."""
+    if lay["kernels"] is None:
+        return emu_flux, emu_jac
+    kernels = lay["kernels"]
+    kernel = kernels[row if kernels.shape[0] > 1 else 0]
+    values = np.column_stack([emu_flux] + ([] if emu_jac is None else [emu_jac]))
+    out = np.empty_like(values)
+    for start, stop in lay["kernel_segments"]:
+        norm = np.convolve(np.ones(stop - start), kernel, mode="same")
+        for c in range(values.shape[1]):
+            out[start:stop, c] = np.convolve(values[start:stop, c], kernel, mode="same") / norm
+    return out[:, 0], (None if emu_jac is None else out[:, 1:])
+
+
 def _observed(lay, basis, emu_flux, emu_jac, p):
     """Observed model and Jacobian (n_obs, n_params) for one parameter vector p."""
     n_labels, n_coef, seg = lay["n_labels"], lay["n_coef"], lay["segment_index"]
@@ -100,10 +117,11 @@ def spectrum_model(emulator, layout, params, *, jacobian=False, n_threads=None):
     spec, n_labels, n_model = check.emulator(emulator)
     lay = check.layout(layout, n_labels, n_model)
     params = check.params(params, lay["n_params"])
+    check.kernel_rows(lay, params.shape[0])
     forward, basis = _emulator_forward(spec), _basis(lay)
     fluxes, jacs = [], []
-    for p in params:
-        emu_flux, emu_jac = forward(p[:n_labels])
+    for row, p in enumerate(params):
+        emu_flux, emu_jac = _broaden(lay, row, *forward(p[:n_labels]))
         flux, jac = _observed(lay, basis, emu_flux, emu_jac, p)
         fluxes.append(flux)
         jacs.append(jac)
@@ -186,7 +204,9 @@ def spectrum_fit(emulator, layout, flux, ivar, initial, *, extra_variance=None, 
 
     flux, ivar (n_spectra, n_obs); initial (n_params,), (n_starts, n_params) or (n_spectra,
     n_starts, n_params); extra_variance (n_obs,) added to 1/ivar (inf ignores a pixel);
-    lower, upper (n_params,) box bounds. Returns an LMSolution in the kernel's parameters.
+    lower, upper (n_params,) box bounds. The layout may carry broadening ``kernels`` (1 or
+    n_spectra rows of odd length on the model grid) and the ``kernel_segments`` they stay in.
+    Returns an LMSolution in the kernel's parameters.
     """
     spec, lay, flux, ivar, initial, extra, lower, upper, max_iter = check.fit_arguments(
         emulator, layout, flux, ivar, initial, extra_variance, lower, upper, max_iter, n_threads)
@@ -195,17 +215,20 @@ def spectrum_fit(emulator, layout, flux, ivar, initial, *, extra_variance=None, 
     upper = np.full(n_params, np.inf) if upper is None else upper
     forward, basis = _emulator_forward(spec), _basis(lay)
 
-    def model(p):
-        emu_flux, emu_jac = forward(p[:lay["n_labels"]])
-        return _observed(lay, basis, emu_flux, emu_jac, p)
+    def model_of(row):
+        def model(p):
+            emu_flux, emu_jac = _broaden(lay, row, *forward(p[:lay["n_labels"]]))
+            return _observed(lay, basis, emu_flux, emu_jac, p)
+        return model
 
     fits = []
-    for f, iv, starts in zip(flux, ivar, initial):
+    for row, (f, iv, starts) in enumerate(zip(flux, ivar, initial)):
         ev = 0.0 if extra is None else extra
         with np.errstate(invalid="ignore"):  # 0 * inf where an ignored pixel has inf variance
             weight = np.where(iv > 0, iv / (1.0 + iv * ev), 0.0)
         f = np.where(weight > 0, f, 0.0)
-        fits.append(fit_one(pixel_objective(model, f, weight), starts, lower, upper, max_iter))
+        fits.append(fit_one(pixel_objective(model_of(row), f, weight), starts, lower, upper,
+                            max_iter))
     x, covariance, chi2, n_used, n_iter, status = zip(*fits)
     return LMSolution(np.array(x), np.array(covariance), np.array(chi2),
                       np.array(n_used, dtype=np.int64), np.array(n_iter, dtype=np.int32),
