@@ -38,6 +38,13 @@ def pytest_addoption(parser):
     group.addoption("--rounds", type=int, default=None,
                     help="rounds of every timed Cannon benchmark (default: 3 for 3 labels, "
                          "1 for 17 labels)")
+    group.addoption("--peer-python", action="append", default=[], metavar="NAME=PYTHON",
+                    help="interpreter of a peer's venv, e.g. annieslasso=/tmp/peer-annieslasso/"
+                         "bin/python (repeatable; or STARLABEL_PEER_ANNIESLASSO / "
+                         "STARLABEL_PEER_THECANNON); peers without one are skipped")
+    group.addoption("--peer-train-pixels", type=int, default=None, metavar="N",
+                    help="train the peers on N spread pixels only (timing scaled per pixel; "
+                         "their own-model test step is then skipped)")
 
 
 @pytest.fixture(scope="session")
