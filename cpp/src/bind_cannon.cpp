@@ -45,19 +45,14 @@ py::tuple train(const py::handle& design_in, const py::handle& monomials_in,
                          n_stars, n_pixels, n_terms, n_monomials};
   TrainOptions options;
   options.regularization = regularization;
+  Interrupt interrupt = bind::python_interrupt();
   {
     py::gil_scoped_release release;
     train_cannon(data, bind::data_or_null(fixed_s2), options, n_threads, theta.mutable_data(),
-                 s2.mutable_data(), status.mutable_data());
+                 s2.mutable_data(), status.mutable_data(), &interrupt);
   }
+  bind::raise_if_interrupted(interrupt);
   return py::make_tuple(theta, s2, status);
-}
-
-Polynomial polynomial_from(const py::array_t<std::int32_t>& exponents) {
-  const std::int32_t* e = exponents.data();
-  for (py::ssize_t i = 0; i < exponents.size(); ++i)
-    if (e[i] < 0) throw py::value_error("exponents must be >= 0");
-  return Polynomial(e, exponents.shape(0), exponents.shape(1));
 }
 
 py::object predict(const py::handle& exponents_in, const py::handle& theta_t_in,
@@ -67,7 +62,7 @@ py::object predict(const py::handle& exponents_in, const py::handle& theta_t_in,
   auto theta_t = require<double>(theta_t_in, "theta_t", {n_terms, ANY});
   auto x = require<double>(x_in, "x", {ANY, n_labels});
   const index_t n_stars = x.shape(0), n_pixels = theta_t.shape(1);
-  const Polynomial poly = polynomial_from(exponents);
+  const Polynomial poly = bind::polynomial_from(exponents);
   const CannonSpectrumModel model{poly, theta_t.data(), n_pixels, {}, {}};
   py::array_t<double> flux({n_stars, n_pixels});
   py::array_t<double> jac = with_jacobian ? py::array_t<double>({n_stars, n_pixels, n_labels})
@@ -99,7 +94,7 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   auto lower = require_optional<double>(lower_in, "lower", {n_labels});
   auto upper = require_optional<double>(upper_in, "upper", {n_labels});
   if (max_iter < 1) throw py::value_error("max_iter must be >= 1");
-  const Polynomial poly = polynomial_from(exponents);
+  const Polynomial poly = bind::polynomial_from(exponents);
 
   bind::LMResultArrays result(n_spectra, n_labels);
   const LMOutputs out = result.outputs();
@@ -107,26 +102,31 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   options.max_iter = max_iter;
   const double* lo = bind::data_or_null(lower);
   const double* hi = bind::data_or_null(upper);
+  Interrupt interrupt = bind::python_interrupt();
   {
     py::gil_scoped_release release;
     if (quadratic_form) {
       const CannonQuadraticObjective objective{poly, theta_t.data(), flux.data(), ivar.data(),
                                                s2.data(), n_pixels, n_spectra};
-      fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);
+      fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out, &interrupt);
     } else {
       CannonSpectrumModel model{poly, theta_t.data(), n_pixels, {}, {}};
       model.gather_by_label();
       const PixelObjective<CannonSpectrumModel> objective{model, flux.data(), ivar.data(),
                                                           s2.data(), n_spectra};
-      fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out);
+      fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out, &interrupt);
     }
   }
+  bind::raise_if_interrupted(interrupt);
   return result.as_tuple();
 }
 
 }  // namespace
 
 void bind_cannon(py::module_& m) {
+  // pixels per training block: a block's arithmetic depends on which pixels share it, so
+  // starlabel.distributed splits training on multiples of it
+  m.attr("CANNON_TRAIN_PIXEL_BLOCK") = TrainOptions().pixel_block;
   m.def("cannon_train", &train, py::arg("design"), py::arg("monomials"), py::arg("gram_index"),
         py::arg("penalized"), py::arg("term_mask"), py::arg("flux"), py::arg("ivar"),
         py::arg("fixed_s2"), py::arg("regularization"), py::arg("n_threads"));

@@ -28,6 +28,11 @@ using bind::require_optional;
 
 namespace {
 
+// Spectra per LM batch. A spectrum's arithmetic depends on which spectra share its batch (the
+// emulator runs the batch as one matrix product), so starlabel.distributed cuts work on
+// multiples of it to reproduce a local fit bit for bit: exported as FIT_SPECTRA_BATCH.
+constexpr index_t FIT_SPECTRA_BATCH = 16;
+
 // An emulator for ShiftedSpectrumModel from a batched kernel called with one thread (the
 // fit's own OpenMP loop owns the threads).
 template <class Forward>
@@ -90,10 +95,7 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
     auto exponents = require<std::int32_t>(item(spec, "exponents"), "exponents", {ANY, ANY});
     const index_t T = exponents.shape(0), L = exponents.shape(1);
     auto theta_t = require<double>(item(spec, "theta_t"), "theta_t", {T, ANY});
-    const std::int32_t* e = exponents.data();
-    for (py::ssize_t i = 0; i < exponents.size(); ++i)
-      if (e[i] < 0) throw py::value_error("exponents must be >= 0");
-    const Polynomial poly(e, T, L);
+    const Polynomial poly = bind::polynomial_from(exponents);
     const CannonSpectrumModel model{poly, theta_t.data(), theta_t.shape(1), {}, {}};
     const CannonSpectrumModel* mp = &model;
     visit(make_emulator([mp](const double* x, index_t n, double* f, double* j) {
@@ -181,11 +183,13 @@ py::object spectrum_model(const py::dict& spec, const py::handle& mw, const py::
     const index_t n_obs = layout.view.n_obs;
     py::array_t<double> flux({n, n_obs});
     py::array_t<double> jac = with_jacobian ? py::array_t<double>({n, n_obs, np}) : py::array_t<double>();
+    Interrupt interrupt = bind::python_interrupt();
     {
       py::gil_scoped_release release;
       spectrum_model_evaluate(model, params.data(), n, flux.mutable_data(),
-                              with_jacobian ? jac.mutable_data() : nullptr, n_threads);
+                              with_jacobian ? jac.mutable_data() : nullptr, n_threads, &interrupt);
     }
+    bind::raise_if_interrupted(interrupt);
     result = with_jacobian ? py::object(py::make_tuple(flux, jac)) : py::object(flux);
   });
   return result;
@@ -225,15 +229,17 @@ py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
     // batch's model spectra and Jacobians (n_model * (n_labels + 1) doubles each) stay a few
     // tens of MB per thread. The emulator's Jacobian costs n_labels times its spectrum:
     // trial steps are judged on the spectrum alone.
-    options.batch = 16;
+    options.batch = FIT_SPECTRA_BATCH;
     options.jacobian_after_accept = true;
+    Interrupt interrupt = bind::python_interrupt();
     {
       py::gil_scoped_release release;
       const PixelObjective<Model> objective{model, flux.data(), ivar.data(),
                                             bind::data_or_null(extra), n_spectra};
       fit_lm(objective, initial.data(), n_starts, bind::data_or_null(lower),
-             bind::data_or_null(upper), options, n_threads, out);
+             bind::data_or_null(upper), options, n_threads, out, &interrupt);
     }
+    bind::raise_if_interrupted(interrupt);
     result = arrays.as_tuple();
   });
   return result;
@@ -255,18 +261,21 @@ py::tuple rv_grid(const py::handle& mw, const py::handle& ow, const py::handle& 
   py::array_t<double> chi2({n_spectra, n_templates, n_v});
   py::array_t<std::int64_t> best({n_spectra, n_templates});
   py::array_t<double> coef({n_spectra, n_templates, n_cc});
+  Interrupt interrupt = bind::python_interrupt();
   {
     py::gil_scoped_release release;
     rv_chi2_grid(layout.view, templates.data(), n_spectra, n_templates, flux.data(), weight.data(),
                  velocities.data(), n_v, chi2.mutable_data(), best.mutable_data(),
-                 coef.mutable_data(), n_threads);
+                 coef.mutable_data(), n_threads, &interrupt);
   }
+  bind::raise_if_interrupted(interrupt);
   return py::make_tuple(chi2, best, coef);
 }
 
 }  // namespace
 
 void bind_fit(py::module_& m) {
+  m.attr("FIT_SPECTRA_BATCH") = FIT_SPECTRA_BATCH;
   m.def("fit_spectrum_model", &spectrum_model, py::arg("emulator"), py::arg("model_wavelength"),
         py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
         py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("params"),

@@ -109,11 +109,13 @@ py::object forward_t(const py::list& w, const py::list& b, const py::handle& x_i
   const index_t n_stars = x.shape(0), n_out = net.n_out(), n_in = net.n_in();
   py::array_t<T> out({n_stars, n_out});
   py::array_t<T> jac = with_jacobian ? py::array_t<T>({n_stars, n_out, n_in}) : py::array_t<T>();
+  Interrupt interrupt = bind::python_interrupt();
   {
     py::gil_scoped_release release;
     mlp_forward(net, x.data(), n_stars, out.mutable_data(),
-                with_jacobian ? jac.mutable_data() : nullptr, n_threads);
+                with_jacobian ? jac.mutable_data() : nullptr, n_threads, MLPBlocking(), &interrupt);
   }
+  bind::raise_if_interrupted(interrupt);
   if (with_jacobian) return py::make_tuple(out, jac);
   return std::move(out);
 }
@@ -155,11 +157,13 @@ py::tuple gradients_t(const py::list& w, const py::list& b, const py::handle& x_
   }
   const Loss lo = loss_from(loss);
   double value;
+  Interrupt interrupt = bind::python_interrupt();
   {
     py::gil_scoped_release release;
     value = mlp_loss_gradients(net, x.data(), target.data(), n, bind::data_or_null(pw), lo, grads,
-                               n_threads);
+                               n_threads, TrainBlocking(), &interrupt);
   }
+  bind::raise_if_interrupted(interrupt);
   return py::make_tuple(value, gw, gb);
 }
 
@@ -214,11 +218,16 @@ py::tuple train_epoch_t(const py::list& w, const py::list& b, const py::list& mw
   opt.weight_decay = weight_decay;
   const Loss lo = loss_from(loss);
   py::array_t<double> losses(n_batches);
+  Interrupt interrupt = bind::python_interrupt();
   {
     py::gil_scoped_release release;
     mlp_train_epoch(net, m, v, step, x.data(), target.data(), order.data(), n, batch_size,
-                    bind::data_or_null(pw), lo, opt, lr.data(), losses.mutable_data(), n_threads);
+                    bind::data_or_null(pw), lo, opt, lr.data(), losses.mutable_data(), n_threads,
+                    TrainBlocking(), &interrupt);
   }
+  // The weights and moments hold the last completed step; the caller's step count is not
+  // updated (it is returned only on success), as after any exception mid-epoch.
+  bind::raise_if_interrupted(interrupt);
   return py::make_tuple(losses, step);
 }
 
@@ -253,11 +262,13 @@ py::object perpixel_t(const py::handle& w0_in, const py::handle& b0_in, const py
   const PerPixelNetwork<T> net{w0.data(), b0.data(), w1.data(), b1.data(), P, H, K};
   py::array_t<T> out({n_stars, P});
   py::array_t<T> jac = with_jacobian ? py::array_t<T>({n_stars, P, K}) : py::array_t<T>();
+  Interrupt interrupt = bind::python_interrupt();
   {
     py::gil_scoped_release release;
     perpixel_forward(net, x.data(), n_stars, out.mutable_data(),
-                     with_jacobian ? jac.mutable_data() : nullptr, n_threads);
+                     with_jacobian ? jac.mutable_data() : nullptr, n_threads, &interrupt);
   }
+  bind::raise_if_interrupted(interrupt);
   if (with_jacobian) return py::make_tuple(out, jac);
   return std::move(out);
 }

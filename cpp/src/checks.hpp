@@ -11,6 +11,7 @@
 
 #include "starlabel/common.hpp"
 #include "starlabel/lm.hpp"
+#include "starlabel/polynomial.hpp"
 
 namespace starlabel::bind {
 
@@ -54,6 +55,46 @@ std::optional<py::array_t<T>> require_optional(const py::handle& obj, const char
 template <class T>
 const T* data_or_null(const std::optional<py::array_t<T>>& array) {
   return array ? array->data() : nullptr;
+}
+
+// Largest power of a label in a term (as starlabel._validation.MAX_EXPONENT): the polynomial
+// tabulates every power up to the largest, so an absurd exponent would be an absurd allocation.
+constexpr std::int32_t MAX_EXPONENT = 64;
+
+// The Cannon polynomial of an (n_terms, n_labels) exponent array, checked.
+inline Polynomial polynomial_from(const py::array_t<std::int32_t>& exponents) {
+  const std::int32_t* e = exponents.data();
+  for (py::ssize_t i = 0; i < exponents.size(); ++i) {
+    if (e[i] < 0) throw py::value_error("exponents must be >= 0");
+    if (e[i] > MAX_EXPONENT)
+      throw py::value_error("exponents must be <= " + std::to_string(MAX_EXPONENT));
+  }
+  return Polynomial(e, exponents.shape(0), exponents.shape(1));
+}
+
+// Ctrl-C during a kernel. Construct on the calling thread while holding the GIL, pass its
+// address to the kernel inside the GIL-released scope, then call raise_if_interrupted() once
+// the GIL is back:
+//
+//   Interrupt interrupt = bind::python_interrupt();
+//   { py::gil_scoped_release release; kernel(..., &interrupt); }
+//   bind::raise_if_interrupted(interrupt);
+//
+// The poll briefly takes the GIL and runs Python's signal handlers (only the main thread
+// runs them; elsewhere it never fires). A handler that raises (the default SIGINT handler
+// raises KeyboardInterrupt) stops the kernel and its exception is re-raised here; a handler
+// that does not raise lets the kernel go on.
+inline Interrupt python_interrupt() {
+  return Interrupt([] {
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0;
+  });
+}
+
+inline void raise_if_interrupted(const Interrupt& interrupt) {
+  if (!interrupt.requested()) return;
+  if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
+  throw py::error_already_set();
 }
 
 

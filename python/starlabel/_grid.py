@@ -221,6 +221,9 @@ def running_quantile_arguments(flux, ivar, window, quantile, segments, n_threads
     window = check.positive_int("window", window)
     if window % 2 == 0:
         raise ValueError(f"window must be odd, got {window}")
+    # A window wider than the spectrum holds all of it: narrowing it changes no result and
+    # keeps the reference's padded copy (and the core's scratch) the size of the spectrum.
+    window = min(window, 2 * flux.shape[1] + 1)
     try:
         quantile = float(quantile)
     except (TypeError, ValueError):

@@ -109,6 +109,10 @@ def nonnegative_float(name, value):
 
 # --- The Cannon's function-level arguments (both backends) -----------------------------
 
+#: Largest power of a label in a term (as MAX_EXPONENT in cpp/src/bind_cannon.cpp).
+MAX_EXPONENT = 64
+
+
 def exponents(value):
     """(n_terms, n_labels) non-negative integer exponent table with the constant term first."""
     array = np.asarray(value)
@@ -118,6 +122,8 @@ def exponents(value):
         raise ValueError(f"exponents must be a non-empty 2-D table, got shape {array.shape}")
     if np.any(array < 0):
         raise ValueError("exponents must be >= 0")
+    if np.any(array > MAX_EXPONENT):   # the compiled core tabulates every power up to the largest
+        raise ValueError(f"exponents must be <= {MAX_EXPONENT}")
     if np.any(array[0] != 0):
         raise ValueError("exponents: the first term must be the constant (all zeros)")
     return np.ascontiguousarray(array, dtype=np.int32)

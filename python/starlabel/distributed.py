@@ -24,13 +24,15 @@ import numpy as np
 from . import _validation as check
 from . import fitting
 from ._concat import concatenate_results
+from ._core import core
 from .cannon import CannonModel
 
-# The compiled Cannon training works in blocks of this many pixels (TrainOptions::pixel_block
-# in cpp/include/starlabel/cannon_train.hpp) and a block's arithmetic depends on which pixels
-# share it (Eigen picks its product kernels by the number of pixels still iterating), so
-# tasks start on multiples of it to train every pixel exactly as a local train() does.
-TRAIN_PIXEL_BLOCK = 256
+# The compiled core's work units, whose arithmetic depends on what shares them (Eigen picks
+# its product kernels by the sizes involved): Cannon training runs in blocks of pixels, fits
+# in batches of spectra. Tasks start on multiples of them so that every pixel and spectrum
+# is computed exactly as a local call computes it.
+TRAIN_PIXEL_BLOCK = core.CANNON_TRAIN_PIXEL_BLOCK
+FIT_BATCH = core.FIT_SPECTRA_BATCH
 
 _FIT_OPTIONS = frozenset(
     name for name, p in inspect.signature(fitting.fit_spectra).parameters.items()
@@ -59,12 +61,14 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, chunk_size=2000, **option
         along pixels), with the same chunks; or NumPy arrays, cut into chunks of
         ``chunk_size`` spectra. A (n_pixels,) pair is one spectrum.
     wavelength : (n_pixels,) observed wavelengths, as for ``starlabel.fit_spectra``
-    chunk_size : int >= 1, spectra per chunk when neither flux nor ivar is a Dask array
+    chunk_size : int >= 1, spectra per chunk when neither flux nor ivar is a Dask array.
+        Chunks (also a Dask array's) are rounded up to whole LM batches (FIT_BATCH = 16
+        spectra), so that every spectrum is fitted exactly as the local call fits it
     **options : the keyword options of ``starlabel.fit_spectra`` (fit_rv, rv_range, rv_step,
         continuum_order, segments, mask, bounds, initial, max_iter, return_model, backend,
         n_threads, ...). ``mask`` (n_spectra, n_pixels) and a per-spectrum ``initial``
-        (n_spectra, n_starts, n_labels) are cut into the same chunks as flux (as Dask arrays
-        they must be chunked like flux along spectra); a (n_pixels,) mask and (n_labels,) or
+        (n_spectra, n_starts, n_labels) are cut into the same chunks as flux (Dask arrays
+        are rechunked to them); a (n_pixels,) mask and (n_labels,) or
         (n_starts, n_labels) starts go whole to every chunk. ``n_threads`` is per task.
 
     Returns
@@ -263,7 +267,7 @@ def train_cannon(model, labels, flux, ivar, *, pixels_per_task=1024, n_threads=N
     flux, ivar : (n_stars, n_pixels) NumPy or Dask arrays (any chunks: they are rechunked
         into blocks of pixels holding every star)
     pixels_per_task : int >= 1, pixels per task, rounded up to a multiple of
-        TRAIN_PIXEL_BLOCK (256), the compiled core's own training block
+        TRAIN_PIXEL_BLOCK (256 pixels), the compiled core's own training block
     n_threads : threads of the compiled core in each task (None: the worker's default)
 
     Returns
@@ -381,8 +385,11 @@ def _star_chunks(arrays, n_spectra, chunk_size):
             raise ValueError(f"{first} and {name} must be chunked alike along spectra, got "
                              f"{chunks} and {array.chunks[0]}")
     if chunks is None:
-        chunks = (chunk_size,) * (n_spectra // chunk_size)
-        chunks += (n_spectra % chunk_size,) if n_spectra % chunk_size else ()
+        chunks = (chunk_size,)
+    if any(c % FIT_BATCH for c in chunks[:-1]) or len(chunks) == 1:
+        # whole LM batches per chunk: round the (largest) chunk up to a multiple of the batch
+        size = -(-max(chunks) // FIT_BATCH) * FIT_BATCH
+        chunks = (size,) * (n_spectra // size) + ((n_spectra % size,) if n_spectra % size else ())
     return tuple(int(c) for c in chunks)
 
 
@@ -392,8 +399,7 @@ def _blocks(da, name, array, star_chunks):
         if any(np.isnan(c) for axis in array.chunks for c in axis):
             raise ValueError(f"{name} has unknown chunk sizes; call {name}.compute_chunk_sizes()")
         if array.chunks[0] != star_chunks:
-            raise ValueError(f"{name} must be chunked like flux along spectra ({star_chunks}), "
-                             f"got {array.chunks[0]}")
+            array = array.rechunk({0: star_chunks})
         if any(len(axis) > 1 for axis in array.chunks[1:]):
             raise ValueError(f"{name} is chunked along pixels (chunks {array.chunks[1:]}); "
                              f"each chunk must hold whole spectra: rechunk it to one chunk "

@@ -6,7 +6,7 @@ folder, then a rename, so a crash never leaves half a model.
 """
 
 import os
-import tempfile
+import secrets
 import zipfile
 
 import numpy as np
@@ -22,11 +22,21 @@ def write_model_file(path, kind, arrays):
     header = {"format": np.array(f"starlabel.{kind}"),
               "format_version": np.int64(FORMAT_VERSION),
               "package_version": np.array(__version__)}
+    atomic_savez(path, {**header, **arrays})
+
+
+def atomic_savez(path, arrays):
+    """``np.savez(path, **arrays)`` through a temporary file in the same folder and a rename,
+    so ``path`` is always either the old file or the complete new one."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".starlabel-", suffix=".npz.tmp")
+    # Not tempfile.mkstemp: its files are private (0600) and the model file would stay so;
+    # mode 0o666 lets the umask decide, as for any other file the user writes.
+    tmp = os.path.join(folder, f".starlabel-{secrets.token_hex(8)}.npz.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **header, **arrays)
+            np.savez(handle, **arrays)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -413,6 +413,8 @@ def _network_arrays(weights, biases):
 def _network_from_arrays(arrays):
     """(weights, biases) checked from a model file's n_layers, weights_<l>, biases_<l>."""
     n_layers = int(arrays["n_layers"])
+    if not 1 <= n_layers <= len(arrays):   # a corrupt count must not build a huge key list
+        raise ValueError(f"n_layers is {n_layers}, the file holds {len(arrays)} arrays")
     keys = [f"{k}_{i}" for i in range(n_layers) for k in ("weights", "biases")]
     missing = [k for k in keys if k not in arrays]
     if missing:

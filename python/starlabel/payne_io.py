@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 
 from . import _validation as check
+from .model_io import atomic_savez
 
 #: Hidden-layer activations and their codes in the compiled core (``mlp.hpp``).
 ACTIVATIONS = {"leaky_relu": 0, "relu": 1, "sigmoid": 2, "tanh": 3, "softplus": 4, "silu": 5}
@@ -312,9 +313,7 @@ def write_payne_npz(model, path):
         arrays[f"w_array_{layer}"] = w
         arrays[f"b_array_{layer}"] = b
     arrays["x_min"], arrays["x_max"] = model.x_min, model.x_max
-    path = os.fspath(path)
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
+    atomic_savez(path, arrays)
 
 
 def read_binspec_npz(path, *, label_names=None, wavelength=None, dtype=None, backend="fast"):

@@ -150,11 +150,14 @@ def design_matrix(exponents, x):
 def design_derivative(exponents, x):
     """d v / d x: exponents (n_terms, n_labels), x (n, n_labels) -> (n, n_terms, n_labels)."""
     x = np.atleast_2d(x)
-    out = np.empty((x.shape[0],) + exponents.shape)
+    out = np.zeros((x.shape[0],) + exponents.shape)
     for a in range(exponents.shape[1]):
-        lowered = exponents.copy()
-        lowered[:, a] = np.maximum(lowered[:, a] - 1, 0)
-        out[:, :, a] = design_matrix(lowered, x) * exponents[:, a]
+        # Terms without label a have an exactly zero derivative (as in the compiled core), not
+        # 0 * v, which is NaN where v overflows far outside the training box.
+        has = exponents[:, a] > 0
+        lowered = exponents[has].copy()
+        lowered[:, a] -= 1
+        out[:, has, a] = design_matrix(lowered, x) * exponents[has, a]
     return out
 
 

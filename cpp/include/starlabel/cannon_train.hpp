@@ -26,6 +26,7 @@
 #include <cmath>
 #include <limits>
 #include <new>
+#include <thread>
 #include <vector>
 
 #include "common.hpp"
@@ -95,15 +96,18 @@ struct ScaledGram {
 // Lasso by cyclic coordinate descent on the scaled Gram:
 //   minimise u^T G u - 2 b^T u + regularization * sum_k penalized_k d_k |u_k|,  theta = d u.
 // `theta` holds the warm start on entry and the solution on exit (over `terms`).
+// A single pixel can take ~10^4 sweeps, so the interrupt is checked between sweeps too.
 inline bool solve_lasso(const ScaledGram& gram, const Eigen::VectorXd& b, const std::uint8_t* penalized,
                         const std::vector<index_t>& terms, double regularization,
-                        const TrainOptions& opt, Eigen::VectorXd& theta) {
+                        const TrainOptions& opt, Eigen::VectorXd& theta,
+                        Interrupt* interrupt = nullptr) {
   const index_t n = gram.g.rows();
   Eigen::VectorXd bs = gram.d.cwiseProduct(b);
   Eigen::VectorXd u(n);
   for (index_t k = 0; k < n; ++k) u[k] = gram.d[k] > 0.0 ? theta[k] / gram.d[k] : 0.0;
   Eigen::VectorXd q = gram.g * u;  // kept equal to G u
   for (int sweep = 0; sweep < opt.l1_max_sweeps; ++sweep) {
+    if (sweep % 64 == 63 && interrupted(interrupt)) break;
     double largest_move = 0.0, largest_u = 0.0;
     for (index_t k = 0; k < n; ++k) {
       const double rho = bs[k] - (q[k] - u[k]);  // G_kk = 1 after scaling
@@ -147,9 +151,10 @@ struct PixelSearch {
 //   s2_out     (n_pixels,)           +inf where status is TOO_FEW_STARS or SINGULAR
 //   status_out (n_pixels,)           PixelStatus
 // Pixels are processed in fixed blocks, so results do not depend on the number of threads.
+// interrupt (or null): when it fires, remaining work is skipped and the outputs are incomplete.
 inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
                          const TrainOptions& opt, int n_threads, double* theta_out, double* s2_out,
-                         std::int8_t* status_out) {
+                         std::int8_t* status_out, Interrupt* interrupt = nullptr) {
   using detail::RowMatrixT;
   const index_t N = data.n_stars, P = data.n_pixels, K = data.n_terms, M = data.n_monomials;
   const index_t n_blocks = (P + opt.pixel_block - 1) / opt.pixel_block;
@@ -158,10 +163,17 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
   const Eigen::Map<const RowMatrixT> design(data.design, N, K);
   const Eigen::Map<const RowMatrixT> monomials(data.monomials, N, M);
   std::atomic<bool> failed{false};
+  std::atomic<index_t> blocks_left{n_blocks};
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(n_threads))
+#pragma omp parallel num_threads(resolve_threads(n_threads))
+  {
+#pragma omp for schedule(dynamic, 1) nowait
   for (index_t block = 0; block < n_blocks; ++block) {
-    if (failed) continue;
+    struct Done {  // counted however the block ends
+      std::atomic<index_t>& left;
+      ~Done() { --left; }
+    } done{blocks_left};
+    if (failed || interrupted(interrupt)) continue;
     try {  // an exception must not leave an OpenMP loop body
       const index_t p0 = block * opt.pixel_block, p1 = std::min(p0 + opt.pixel_block, P);
       const index_t nb = p1 - p0;
@@ -195,7 +207,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
       Eigen::MatrixXd w, wflux, resid, w2resid;
       RowMatrixT moments, rhs, coef, c;
       detail::ScaledGram gram;
-      while (true) {
+      while (!interrupted(interrupt)) {
         live.clear();
         for (auto& ps : search)
           if (!ps.done) live.push_back(&ps);
@@ -227,7 +239,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
           if (lasso) {
             solved[j] = (gram.d.array() > 0.0).all() && gram.g.allFinite();
             if (solved[j] && !detail::solve_lasso(gram, b, data.penalized, ps.free_terms,
-                                                  opt.regularization, opt, ps.theta))
+                                                  opt.regularization, opt, ps.theta, interrupt))
               ps.status = PIXEL_NOT_CONVERGED;
           } else {
             solved[j] = gram.factor(opt.rcond_min);
@@ -280,12 +292,22 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             gp = nan;
           }
 
+          if (!std::isfinite(g)) {  // w r^2 overflows (absurd flux scales): no usable likelihood
+            ps.status = PIXEL_SINGULAR;
+            ps.done = true;
+            continue;
+          }
           if (ps.n_eval == 1) {  // at s2 = 0
             if (g <= 0.0) {
               ps.done = true;
               continue;
             }
             ps.guess = sum_r2 / static_cast<double>(n_used);
+            if (!std::isfinite(ps.guess)) {  // as above: no finite bracket for s2
+              ps.status = PIXEL_SINGULAR;
+              ps.done = true;
+              continue;
+            }
             ps.noise = static_cast<double>(n_used) / sum_ivar;
           } else if (g > 0.0) {
             ps.lo = ps.s2;
@@ -331,6 +353,12 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
     } catch (...) {
       failed = true;
     }
+  }
+  // Only the calling thread can poll, and with dynamic scheduling it may run out of blocks
+  // while another thread is still in a long one: it keeps polling until every block is done.
+  if (interrupt)
+    while (blocks_left > 0 && !interrupt->check())
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   if (failed) throw std::bad_alloc();
 }

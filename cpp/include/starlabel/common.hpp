@@ -1,9 +1,14 @@
-// Shared definitions of the starlabel compiled core: status codes and thread counts.
-// Header-only, no Python. Every kernel takes raw pointers and sizes and writes into
-// caller-provided outputs; per-item failures are reported as status codes.
+// Shared definitions of the starlabel compiled core: status codes, thread counts and
+// cooperative cancellation. Header-only, no Python. Every kernel takes raw pointers and sizes
+// and writes into caller-provided outputs; per-item failures are reported as status codes.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <functional>
+#include <thread>
+#include <utility>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -25,7 +30,7 @@ enum FitStatus : std::int8_t {
 enum PixelStatus : std::int8_t {
   PIXEL_OK = 0,
   PIXEL_TOO_FEW_STARS = 1,   // fewer stars with ivar > 0 than free terms
-  PIXEL_SINGULAR = 2,        // normal equations singular or too ill-conditioned
+  PIXEL_SINGULAR = 2,        // normal equations singular or too ill-conditioned, or w r^2 overflows
   PIXEL_NOT_CONVERGED = 3     // s2 or L1 iterations hit their limit (theta, s2 usable but not final)
 };
 
@@ -38,6 +43,61 @@ inline int resolve_threads(int n_threads) {
   (void)n_threads;
   return 1;
 #endif
+}
+
+// Cooperative cancellation of a long kernel (Ctrl-C in Python), without Python in the kernel.
+//
+// The caller supplies `poll`, a function that says whether to stop (the bindings check
+// Python's signal handlers in it). `poll` runs only on the thread that constructed the
+// Interrupt, which is the thread that calls the kernel and so OpenMP's master thread of the
+// kernel's parallel region: the poll may need that thread's own state (the Python thread
+// state). Other threads only read an atomic flag. Kernels call check() between units of work
+// (pixel blocks, star tiles, batches) and skip the remaining units once it returns true;
+// their outputs are then incomplete and the caller must discard them.
+//
+// In a kernel:     if (interrupted(interrupt)) continue;     // interrupt: Interrupt* or null
+// Polls are rate-limited (every `interval`), so check() is cheap enough for inner loops.
+class Interrupt {
+ public:
+  using Poll = std::function<bool()>;
+
+  Interrupt() = default;  // never interrupts unless request() is called
+  explicit Interrupt(Poll poll, std::chrono::milliseconds interval = std::chrono::milliseconds(20))
+      : poll_(std::move(poll)), owner_(std::this_thread::get_id()), interval_(interval) {}
+  Interrupt(const Interrupt&) = delete;
+  Interrupt& operator=(const Interrupt&) = delete;
+
+  // Whether the kernel should stop. Any thread; on the owner thread it also polls.
+  bool check() {
+    if (requested()) return true;
+    if (!poll_ || std::this_thread::get_id() != owner_) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (polled_ && now - last_poll_ < interval_) return false;
+    polled_ = true;
+    last_poll_ = now;
+    if (poll_()) request();
+    return requested();
+  }
+
+  // Whether a stop was requested, without polling. Any thread.
+  bool requested() const { return flag_.load(std::memory_order_relaxed); }
+
+  // Ask running kernels to stop (any thread).
+  void request() { flag_.store(true, std::memory_order_relaxed); }
+
+ private:
+  Poll poll_;
+  std::thread::id owner_;
+  std::chrono::milliseconds interval_{20};
+  std::chrono::steady_clock::time_point last_poll_{};   // owner thread only
+  bool polled_ = false;                                  // owner thread only
+  std::atomic<bool> flag_{false};
+};
+
+// check() through a pointer that kernels take with a null default (no cancellation).
+inline bool interrupted(Interrupt* interrupt) { return interrupt != nullptr && interrupt->check(); }
+inline bool stop_requested(const Interrupt* interrupt) {
+  return interrupt != nullptr && interrupt->requested();
 }
 
 }  // namespace starlabel

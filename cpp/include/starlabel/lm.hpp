@@ -212,7 +212,7 @@ struct PixelObjective {
 //   jac_out   (n, n_pixels, n_params) or null
 template <class Model>
 void evaluate_spectra(const Model& model, const double* params, index_t n, double* flux_out,
-                      double* jac_out, int n_threads) {
+                      double* jac_out, int n_threads, Interrupt* interrupt = nullptr) {
   const index_t np = model.n_params(), n_pixels = model.n_pixels;
   constexpr index_t block = 256, group = 16;
   const index_t n_groups = (n + group - 1) / group;
@@ -226,7 +226,7 @@ void evaluate_spectra(const Model& model, const double* params, index_t n, doubl
     std::vector<double> jac_block;
 #pragma omp for schedule(static)
     for (index_t g = 0; g < n_groups; ++g) {
-      if (failed) continue;
+      if (failed || interrupted(interrupt)) continue;
       try {  // an exception must not leave an OpenMP loop body
         const index_t i0 = g * group, i1 = std::min(i0 + group, n);
         jac_block.resize(np * block);
@@ -288,10 +288,12 @@ inline Eigen::MatrixXd inverse_spd(const Eigen::MatrixXd& h) {
 // step's chi2 decrease is <= ftol * chi2 (the second ends the crawl along the kinks of a
 // ReLU network, where the decrement never gets small), or a step moves no parameter by more
 // than xtol, or lambda exceeds lambda_max (no decrease is possible).
+//   interrupt (or null): once it fires, batches not yet finished stop and the outputs are
+//   incomplete (the caller discards them)
 template <class Objective>
 void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
             const double* lower, const double* upper, const LMOptions& opt, int n_threads,
-            const LMOutputs& out) {
+            const LMOutputs& out, Interrupt* interrupt = nullptr) {
   const index_t np = objective.n_params(), n_spectra = objective.n_spectra();
   const index_t n_batches = (n_spectra + opt.batch - 1) / opt.batch;
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -299,7 +301,7 @@ void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(n_threads))
   for (index_t batch = 0; batch < n_batches; ++batch) {
-    if (failed) continue;
+    if (failed || interrupted(interrupt)) continue;
     try {  // an exception must not leave an OpenMP loop body
       const index_t s0 = batch * opt.batch, s1 = std::min(s0 + opt.batch, n_spectra);
       const index_t nbatch = s1 - s0;
@@ -361,7 +363,9 @@ void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
       }
 
       std::vector<index_t> trial_slot;
-      while (std::find(active.begin(), active.end(), 1) != active.end()) {
+      // a batch of emulator fits can take seconds: look for an interrupt every iteration
+      while (std::find(active.begin(), active.end(), 1) != active.end() &&
+             !interrupted(interrupt)) {
         ids.clear();
         xs.clear();
         trial_slot.clear();

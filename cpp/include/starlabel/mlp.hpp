@@ -169,9 +169,11 @@ struct MLPBlocking {
 // build M_s = D W ... D W_0, the (width, n_in) Jacobian of the last hidden layer, side by
 // side for the tile's stars), then the last layer runs on (star tile x output block) tiles:
 // out = A W^T + b and J = W M, one GEMM each.
+// interrupt (or null): when it fires, the remaining tiles are skipped (out is incomplete).
 template <class T>
 void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_out,
-                 int n_threads, const MLPBlocking& blocking = MLPBlocking()) {
+                 int n_threads, const MLPBlocking& blocking = MLPBlocking(),
+                 Interrupt* interrupt = nullptr) {
   using namespace mlp_detail;
   if (n_stars <= 0) return;
   const int L = net.n_layers();
@@ -212,7 +214,7 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
       const index_t mld = n_in * nc;  // leading dimension of mcat in this chunk
 #pragma omp for schedule(static)
       for (index_t sub = 0; sub < n_sub; ++sub) {
-        if (failed) continue;
+        if (failed || interrupted(interrupt)) continue;
         try {
           const index_t s0 = c0 + sub * sb, ns = std::min(sb, n_stars - s0);
           const T* a = x + s0 * n_in;
@@ -272,7 +274,7 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
       const T* bl = net.biases[L - 1];
 #pragma omp for schedule(static)
       for (index_t t = 0; t < n_sub * n_pb; ++t) {
-        if (failed) continue;
+        if (failed || interrupted(interrupt)) continue;
         try {
           const index_t sub = t / n_pb, p0 = (t % n_pb) * pb, np = std::min(pb, n_out - p0);
           const index_t s0 = c0 + sub * sb, ns = std::min(sb, n_stars - s0);
@@ -366,12 +368,14 @@ struct MLPGradients {
 //   pixel_weights  (n_out,) or null
 // loss = mean over the batch and outputs of w_p |r| (L1) or w_p r^2 (L2), r = y - target.
 // Writes the gradients into grads and returns the loss through loss_out (set by one thread;
-// visible to all after the loop's barrier). failed is set on any exception.
+// visible to all after the loop's barrier). failed is set on any exception. Once interrupt
+// fires the remaining tiles are skipped and the gradients are incomplete.
 template <class T>
 void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, index_t B,
                                  const T* target, const T* pixel_weights, Loss loss,
                                  const MLPGradients<T>& grads, double& loss_out,
-                                 std::atomic<bool>& failed, const TrainBlocking& tb) {
+                                 std::atomic<bool>& failed, const TrainBlocking& tb,
+                                 Interrupt* interrupt = nullptr) {
   using namespace mlp_detail;
   const int L = net.n_layers();
   const index_t n_out = net.sizes[L];
@@ -384,7 +388,7 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
     const index_t n_ob = n_blocks(wo, tb.out_block);
 #pragma omp for schedule(static)
     for (index_t t = 0; t < n_sb * n_ob; ++t) {
-      if (failed) continue;
+      if (failed || interrupted(interrupt)) continue;
       try {
         const index_t s0 = (t / n_ob) * tb.star_block, ns = std::min(tb.star_block, B - s0);
         const index_t o0 = (t % n_ob) * tb.out_block, no = std::min(tb.out_block, wo - o0);
@@ -438,7 +442,7 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
     // weight gradient tiles (out block x in block), bias gradient with the first in block
 #pragma omp for schedule(static) nowait
     for (index_t t = 0; t < n_ob * n_ib; ++t) {
-      if (failed) continue;
+      if (failed || interrupted(interrupt)) continue;
       try {
         const index_t o0 = (t / n_ib) * tb.out_block, no = std::min(tb.out_block, wo - o0);
         const index_t i0 = (t % n_ib) * tb.in_block, ni = std::min(tb.in_block, wi - i0);
@@ -461,7 +465,7 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
     const index_t n_ib2 = n_blocks(wi, tb.in_block);
 #pragma omp for schedule(static)
     for (index_t t = 0; t < n_sb * n_ib2; ++t) {
-      if (failed) continue;
+      if (failed || interrupted(interrupt)) continue;
       try {
         const index_t s0 = (t / n_ib2) * tb.star_block, ns = std::min(tb.star_block, B - s0);
         const index_t i0 = (t % n_ib2) * tb.in_block, ni = std::min(tb.in_block, wi - i0);
@@ -540,7 +544,8 @@ void optimizer_update(const OptimizerOptions& o, std::int64_t step, T* p, const 
 template <class T>
 double mlp_loss_gradients(const MLPParams<T>& net, const T* x, const T* target, index_t B,
                           const T* pixel_weights, Loss loss, const MLPGradients<T>& grads,
-                          int n_threads, const TrainBlocking& tb = TrainBlocking()) {
+                          int n_threads, const TrainBlocking& tb = TrainBlocking(),
+                          Interrupt* interrupt = nullptr) {
   MLPWorkspace<T> ws;
   ws.reserve(net.sizes, B, tb);
   std::copy(x, x + B * net.sizes[0], ws.acts[0].begin());
@@ -549,7 +554,7 @@ double mlp_loss_gradients(const MLPParams<T>& net, const T* x, const T* target, 
 #pragma omp parallel num_threads(mlp_detail::useful_threads( \
     n_threads, 3.0 * mlp_detail::layer_flops(net.sizes, B)))
   mlp_loss_backward_in_region(net, ws, B, target, pixel_weights, loss, grads, loss_value, failed,
-                              tb);
+                              tb, interrupt);
   if (failed) throw std::bad_alloc();
   return loss_value;
 }
@@ -561,12 +566,15 @@ double mlp_loss_gradients(const MLPParams<T>& net, const T* x, const T* target, 
 //   step     optimizer steps taken so far (updated)
 //   lr       (n_batches,) learning rate of each step
 //   batch_loss_out (n_batches,) loss of each batch before its step
+//   interrupt (or null): when it fires, the epoch stops before the next optimizer step, so the
+//   parameters and moments are those after the last completed step, which `step` counts.
 template <class T>
 void mlp_train_epoch(const MLPParams<T>& net, const MLPGradients<T>& m, const MLPGradients<T>& v,
                      std::int64_t& step, const T* x, const T* target, const std::int64_t* order,
                      index_t n, index_t batch_size, const T* pixel_weights, Loss loss,
                      OptimizerOptions opt, const double* lr, double* batch_loss_out,
-                     int n_threads, const TrainBlocking& tb = TrainBlocking()) {
+                     int n_threads, const TrainBlocking& tb = TrainBlocking(),
+                     Interrupt* interrupt = nullptr) {
   using namespace mlp_detail;
   const int L = net.n_layers();
   const index_t n_in = net.sizes[0], n_out = net.sizes[L];
@@ -596,6 +604,8 @@ void mlp_train_epoch(const MLPParams<T>& net, const MLPGradients<T>& m, const ML
   const index_t n_seg = static_cast<index_t>(segments.size());
   std::atomic<bool> failed{false};
   double loss_value = 0.0;
+  index_t completed = 0;
+  bool stop = false;  // written by the master thread only, read by all after a barrier
 #pragma omp parallel num_threads( \
     useful_threads(n_threads, 3.0 * layer_flops(net.sizes, std::min(batch_size, n))))
   {
@@ -609,7 +619,16 @@ void mlp_train_epoch(const MLPParams<T>& net, const MLPGradients<T>& m, const ML
                   batch_target.begin() + i * n_out);
       }
       mlp_loss_backward_in_region(net, ws, B, batch_target.data(), pixel_weights, loss, grads,
-                                  loss_value, failed, tb);
+                                  loss_value, failed, tb, interrupt);
+      if (interrupt) {
+        // One thread decides, so that every thread leaves the loop at the same batch (they
+        // must meet the same barriers); the gradients of an interrupted batch are partial,
+        // so its step is not taken.
+#pragma omp master
+        stop = interrupt->requested() || failed;
+#pragma omp barrier
+        if (stop) break;
+      }
       OptimizerOptions o = opt;
       o.lr = lr[b];
       const std::int64_t this_step = step + b + 1;
@@ -619,10 +638,13 @@ void mlp_train_epoch(const MLPParams<T>& net, const MLPGradients<T>& m, const ML
         optimizer_update(o, this_step, g.p, g.g, g.m, g.v, g.n);
       }
 #pragma omp single
-      batch_loss_out[b] = loss_value;
+      {
+        batch_loss_out[b] = loss_value;
+        completed = b + 1;
+      }
     }
   }
-  step += n_batches;
+  step += completed;
   if (failed) throw std::bad_alloc();
 }
 

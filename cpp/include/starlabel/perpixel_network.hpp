@@ -24,12 +24,14 @@ struct PerPixelNetwork {
 //   x        (n_stars, n_labels)
 //   out      (n_stars, n_pixels)
 //   jac_out  (n_stars, n_pixels, n_labels) or null
+//   interrupt (or null): once it fires the remaining stars are skipped (out is incomplete)
 template <class T>
 void perpixel_forward(const PerPixelNetwork<T>& net, const T* x, index_t n_stars, T* out,
-                      T* jac_out, int n_threads) {
+                      T* jac_out, int n_threads, Interrupt* interrupt = nullptr) {
   const index_t P = net.n_pixels, H = net.n_hidden, K = net.n_labels;
 #pragma omp parallel for schedule(static) num_threads(resolve_threads(n_threads))
   for (index_t s = 0; s < n_stars; ++s) {
+    if (interrupted(interrupt)) continue;
     const T* xs = x + s * K;
     T* o = out + s * P;
     T* js = jac_out ? jac_out + s * P * K : nullptr;

@@ -53,12 +53,15 @@ inline bool running_quantile(const double* flux, const double* ivar, index_t n_s
                              index_t n_pixels, const std::int64_t* segments, index_t n_segments,
                              index_t half, double q, int n_threads, double* out) {
   const int threads = resolve_threads(n_threads);
+  // A window wider than the spectrum holds the whole spectrum: clamping `half` changes no
+  // result, keeps j + half + 1 from overflowing and the scratch buffer at most n_pixels long.
+  half = std::min(half, n_pixels);
   std::atomic<bool> ok{true};
 #pragma omp parallel num_threads(threads)
   {
     std::vector<double> buffer;
     try {
-      buffer.resize(static_cast<std::size_t>(2 * half + 1));
+      buffer.resize(static_cast<std::size_t>(std::min(2 * half + 1, std::max<index_t>(n_pixels, 1))));
     } catch (const std::bad_alloc&) {
       ok = false;
     }

@@ -241,8 +241,9 @@ struct ShiftedSpectrumModel {
 //   jac_out   (n, n_obs, n_params) or null
 template <class Emulator>
 void spectrum_model_evaluate(const ShiftedSpectrumModel<Emulator>& model, const double* params,
-                             index_t n, double* flux_out, double* jac_out, int n_threads) {
-  evaluate_spectra(model, params, n, flux_out, jac_out, n_threads);
+                             index_t n, double* flux_out, double* jac_out, int n_threads,
+                             Interrupt* interrupt = nullptr) {
+  evaluate_spectra(model, params, n, flux_out, jac_out, n_threads, interrupt);
 }
 
 namespace spectrum_detail {
@@ -338,12 +339,14 @@ inline double continuum_solve(const FitLayout& lay, const double* cheb, const do
 //   chi2_out   (n_spectra, n_templates, n_v)
 //   best_out   (n_spectra, n_templates)  index of the first minimum over finite chi2 (-1: none)
 //   coef_out   (n_spectra, n_templates, n_segments * n_coef) continuum at the best velocity
+//   interrupt  (or null) stops the remaining items once it fires (outputs incomplete)
 // Work is split by (spectrum, template); each item's sums run in one fixed order, so the
 // result does not depend on the thread count.
 inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t n_spectra,
                          index_t n_templates, const double* flux, const double* weight,
                          const double* velocities, index_t n_v, double* chi2_out,
-                         std::int64_t* best_out, double* coef_out, int n_threads) {
+                         std::int64_t* best_out, double* coef_out, int n_threads,
+                         Interrupt* interrupt = nullptr) {
   const index_t n_items = n_spectra * n_templates, n_obs = lay.n_obs;
   const index_t n_cc = lay.n_segments * lay.n_coef;
   const std::vector<double> cheb = spectrum_detail::chebyshev_table(lay);
@@ -354,7 +357,7 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
     std::vector<index_t> counts;
 #pragma omp for schedule(dynamic, 1)
     for (index_t item = 0; item < n_items; ++item) {
-      if (failed) continue;
+      if (failed || interrupted(interrupt)) continue;
       try {
         const index_t s = item / n_templates;
         const double* tmpl = templates + item * lay.n_model;

@@ -80,11 +80,14 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
             solution, ok, converged = _solve_theta(v, weight, f, regularization, penalized[free],
                                                    state["theta"])
             state.update(ok=ok, converged=converged)
-            if not ok:
+            if not ok or not np.all(np.isfinite(solution)):
                 raise np.linalg.LinAlgError
             state["theta"] = solution
             resid = f - v @ solution
-            return np.sum(weight**2 * resid**2 - weight), resid
+            g = np.sum(weight**2 * resid**2 - weight)
+            if fixed_s2 is None and not np.isfinite(g):   # absurd flux scales overflow w r^2
+                raise np.linalg.LinAlgError
+            return g, resid
 
         try:
             if fixed_s2 is not None:
@@ -95,6 +98,8 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
                 s2_value = 0.0
                 if g0 > 0:
                     hi = np.sum(resid[used] ** 2) / used.sum()
+                    if not np.isfinite(hi):
+                        raise np.linalg.LinAlgError
                     while evaluate(hi)[0] > 0:
                         hi *= 4.0
                     s2_value = brentq(lambda s: evaluate(s)[0], 0.0, hi, xtol=1e-300, rtol=S2_RTOL)
