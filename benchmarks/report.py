@@ -433,7 +433,23 @@ def memory_table(everything):
          "job time", "notes"], rows)]
 
 
-SECTIONS = ["cannon", "payne", "fit_spectra", "peers", "pytorch", "memory"]
+def dask_table(everything):
+    """fit_spectra in one process with 2 threads against a LocalCluster of 2 x 1 thread."""
+    runs = {e.get("backend"): e for e in everything if e.get("area") == "dask"}
+    local, dask = runs.get("local"), runs.get("dask")
+    if not local or not dask or None in (local["median"], dask["median"]):
+        return []
+    n = local["n_spectra"]
+    overhead = dask["median"] / local["median"] - 1
+    row = [f"fit_spectra, {n} spectra, {local['n_pixels']} px", ms(local["median"] / n),
+           ms(dask["median"] / n), f"{overhead:+.0%}",
+           "met" if abs(overhead) <= 0.15 else "not met"]
+    return ["### Dask overhead (time per spectrum)\n\n" + table(
+        ["problem", "1 process x 2 threads", "LocalCluster 2 x 1 thread", "difference",
+         "goal: within 15%"], [row])]
+
+
+SECTIONS = ["cannon", "payne", "fit_spectra", "dask", "peers", "pytorch", "memory"]
 
 
 def main(argv=None):
@@ -456,6 +472,7 @@ def main(argv=None):
              if entries and "cannon" in wanted else [])
     for title, section in (("Payne", payne_tables(everything)),
                            ("fit_spectra", fit_spectra_table(everything)),
+                           ("Dask", dask_table(everything)),
                            ("Peers", peer_tables(everything, entries)),
                            ("PyTorch", torch_table(everything)),
                            ("Memory", memory_table(everything))):
