@@ -48,6 +48,45 @@ def pytest_addoption(parser):
 
 
 @pytest.fixture(scope="session")
+def random_payne():
+    """A factory of fit_spectra test problems: ``make(hidden, n_pixels, n_spectra)`` gives a
+    float32 PayneModel of 25 labels with random weights (The Payne's architecture) on an
+    APOGEE-like grid of three log-linear chips, and noisy spectra from it at random labels and
+    RVs (+-300 km/s), S/N 100: dict(model, wave, segments, labels, rv, flux, ivar)."""
+    from starlabel import PayneModel
+    from starlabel.preprocess import doppler_factor
+
+    def make(hidden, n_pixels, n_spectra, seed=0):
+        n_labels = 25
+        # APOGEE's three chips (2920, 2400 and 1894 of its 7214 pixels), scaled to n_pixels
+        ends = np.round(n_pixels * np.cumsum([2920, 2400, 1894]) / 7214).astype(int)
+        chips = np.split(np.arange(n_pixels), ends[:-1])
+        starts = (15168.13, 15881.4, 16499.5)
+        wave = np.concatenate([10 ** (np.log10(lo) + 6e-6 * np.arange(c.size))
+                               for lo, c in zip(starts, chips)])
+        rng = np.random.default_rng(seed)
+        sizes = (n_labels,) + tuple(hidden) + (n_pixels,)
+        model = PayneModel([f"L{i}" for i in range(n_labels)], hidden=hidden, dtype="float32",
+                           wavelength=wave)
+        weights = [(rng.normal(size=(o, i)) / np.sqrt(i) * (0.05 if o == n_pixels else 1.0))
+                   .astype(np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
+        biases = [rng.normal(0, 0.1, o).astype(np.float32) for o in sizes[1:]]
+        biases[-1] += 1.0
+        model._set_network(weights, biases, np.zeros(n_labels), np.ones(n_labels))
+        labels = rng.uniform(0.3, 0.7, (n_spectra, n_labels))
+        rv = rng.uniform(-300, 300, n_spectra)
+        base = model.predict(labels).astype(np.float64)
+        flux = np.array([np.interp(wave / doppler_factor(v), wave, f) for v, f in zip(rv, base)])
+        flux *= 1 + 0.05 * np.sin(wave / 300.0)
+        flux += rng.normal(size=flux.shape) / 100.0
+        segments = [(wave[c[0]], wave[c[-1]]) for c in chips]
+        return dict(model=model, wave=wave, segments=segments, labels=labels, rv=rv, flux=flux,
+                    ivar=np.full_like(flux, 1e4))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def size(request):
     """The chosen size as a namespace (``size.name``, ``size.n_train``, ...)."""
     name = request.config.getoption("--size")

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 import starlabel
-from starlabel import PayneModel
-from starlabel.preprocess import doppler_factor
 
 distributed = pytest.importorskip("distributed", reason="needs the dask extra (dask.distributed)")
 pytest.importorskip("starlabel.distributed", reason="needs the dask extra")
@@ -25,32 +23,13 @@ CHUNK = 32  # spectra per Dask task: a multiple of the LM batch (16), so results
 
 
 @pytest.fixture(scope="module")
-def problem(request):
+def problem(request, random_payne):
     settings = SIZES[request.config.getoption("--size")]
-    n_pixels, n = settings["n_pixels"], settings["n_spectra"]
-    chips = np.array_split(np.arange(n_pixels), 3)
-    starts = (15168.13, 15881.4, 16499.5)
-    wave = np.concatenate([10 ** (np.log10(lo) + 6e-6 * np.arange(c.size))
-                           for lo, c in zip(starts, chips)])
-    rng = np.random.default_rng(0)
-    sizes = (N_LABELS,) + settings["hidden"] + (n_pixels,)
-    model = PayneModel([f"L{i}" for i in range(N_LABELS)], hidden=settings["hidden"],
-                       dtype="float32", wavelength=wave)
-    weights = [(rng.normal(size=(o, i)) / np.sqrt(i) * (0.05 if o == n_pixels else 1.0))
-               .astype(np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
-    biases = [rng.normal(0, 0.1, o).astype(np.float32) for o in sizes[1:]]
-    biases[-1] += 1.0
-    model._set_network(weights, biases, np.zeros(N_LABELS), np.ones(N_LABELS))
-    labels = rng.uniform(0.3, 0.7, (n, N_LABELS))
-    base = model.predict(labels).astype(np.float64)
-    rv = rng.uniform(-300, 300, n)
-    flux = np.array([np.interp(wave / doppler_factor(v), wave, f) for v, f in zip(rv, base)])
-    flux += rng.normal(size=flux.shape) / 100.0
-    segments = [(wave[c[0]], wave[c[-1]]) for c in chips]
-    options = dict(continuum_order=2, segments=segments, rv_range=(-400, 400),
-                   initial=np.full(N_LABELS, 0.5))
-    return dict(settings, model=model, wave=wave, flux=flux, ivar=np.full_like(flux, 1e4),
-                options=options)
+    problem = dict(settings, **random_payne(settings["hidden"], settings["n_pixels"],
+                                            settings["n_spectra"]))
+    problem["options"] = dict(continuum_order=2, segments=problem["segments"],
+                              rv_range=(-400, 400), initial=np.full(N_LABELS, 0.5))
+    return problem
 
 
 @pytest.fixture(scope="module")

