@@ -110,10 +110,10 @@ KINDS = ["perpixel", "mlp", "cannon"]
 
 def broadened(layout, n_rows):
     """The layout with a different Gaussian + rotational kernel for every parameter row."""
-    kernels, runs = starlabel.fitting._broadening_kernels(
+    setup = starlabel.fitting._broadening(
         {"sigma": np.linspace(2.0, 9.0, n_rows), "vsini": np.linspace(0.0, 30.0, n_rows)},
         layout["model_wavelength"], n_rows)
-    return dict(layout, kernels=kernels, kernel_segments=runs)
+    return dict(layout, kernels=setup["kernels"], kernel_segments=setup["segments"])
 
 
 @pytest.mark.parametrize("broaden", [False, True], ids=["sharp", "broadened"])
@@ -279,6 +279,72 @@ def test_initial_rv_search_beats_local_minimum(lines):
     assert res.rv_grid[np.argmin(res.rv_chi2[0])] == pytest.approx(350.0, abs=2.1)
 
 
+def sigma_layout(kind):
+    """A layout fitting the Gaussian broadening sigma (after rv), with a fixed rotational part,
+    and parameters with a sigma column (4-20 km/s; 0.3 km/s, below 1e-3 pixel of 4.1 km/s:
+    a delta kernel)."""
+    emu, layout, params = emulator_and_layout(kind)
+    setup = starlabel.fitting._broadening({"sigma": "fit", "sigma_max": 25.0, "vsini": 12.0},
+                                          layout["model_wavelength"], len(params))
+    layout = dict(layout, kernels=setup["kernels"], kernel_segments=setup["segments"],
+                  fit_sigma=setup["fit_sigma"])
+    n_labels = params.shape[1] - 7
+    sigma = np.array([4.0, 9.5, 20.0, 0.003])[:, None]
+    params = np.concatenate([params[:, :n_labels + 1], sigma, params[:, n_labels + 1:]], axis=1)
+    return emu, layout, params, n_labels + 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", [fast, reference], ids=["fast", "reference"])
+def test_fitted_sigma_jacobian_matches_finite_differences(kind, backend):
+    emu, layout, params, k = sigma_layout(kind)
+    flux, jac = backend.spectrum_model(emu, layout, params, jacobian=True)
+    for a in (0, k, k + 1):  # a label, sigma, a continuum coefficient
+        h = 1e-4 if a == k else 1e-6  # sigma ~ 10 km/s: h^2 truncation ~1e-8 relative
+        up, down = params.copy(), params.copy()
+        up[:, a] += h
+        down[:, a] -= h
+        numeric = (backend.spectrum_model(emu, layout, up) - backend.spectrum_model(emu, layout, down)) / (2 * h)
+        rows = slice(0, 3) if a == k else slice(None)  # the delta kernel has no derivative
+        scale = np.abs(jac[rows, :, a]).max() + 1e-300
+        np.testing.assert_allclose(jac[rows, :, a], numeric[rows], rtol=0, atol=1e-6 * scale,
+                                   err_msg=f"parameter {a} (sigma is {k})")
+    assert np.all(jac[3, :, k] == 0.0)
+
+
+def test_fitted_sigma_parity(isa_core):
+    emu, layout, params, _ = sigma_layout("mlp")
+    a = fast.spectrum_model(emu, layout, params, jacobian=True)
+    b = reference.spectrum_model(emu, layout, params, jacobian=True)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-10, atol=1e-12 * np.abs(b[1]).max())
+
+
+def test_fitted_sigma_recovery(lines):
+    """Spectra broadened by known Gaussians (sigma 4-12 km/s, preprocess.broaden) and a fixed
+    rotation: the fitted sigma is unbiased within its errors, and so are labels and RV."""
+    rng = np.random.default_rng(31)
+    n = 60
+    labels, rv, _ = truth(n, rng, rv_max=200.0)
+    sigma = rng.uniform(4.0, 12.0, n)
+    wave = lines.wavelength
+    kernels = starlabel.fitting._broadening({"sigma": sigma, "vsini": 8.0}, wave, n)["kernels"]
+    broad, _ = starlabel.preprocess.broaden(wave, lines.predict(labels), np.ones((n, wave.size)),
+                                            kernels, min_weight=1e-9)
+    flux = np.array([np.interp(wave / doppler_factor(v), wave, f) for v, f in zip(rv, broad)])
+    flux += rng.normal(size=flux.shape) / 200.0
+    ivar = np.full_like(flux, 200.0**2)
+    res = starlabel.fit_spectra(lines, flux, ivar, rv_range=(-300, 300),
+                                broadening={"sigma": "fit", "vsini": 8.0, "sigma_max": 30.0})
+    assert np.all(res.status == FitStatus.CONVERGED)
+    assert res.param_names == ("A", "B", "C", "rv", "sigma")
+    pulls = np.column_stack([(res.labels - labels) / res.errors, (res.rv - rv) / res.rv_error,
+                             (res.sigma - sigma) / res.sigma_error])
+    assert np.all(np.abs(pulls.mean(axis=0)) < 0.5), pulls.mean(axis=0)   # ~4 sigma for n=60
+    assert np.all((pulls.std(axis=0) > 0.75) & (pulls.std(axis=0) < 1.3)), pulls.std(axis=0)
+    assert 0.9 < np.median(res.reduced_chi2) < 1.1
+
+
 def test_broadening_is_a_normalized_convolution():
     """Broadening a constant leaves it constant (the kernel is renormalized where a chip edge
     cuts it); broadening a single narrow line conserves its equivalent width inside a chip,
@@ -289,7 +355,8 @@ def test_broadening_is_a_normalized_convolution():
               "segment_index": np.full(wave.size, -1, dtype=np.int32),
               "segment_coord": np.zeros(wave.size), "n_segments": 0, "n_coef": 0, "fit_rv": False}
     sigma = 12.0
-    kernels, runs = starlabel.fitting._broadening_kernels({"sigma": sigma}, wave, 1)
+    setup = starlabel.fitting._broadening({"sigma": sigma}, wave, 1)
+    kernels, runs = setup["kernels"], setup["segments"]
     np.testing.assert_array_equal(runs, [[0, 400], [400, 800]])
     lay = dict(layout, kernels=kernels, kernel_segments=runs)
     flat = {"kind": "perpixel", "w0": np.zeros((800, 1, 1)), "b0": np.zeros((800, 1)),
@@ -316,7 +383,7 @@ def test_broadening_recovery(lines):
     labels, rv, _ = truth(n, rng, rv_max=200.0)
     sigma, vsini = rng.uniform(3.0, 10.0, n), rng.uniform(0.0, 25.0, n)
     wave = lines.wavelength
-    kernels, _ = starlabel.fitting._broadening_kernels({"sigma": sigma, "vsini": vsini}, wave, n)
+    kernels = starlabel.fitting._broadening({"sigma": sigma, "vsini": vsini}, wave, n)["kernels"]
     sharp = lines.predict(labels)
     broad, _ = starlabel.preprocess.broaden(wave, sharp, np.ones_like(sharp), kernels, min_weight=1e-9)
     flux = np.array([np.interp(wave / doppler_factor(v), wave, f) for v, f in zip(rv, broad)])
@@ -433,6 +500,8 @@ BAD = [
     (dict(broadening={"fwhm": 3.0}), ValueError),
     (dict(broadening={"sigma": -1.0}), ValueError),
     (dict(broadening={"vsini": np.ones(3)}), ValueError),
+    (dict(broadening={"sigma": "free"}), ValueError),
+    (dict(broadening={"sigma": "fit", "sigma_start": 60.0}), ValueError),
     (dict(bounds="wide"), ValueError),
     (dict(initial=np.ones(2)), ValueError),
     (dict(fit_rv="yes"), TypeError),

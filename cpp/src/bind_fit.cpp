@@ -10,6 +10,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checks.hpp"
@@ -117,7 +118,7 @@ struct Layout {
   Layout(const py::handle& mw, const py::handle& ow, const py::handle& seg, const py::handle& co,
          index_t n_segments, index_t n_coef, bool fit_rv, index_t n_labels,
          const py::handle& kern = py::none(), const py::handle& kseg = py::none(),
-         index_t n_kernel_rows = 1) {
+         index_t n_kernel_rows = 1, const py::handle& sigma = py::none()) {
     model_wave = require<double>(mw, "model_wavelength", {ANY});
     obs_wave = require<double>(ow, "wavelength", {ANY});
     const index_t n_obs = obs_wave.shape(0), n_model = model_wave.shape(0);
@@ -130,7 +131,16 @@ struct Layout {
         throw py::value_error("segment_index must lie in [-1, n_segments)");
     view = FitLayout{model_wave.data(), n_model, obs_wave.data(), n_obs, s,
                      coord.data(), n_segments, n_coef, fit_rv, n_labels};
+    if (!sigma.is_none()) {  // (step km/s per model pixel, taps each side) of a fitted sigma
+      const auto pair = sigma.cast<std::pair<double, index_t>>();
+      if (!(pair.first > 0.0) || !std::isfinite(pair.first) || pair.second < 0 || pair.second > 100000)
+        throw py::value_error("fit_sigma must be (step > 0 km/s, 0 <= half-width <= 1e5 pixels)");
+      view.fit_sigma = true;
+      view.sigma_step = pair.first;
+      view.sigma_half = pair.second;
+    }
     kernels = require_optional<double>(kern, "kernels", {ANY, ANY});
+    if (kernels || view.fit_sigma) read_kernel_segments(kseg, n_model);
     if (!kernels) return;
     const index_t rows = kernels->shape(0), n_taps = kernels->shape(1);
     if (rows != 1 && rows != n_kernel_rows)
@@ -144,6 +154,13 @@ struct Layout {
       if (!(k[r * n_taps + n_taps / 2] > 0.0))  // keeps every renormalization finite
         throw py::value_error("kernels must be > 0 at their centre tap");
     }
+    view.kernels = k;
+    view.n_taps = n_taps;
+    view.kernel_stride = rows == 1 ? 0 : n_taps;
+  }
+
+ private:
+  void read_kernel_segments(const py::handle& kseg, index_t n_model) {
     kernel_segments = require<std::int64_t>(kseg, "kernel_segments", {ANY, 2});
     const std::int64_t* g = kernel_segments->data();
     const index_t n_kseg = kernel_segments->shape(0);
@@ -152,9 +169,6 @@ struct Layout {
         throw py::value_error("kernel_segments must split [0, n_model) into consecutive runs");
     if (n_kseg == 0 || g[2 * n_kseg - 1] != n_model)
       throw py::value_error("kernel_segments must split [0, n_model) into consecutive runs");
-    view.kernels = k;
-    view.n_taps = n_taps;
-    view.kernel_stride = rows == 1 ? 0 : n_taps;
     view.kernel_segments = g;
     view.n_kernel_segments = n_kseg;
   }
@@ -170,14 +184,16 @@ py::object spectrum_model(const py::dict& spec, const py::handle& mw, const py::
                           const py::handle& seg, const py::handle& co, index_t n_segments,
                           index_t n_coef, bool fit_rv, const py::handle& params_in,
                           bool with_jacobian, const py::handle& kernels,
-                          const py::handle& kernel_segments, int n_threads) {
+                          const py::handle& kernel_segments, const py::handle& fit_sigma,
+                          int n_threads) {
   py::object result;
   with_emulator(spec, [&](const auto& emu) {
-    const index_t np = emu.n_labels + (fit_rv ? 1 : 0) + n_segments * n_coef;
+    const index_t np = emu.n_labels + (fit_rv ? 1 : 0) + (fit_sigma.is_none() ? 0 : 1) +
+                       n_segments * n_coef;
     auto params = require<double>(params_in, "params", {ANY, np});
     const index_t n = params.shape(0);
     const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels, kernels,
-                        kernel_segments, n);
+                        kernel_segments, n, fit_sigma);
     check_emulator_grid(emu.n_pixels, layout);
     const ShiftedSpectrumModel<std::decay_t<decltype(emu)>> model(emu, layout.view);
     const index_t n_obs = layout.view.n_obs;
@@ -200,13 +216,14 @@ py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
               bool fit_rv, const py::handle& flux_in, const py::handle& ivar_in,
               const py::handle& extra_in, const py::handle& initial_in,
               const py::handle& lower_in, const py::handle& upper_in, int max_iter,
-              const py::handle& kernels, const py::handle& kernel_segments, int n_threads) {
+              const py::handle& kernels, const py::handle& kernel_segments,
+              const py::handle& fit_sigma, int n_threads) {
   py::tuple result;
   with_emulator(spec, [&](const auto& emu) {
     auto flux = require<double>(flux_in, "flux", {ANY, ANY});
     const index_t n_spectra = flux.shape(0);
     const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels, kernels,
-                        kernel_segments, n_spectra);
+                        kernel_segments, n_spectra, fit_sigma);
     check_emulator_grid(emu.n_pixels, layout);
     using Model = ShiftedSpectrumModel<std::decay_t<decltype(emu)>>;
     const Model model(emu, layout.view);
@@ -280,13 +297,13 @@ void bind_fit(py::module_& m) {
         py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
         py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("params"),
         py::arg("with_jacobian"), py::arg("kernels"), py::arg("kernel_segments"),
-        py::arg("n_threads"));
+        py::arg("fit_sigma"), py::arg("n_threads"));
   m.def("fit_spectra", &fit, py::arg("emulator"), py::arg("model_wavelength"),
         py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
         py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("flux"),
         py::arg("ivar"), py::arg("extra_variance"), py::arg("initial"), py::arg("lower"),
         py::arg("upper"), py::arg("max_iter"), py::arg("kernels"), py::arg("kernel_segments"),
-        py::arg("n_threads"));
+        py::arg("fit_sigma"), py::arg("n_threads"));
   m.def("fit_rv_grid", &rv_grid, py::arg("model_wavelength"), py::arg("wavelength"),
         py::arg("segment_index"), py::arg("segment_coord"), py::arg("n_segments"),
         py::arg("n_coef"), py::arg("templates"), py::arg("flux"), py::arg("weight"),

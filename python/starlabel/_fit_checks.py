@@ -73,19 +73,39 @@ def layout(value, n_labels, n_model):
     out = {"model_wavelength": model_wave, "wavelength": wave,
            "segment_index": np.ascontiguousarray(seg, dtype=np.int32), "segment_coord": coord,
            "n_segments": n_segments, "n_coef": n_coef, "fit_rv": bool(fit_rv),
-           "kernels": None, "kernel_segments": None}
-    if value.get("kernels") is not None:
+           "kernels": None, "kernel_segments": None, "fit_sigma": None}
+    if value.get("fit_sigma") is not None:
+        out["fit_sigma"] = _fit_sigma(value["fit_sigma"])
+    if value.get("kernels") is not None or out["fit_sigma"] is not None:
         out["kernels"], out["kernel_segments"] = _kernels(value, n_model)
     out["n_labels"] = n_labels
-    out["n_params"] = n_labels + int(fit_rv) + n_segments * n_coef
+    out["n_params"] = (n_labels + int(fit_rv) + int(out["fit_sigma"] is not None)
+                       + n_segments * n_coef)
     return out
 
 
+def _fit_sigma(value):
+    """(step km/s per model pixel, Gaussian taps each side) of a fitted broadening sigma."""
+    try:
+        step, half = value
+    except (TypeError, ValueError):
+        raise TypeError("fit_sigma must be None or a (step, half_width) pair") from None
+    step = float(step)
+    if not (np.isfinite(step) and step > 0) or int(half) != half or not 0 <= half <= 100000:
+        raise ValueError("fit_sigma must be (step > 0 km/s, 0 <= half-width <= 1e5 pixels)")
+    return step, int(half)
+
+
 def _kernels(value, n_model):
-    """Broadening kernels (n_rows, n_taps) on the model grid and the runs they stay in."""
-    kernels = check.finite_array("kernels", value["kernels"], 2)
-    if kernels.shape[1] % 2 != 1 or np.any(kernels < 0) or np.any(kernels[:, kernels.shape[1] // 2] <= 0):
-        raise ValueError("kernels must have an odd number of taps, be >= 0 and > 0 at the centre")
+    """Fixed broadening kernels (n_rows, n_taps; or None) on the model grid and the runs
+    they stay in."""
+    kernels = None
+    if value.get("kernels") is not None:
+        kernels = check.finite_array("kernels", value["kernels"], 2)
+        if (kernels.shape[1] % 2 != 1 or np.any(kernels < 0)
+                or np.any(kernels[:, kernels.shape[1] // 2] <= 0)):
+            raise ValueError("kernels must have an odd number of taps, be >= 0 and > 0 at the "
+                             "centre")
     runs = np.asarray(value.get("kernel_segments"))
     if (runs.ndim != 2 or runs.shape[1:] != (2,) or not np.issubdtype(runs.dtype, np.integer)
             or runs.size == 0 or runs[0, 0] != 0 or runs[-1, 1] != n_model

@@ -43,7 +43,8 @@ class SpectrumFitResult(FitResult):
     labels : (n, n_labels) physical labels; ``errors`` their 1-sigma uncertainties
     rv, rv_error : (n,) km/s (0 and NaN when the RV is not fitted)
     continuum : (n, n_segments, n_coef) Chebyshev coefficients per segment (empty if not fitted)
-    param_names : label names, then "rv" (if fitted), then "c<segment>_<k>"
+    sigma, sigma_error : (n,) fitted Gaussian broadening, km/s (None unless fitted)
+    param_names : label names, then "rv" (if fitted), "sigma" (if fitted), then "c<segment>_<k>"
     covariance : (n, n_params, n_params) inverse of J^T W J at the solution, physical units
     chi2, reduced_chi2 : (n,) reduced by (pixels used - n_params)
     n_pixels_used, n_iter, status : (n,) (FitStatus codes)
@@ -53,7 +54,8 @@ class SpectrumFitResult(FitResult):
     """
 
     def __init__(self, label_names, param_names, labels, rv, continuum, covariance, chi2,
-                 n_pixels_used, n_iter, status, rv_grid, rv_chi2, rv_initial, model_flux, fit_rv):
+                 n_pixels_used, n_iter, status, rv_grid, rv_chi2, rv_initial, model_flux, fit_rv,
+                 sigma=None):
         super().__init__(label_names, labels, covariance, chi2, n_pixels_used, n_iter, status)
         self.param_names = tuple(param_names)
         self.rv = rv
@@ -63,6 +65,10 @@ class SpectrumFitResult(FitResult):
         n_labels = len(self.label_names)
         self.rv_error = (np.sqrt(covariance[:, n_labels, n_labels]) if fit_rv
                          else np.full(len(labels), np.nan))
+        self.sigma, self.sigma_error = sigma, None
+        if sigma is not None:
+            k = self.param_names.index("sigma")
+            self.sigma_error = np.sqrt(covariance[:, k, k])
         dof = n_pixels_used - len(self.param_names)
         with np.errstate(divide="ignore", invalid="ignore"):
             self.reduced_chi2 = np.where(dof > 0, chi2 / np.maximum(dof, 1), np.nan)
@@ -76,6 +82,8 @@ class SpectrumFitResult(FitResult):
     def to_table(self):
         table = super().to_table()
         table["rv"], table["E_rv"] = self.rv, self.rv_error
+        if self.sigma is not None:
+            table["sigma"], table["E_sigma"] = self.sigma, self.sigma_error
         return table
 
     def __repr__(self):
@@ -103,11 +111,12 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
         continuum fitted per segment
     segments : None (one segment) or a sequence of (low, high) wavelength ranges in Angstrom
         (e.g. APOGEE's three chips); with a continuum, pixels in no segment are ignored
-    broadening : None, or fixed broadening of the model (applied on its grid, before the
-        Doppler shift) as a dict: ``"sigma"`` (km/s; Gaussian: macroturbulence and the
-        instrumental profile), ``"vsini"`` (km/s; rotation with linear limb darkening
-        ``"limb_darkening"``, default 0.6), each a scalar or one value per spectrum. Needs a
-        model grid uniform in log(wavelength) (gaps allowed). Not a fit parameter.
+    broadening : None, or broadening of the model (applied on its grid, before the Doppler
+        shift) as a dict: ``"sigma"`` (km/s, Gaussian: macroturbulence and the instrumental
+        profile; or ``"fit"`` to fit it, from ``"sigma_start"`` (5) within [0,
+        ``"sigma_max"`` (50)]), ``"vsini"`` (km/s; rotation with linear limb darkening
+        ``"limb_darkening"``, default 0.6, fixed); values a scalar or one per spectrum.
+        Needs a model grid uniform in log(wavelength) (gaps allowed).
     mask : bool (n_pixels,) or (n_spectra, n_pixels), True marks a pixel to leave out
     bounds : "training" (default: the model's training box), None (no label bounds) or a
         (lower, upper) pair of physical label arrays (+-inf allowed)
@@ -149,12 +158,15 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     starts = desc["scale"](check.starting_points(starts, n_spectra, n_labels))
     n_starts = starts.shape[1]
 
-    kernels, kernel_segments = _broadening_kernels(broadening, model_wave, n_spectra)
+    broad = _broadening(broadening, model_wave, n_spectra)
+    fit_sigma = broad is not None and broad["fit_sigma"] is not None
 
     layout = {"model_wavelength": model_wave, "wavelength": obs_wave,
               "segment_index": seg_index, "segment_coord": seg_coord,
-              "n_segments": n_segments if n_coef else 0, "n_coef": n_coef, "fit_rv": fit_rv,
-              "kernels": kernels, "kernel_segments": kernel_segments}
+              "n_segments": n_segments if n_coef else 0, "n_coef": n_coef, "fit_rv": fit_rv}
+    if broad is not None:
+        layout.update(kernels=broad["kernels"], kernel_segments=broad["segments"],
+                      fit_sigma=broad["fit_sigma"])
     if not n_coef:
         layout["segment_index"] = np.full(obs_wave.size, -1, dtype=np.int32)
     extra = _extra_variance(desc, model_wave, obs_wave)
@@ -169,12 +181,14 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     v0 = np.zeros((n_spectra, n_starts))
     coef0 = np.zeros((n_spectra, n_starts, layout["n_segments"] * n_coef))
     if fit_rv or n_coef:
-        templates = _templates(backend, desc["emulator"], model_wave, starts, kernels,
-                               kernel_segments, n_threads)
+        templates = _templates(backend, desc["emulator"], model_wave, starts,
+                               None if broad is None else broad["template_kernels"],
+                               None if broad is None else broad["segments"], n_threads)
         usable = _coverage(model_wave, bad_model, obs_wave, velocities.min(), velocities.max())
         weight = _weights(ivar * usable[None, :], extra)
         chi2_grid, best, coef0 = backend.rv_chi2_grid(
-            dict(layout, fit_rv=False), templates, flux, weight, velocities, n_threads=n_threads)
+            dict(layout, fit_rv=False, fit_sigma=None), templates, flux, weight, velocities,
+            n_threads=n_threads)
         v0 = velocities[np.maximum(best, 0)]
         best_start = np.argmin(np.where(best >= 0, np.take_along_axis(
             chi2_grid, np.maximum(best, 0)[..., None], axis=2)[..., 0], np.inf), axis=1)
@@ -189,29 +203,36 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     parts = [starts]
     if fit_rv:
         parts.append(v0[..., None])
+    if fit_sigma:
+        parts.append(np.full((n_spectra, n_starts, 1), broad["sigma_start"]))
     parts.append(coef0)
     initial_params = np.concatenate(parts, axis=2)
     n_cc = layout["n_segments"] * n_coef
-    lower = np.concatenate([lower_x, [rv_lo] if fit_rv else [], np.full(n_cc, -np.inf)])
-    upper = np.concatenate([upper_x, [rv_hi] if fit_rv else [], np.full(n_cc, np.inf)])
+    lower = np.concatenate([lower_x, [rv_lo] if fit_rv else [], [0.0] if fit_sigma else [],
+                            np.full(n_cc, -np.inf)])
+    upper = np.concatenate([upper_x, [rv_hi] if fit_rv else [],
+                            [broad["sigma_max"]] if fit_sigma else [], np.full(n_cc, np.inf)])
     sol = backend.spectrum_fit(desc["emulator"], layout, flux, ivar_fit, initial_params,
                                extra_variance=extra, lower=lower, upper=upper, max_iter=max_iter,
                                n_threads=n_threads)
 
-    jac_scale = np.concatenate([desc["label_scale"], np.ones(int(fit_rv) + n_cc)])
+    jac_scale = np.concatenate([desc["label_scale"], np.ones(int(fit_rv) + int(fit_sigma) + n_cc)])
     covariance = sol.covariance * jac_scale[None, :, None] * jac_scale[None, None, :]
     labels = desc["unscale"](sol.x[:, :n_labels])
     rv = sol.x[:, n_labels] if fit_rv else np.zeros(n_spectra)
-    continuum = sol.x[:, n_labels + int(fit_rv):].reshape(n_spectra, layout["n_segments"], n_coef)
+    sigma = sol.x[:, n_labels + int(fit_rv)] if fit_sigma else None
+    continuum = sol.x[:, n_labels + int(fit_rv) + int(fit_sigma):].reshape(
+        n_spectra, layout["n_segments"], n_coef)
     model_flux = None
     if return_model:
         model_flux = backend.spectrum_model(desc["emulator"], layout, sol.x, n_threads=n_threads)
-    names = list(desc["label_names"]) + (["rv"] if fit_rv else []) + [
+    names = list(desc["label_names"]) + (["rv"] if fit_rv else []) + (
+        ["sigma"] if fit_sigma else []) + [
         f"c{s}_{k}" for s in range(layout["n_segments"]) for k in range(n_coef)]
     return SpectrumFitResult(desc["label_names"], names, labels, rv, continuum, covariance,
                              sol.chi2, sol.n_used, sol.n_iter, sol.status,
                              velocities if fit_rv else None, rv_chi2 if fit_rv else None,
-                             centre, model_flux, fit_rv)
+                             centre, model_flux, fit_rv, sigma=sigma)
 
 
 # --- the emulators -----------------------------------------------------------------------
@@ -331,39 +352,67 @@ def _rv_step(rv_step, model_wave):
     return 0.5 * float(np.median(dv))  # half a pixel: the chi2 minimum is within a quarter pixel
 
 
-def _broadening_kernels(broadening, model_wave, n_spectra):
-    """Kernels (1 or n_spectra rows, odd length) in model pixels and the log-uniform runs of
-    the model grid they stay in; (None, None) without broadening."""
+SIGMA_START_KMS = 5.0    # a fitted Gaussian broadening starts here ...
+SIGMA_MAX_KMS = 50.0     # ... and stays below this (its kernel's reach is 6 sigma_max)
+
+
+def _broadening(broadening, model_wave, n_spectra):
+    """The broadening set-up, a dict: ``kernels`` (1 or n_spectra rows, odd length, in model
+    pixels: the fixed part; None if there is none), ``segments`` (the model grid's
+    log-uniform runs), ``fit_sigma`` (None, or (km/s per model pixel, Gaussian taps each
+    side) when sigma is fitted), ``sigma_start``, ``sigma_max`` and ``template_kernels``
+    (the whole kernel at the start, for the RV search). None without broadening."""
     if broadening is None:
-        return None, None
+        return None
+    known = {"sigma", "sigma_start", "sigma_max", "vsini", "limb_darkening"}
     if not isinstance(broadening, dict):
-        raise TypeError("broadening must be None or a dict with 'sigma', 'vsini', 'limb_darkening'")
-    unknown = sorted(set(broadening) - {"sigma", "vsini", "limb_darkening"})
+        raise TypeError(f"broadening must be None or a dict with keys from {sorted(known)}")
+    unknown = sorted(set(broadening) - known)
     if unknown:
-        raise ValueError(f"broadening has unknown keys {unknown}; known: sigma, vsini, limb_darkening")
+        raise ValueError(f"broadening has unknown keys {unknown}; known: {sorted(known)}")
     try:
         runs, dln = _grid.log_uniform_segments(model_wave)
     except ValueError:
         raise ValueError("broadening needs the model's wavelength grid to be uniform in "
                          "log(wavelength) (gaps allowed)") from None
     step = C_KMS * dln  # km/s per model pixel
-    values = {}
-    for name in ("sigma", "vsini"):
-        v = np.asarray(broadening.get(name, 0.0), dtype=np.float64)
+    fit_sigma = isinstance(broadening.get("sigma"), str)
+    if fit_sigma and broadening["sigma"] != "fit":
+        raise ValueError(f"broadening['sigma'] must be km/s or 'fit', got {broadening['sigma']!r}")
+    sigma_start = float(broadening.get("sigma_start", SIGMA_START_KMS))
+    sigma_max = float(broadening.get("sigma_max", SIGMA_MAX_KMS))
+    if not 0 <= sigma_start <= sigma_max < np.inf:
+        raise ValueError("broadening needs 0 <= sigma_start <= sigma_max < inf (km/s)")
+
+    def per_spectrum(name, value):
+        v = np.asarray(value, dtype=np.float64)
         if v.ndim > 1 or (v.ndim == 1 and v.size != n_spectra):
             raise ValueError(f"broadening['{name}'] must be a scalar or {n_spectra} values "
                              f"(one per spectrum), got shape {v.shape}")
         if not np.all(np.isfinite(v)) or np.any(v < 0):
             raise ValueError(f"broadening['{name}'] must be finite and >= 0 km/s")
-        values[name] = np.atleast_1d(v)
-    n_rows = max(values["sigma"].size, values["vsini"].size)
-    sigma = np.broadcast_to(values["sigma"], (n_rows,))
-    vsini = np.broadcast_to(values["vsini"], (n_rows,))
-    gauss = np.atleast_2d(gaussian_kernel(sigma / step))
+        return np.atleast_1d(v)
+
+    vsini = per_spectrum("vsini", broadening.get("vsini", 0.0))
     rotation = np.atleast_2d(rotation_kernel(vsini, step, broadening.get("limb_darkening", 0.6)))
-    kernels = np.array([np.convolve(g, r) for g, r in zip(gauss, rotation)])
-    kernels /= kernels.sum(axis=1, keepdims=True)
-    return kernels, np.array(runs, dtype=np.int64)
+
+    def combined(sigma):
+        n_rows = max(sigma.size, vsini.size)
+        gauss = np.atleast_2d(gaussian_kernel(np.broadcast_to(sigma, (n_rows,)) / step))
+        rows = np.broadcast_to(rotation, (n_rows, rotation.shape[1]))
+        kernels = np.array([np.convolve(g, r) for g, r in zip(gauss, rows)])
+        return kernels / kernels.sum(axis=1, keepdims=True)
+
+    setup = {"segments": np.array(runs, dtype=np.int64), "fit_sigma": None,
+             "sigma_start": sigma_start, "sigma_max": sigma_max}
+    if fit_sigma:
+        setup["kernels"] = rotation if np.any(vsini > 0) else None
+        setup["fit_sigma"] = (step, int(np.ceil(6.0 * sigma_max / step)))
+        setup["template_kernels"] = combined(np.array([sigma_start]))
+    else:
+        setup["kernels"] = setup["template_kernels"] = combined(
+            per_spectrum("sigma", broadening.get("sigma", 0.0)))
+    return setup
 
 
 def _segments(segments, wave):

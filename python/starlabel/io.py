@@ -563,7 +563,7 @@ def _unit_for(name):
         key = key[2:]
     if key in _UNITS:
         return _UNITS[key]
-    if key.startswith(("vmic", "vmac", "vbroad", "vsini")):
+    if key.startswith(("vmic", "vmac", "vbroad", "vsini")) or key == "sigma":
         return "km/s"
     if (key.startswith("[") or key.endswith(("_h", "_fe", "_m")) or
             key in ("feh", "mh", "alpha", "alphafe", "alpham")):

@@ -8,15 +8,18 @@
 // D maps rest to observed wavelength), and C_s = sum_k c_{s,k} T_k(t) is a Chebyshev series
 // in the pixel's coordinate t in [-1, 1] across its segment s (e.g. one APOGEE chip).
 // Parameters, in this order: the emulator's scaled labels x (n_labels), v in km/s (when
-// fitted), then the continuum coefficients segment by segment (n_segments * n_coef).
+// fitted), the Gaussian broadening sigma in km/s (when fitted), then the continuum
+// coefficients segment by segment (n_segments * n_coef).
 // The Jacobian follows by the chain rule:
 //   dm/dx_a   = C * interp(dF/dx_a)
 //   dm/dv     = C * F'(w) * w * d ln w / dv,   w = lambda / D(v),  d ln w / dv = -1 / (c (1 - beta^2))
 //   dm/dc_s,k = T_k(t) * F(w)   on segment s's pixels
 // with F' the slope of the linear interpolant (piecewise constant in w).
-// Optionally F (and dF/dx) is first broadened on the model grid by a fixed kernel per
-// spectrum (Gaussian and rotational broadening, built by the front end in model pixels):
-// a linear operator, so the chain rule above is unchanged.
+// Optionally F (and dF/dx) is first broadened on the model grid by a kernel per spectrum
+// (Gaussian and rotational broadening in model pixels): a linear operator, so the chain rule
+// above is unchanged. The kernel is fixed (built by the front end), or its Gaussian part has
+// a fitted width sigma (km/s): K = g(sigma) * r, r the fixed part, and
+//   dm/dsigma = C * interp(dK/dsigma (*) F)   (the renormalized convolution's derivative).
 //
 // The emulator is anything with
 //   index_t n_labels, n_pixels;
@@ -65,10 +68,19 @@ struct FitLayout {
   index_t n_taps = 0, kernel_stride = 0;
   const std::int64_t* kernel_segments = nullptr;
   index_t n_kernel_segments = 0;
+  // A fitted Gaussian width (parameter after rv): sigma_step km/s per model pixel, and
+  // sigma_half taps each side of the Gaussian (enough for the largest sigma allowed).
+  bool fit_sigma = false;
+  double sigma_step = 0.0;
+  index_t sigma_half = 0;
 
-  index_t n_params() const { return n_labels + (fit_rv ? 1 : 0) + n_segments * n_coef; }
+  bool broadens() const { return kernels != nullptr || fit_sigma; }
+  index_t n_params() const {
+    return n_labels + (fit_rv ? 1 : 0) + (fit_sigma ? 1 : 0) + n_segments * n_coef;
+  }
   index_t rv_index() const { return n_labels; }
-  index_t coef_index() const { return n_labels + (fit_rv ? 1 : 0); }
+  index_t sigma_index() const { return n_labels + (fit_rv ? 1 : 0); }
+  index_t coef_index() const { return sigma_index() + (fit_sigma ? 1 : 0); }
 };
 
 namespace spectrum_detail {
@@ -104,29 +116,77 @@ inline std::vector<double> chebyshev_table(const FitLayout& lay) {
   return table;
 }
 
-// Broaden every column of values (n_model, n_cols) row-major with a centred kernel along the
-// model grid, within each kernel segment (see FitLayout): out_j = sum_t K_t v_i / sum_t K_t
-// over the taps with i = j + t - n_taps / 2 inside j's segment.
-inline void broaden_columns(const FitLayout& lay, const double* kernel, const double* values,
-                            index_t n_cols, double* out) {
-  const index_t centre = lay.n_taps / 2;
+// Broaden every column of values (n_model, n_cols) row-major with a centred kernel of n_taps
+// (odd) along the model grid, within each kernel segment (see FitLayout):
+// out_j = sum_t K_t v_i / sum_t K_t over the taps with i = j + t - n_taps / 2 inside j's
+// segment. With dkernel (dK/dsigma) and n_cols == 1 also its derivative
+// dout_j = (sum_t dK_t v_i - out_j sum_t dK_t) / sum_t K_t.
+inline void broaden_columns(const FitLayout& lay, const double* kernel, index_t n_taps,
+                            const double* values, index_t n_cols, double* out,
+                            const double* dkernel = nullptr, double* dout = nullptr) {
+  const index_t centre = n_taps / 2;
   for (index_t g = 0; g < lay.n_kernel_segments; ++g) {
     const index_t start = lay.kernel_segments[2 * g], stop = lay.kernel_segments[2 * g + 1];
     for (index_t j = start; j < stop; ++j) {
       const index_t t0 = std::max<index_t>(0, start - (j - centre));
-      const index_t t1 = std::min<index_t>(lay.n_taps, stop - (j - centre));
+      const index_t t1 = std::min<index_t>(n_taps, stop - (j - centre));
       double* o = out + j * n_cols;
       std::fill(o, o + n_cols, 0.0);
-      double weight = 0.0;
+      double weight = 0.0, dweight = 0.0, dsum = 0.0;
       for (index_t t = t0; t < t1; ++t) {
         const double k = kernel[t];
         const double* v = values + (j + t - centre) * n_cols;
         weight += k;
         for (index_t c = 0; c < n_cols; ++c) o[c] += k * v[c];
+        if (dkernel) {
+          dweight += dkernel[t];
+          dsum += dkernel[t] * v[0];
+        }
       }
       for (index_t c = 0; c < n_cols; ++c) o[c] /= weight;
+      if (dkernel) dout[j] = (dsum - o[0] * dweight) / weight;
     }
   }
+}
+
+// The kernel g(sigma) (*) r and its derivative in sigma (km/s), g the Gaussian of
+// sigma / step pixels sampled at offsets -half..half and normalized to sum 1 (below 1e-3
+// pixel a delta, with zero derivative), r the fixed part (n_fixed taps, or a delta when null).
+//   kernel_out, dkernel_out (2 half + n_fixed) ; gauss, dgauss (2 half + 1) scratch
+inline void gaussian_kernel(double sigma, double step, index_t half, const double* fixed,
+                            index_t n_fixed, std::vector<double>& gauss,
+                            std::vector<double>& dgauss, double* kernel_out,
+                            double* dkernel_out) {
+  const index_t n_g = 2 * half + 1;
+  gauss.assign(n_g, 0.0);
+  dgauss.assign(n_g, 0.0);
+  const double s = sigma / step;
+  if (!(s >= 1e-3)) {
+    gauss[half] = 1.0;
+  } else {
+    double total = 0.0, moment = 0.0;
+    for (index_t t = -half; t <= half; ++t) {
+      const double g = std::exp(-0.5 * (t / s) * (t / s));
+      gauss[t + half] = g;
+      total += g;
+    }
+    for (index_t t = -half; t <= half; ++t) {
+      gauss[t + half] /= total;
+      moment += gauss[t + half] * double(t) * double(t);
+    }
+    // d ghat_t / d sigma = ghat_t (t^2 - sum_u ghat_u u^2) / s^3 / step
+    for (index_t t = -half; t <= half; ++t)
+      dgauss[t + half] = gauss[t + half] * (double(t) * t - moment) / (s * s * s) / step;
+  }
+  const index_t n_out = n_g + n_fixed - 1;
+  std::fill(kernel_out, kernel_out + n_out, 0.0);
+  std::fill(dkernel_out, dkernel_out + n_out, 0.0);
+  for (index_t a = 0; a < n_g; ++a)
+    for (index_t b = 0; b < n_fixed; ++b) {
+      const double r = fixed ? fixed[b] : 1.0;
+      kernel_out[a + b] += gauss[a] * r;
+      dkernel_out[a + b] += dgauss[a] * r;
+    }
 }
 
 // rest wavelength / observed wavelength = 1 / D(v), and d ln(rest wavelength) / dv.
@@ -152,12 +212,15 @@ struct ShiftedSpectrumModel {
   struct State {
     const double* flux = nullptr;  // the emulator on the model grid (n_model,), in the workspace
     const double* jac = nullptr;   // (n_model, n_labels) or null
+    const double* dflux_dsigma = nullptr;  // (n_model,) when sigma is fitted
     const double* coef = nullptr;  // continuum coefficients inside the parameter vector
     double inv_doppler = 1.0, dlnw_dv = 0.0;
   };
   struct Workspace {
     std::vector<double> labels, flux, jac;  // (n, n_labels), (n, n_model), (n, n_model, n_labels)
     std::vector<double> broad_flux, broad_jac;  // the same, broadened
+    std::vector<double> dflux_dsigma;           // (n, n_model)
+    std::vector<double> kernel, dkernel, gauss, dgauss;  // one item's kernel (fitted sigma)
   };
 
   ShiftedSpectrumModel(const Emulator& emu, const FitLayout& lay)
@@ -175,14 +238,31 @@ struct ShiftedSpectrumModel {
     emulator.spectra(ws.labels.data(), n, ws.flux.data(), with_jacobian ? ws.jac.data() : nullptr);
     const double* flux = ws.flux.data();
     const double* jac = ws.jac.data();
-    if (layout.kernels) {
+    if (layout.broadens()) {
       ws.broad_flux.resize(ws.flux.size());
       ws.broad_jac.resize(ws.jac.size());
+      ws.dflux_dsigma.resize(layout.fit_sigma && with_jacobian ? n * M : 0);
       for (index_t i = 0; i < n; ++i) {
-        const double* kernel = layout.kernels + rows[i] * layout.kernel_stride;
-        spectrum_detail::broaden_columns(layout, kernel, flux + i * M, 1, ws.broad_flux.data() + i * M);
+        const double* fixed = layout.kernels ? layout.kernels + rows[i] * layout.kernel_stride : nullptr;
+        const double* kernel = fixed;
+        const double* dkernel = nullptr;
+        index_t n_taps = layout.n_taps;
+        if (layout.fit_sigma) {
+          const index_t n_fixed = fixed ? layout.n_taps : 1;
+          n_taps = 2 * layout.sigma_half + n_fixed;
+          ws.kernel.resize(n_taps);
+          ws.dkernel.resize(n_taps);
+          spectrum_detail::gaussian_kernel(xs[i][layout.sigma_index()], layout.sigma_step,
+                                           layout.sigma_half, fixed, n_fixed, ws.gauss, ws.dgauss,
+                                           ws.kernel.data(), ws.dkernel.data());
+          kernel = ws.kernel.data();
+          if (with_jacobian) dkernel = ws.dkernel.data();
+        }
+        spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1,
+                                         ws.broad_flux.data() + i * M, dkernel,
+                                         dkernel ? ws.dflux_dsigma.data() + i * M : nullptr);
         if (with_jacobian)
-          spectrum_detail::broaden_columns(layout, kernel, jac + i * M * L, L,
+          spectrum_detail::broaden_columns(layout, kernel, n_taps, jac + i * M * L, L,
                                            ws.broad_jac.data() + i * M * L);
       }
       flux = ws.broad_flux.data();
@@ -193,6 +273,7 @@ struct ShiftedSpectrumModel {
       State& state = states[i];
       state.flux = flux + i * M;
       state.jac = with_jacobian ? jac + i * M * L : nullptr;
+      state.dflux_dsigma = layout.fit_sigma && with_jacobian ? ws.dflux_dsigma.data() + i * M : nullptr;
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
                                state.dlnw_dv);
       state.coef = xs[i] + layout.coef_index();  // xs outlive the evaluation (lm.hpp keeps them)
@@ -227,6 +308,10 @@ struct ShiftedSpectrumModel {
       if (layout.fit_rv) {
         const double slope = (f[in.i1] - f[in.i0]) * in.inv_dw;
         jac_out[layout.rv_index() * nb + j] = cont * slope * w * state.dlnw_dv;
+      }
+      if (layout.fit_sigma) {
+        const double* d = state.dflux_dsigma;
+        jac_out[layout.sigma_index() * nb + j] = cont * (d[in.i0] + in.t * (d[in.i1] - d[in.i0]));
       }
       if (K > 0 && s >= 0)
         for (index_t k = 0; k < K; ++k) jac_out[(c0 + s * K + k) * nb + j] = t[k] * model;

@@ -66,24 +66,56 @@ def _basis(lay):
     return chebyshev.chebvander(lay["segment_coord"], lay["n_coef"] - 1)
 
 
-def _broaden(lay, row, emu_flux, emu_jac):
+def _gaussian_kernel(sigma, step, half, fixed):
+    """g(sigma) (*) fixed and its derivative in sigma (km/s); g the normalized Gaussian of
+    sigma / step pixels at offsets -half..half (a delta below 1e-3 pixel)."""
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    s = sigma / step
+    if s >= 1e-3:
+        g = np.exp(-0.5 * (offsets / s) ** 2)
+        g /= g.sum()
+        dg = g * (offsets**2 - np.sum(g * offsets**2)) / s**3 / step
+    else:
+        g = (offsets == 0).astype(np.float64)
+        dg = np.zeros_like(g)
+    fixed = np.ones(1) if fixed is None else fixed
+    return np.convolve(g, fixed), np.convolve(dg, fixed)
+
+
+def _broaden(lay, row, emu_flux, emu_jac, p):
     """The emulator's flux (n_model,) and Jacobian (n_model, n_labels) convolved with the
-    layout's kernel for spectrum ``row`` inside each kernel segment, the kernel renormalized
-    where a segment cuts it (np.convolve per column; the twin of broaden_columns)."""
-    if lay["kernels"] is None:
-        return emu_flux, emu_jac
+    spectrum's kernel inside each kernel segment, the kernel renormalized where a segment cuts
+    it (np.convolve per column; the twin of broaden_columns), and d flux / d sigma (n_model,)
+    when sigma is fitted (else None)."""
+    if lay["kernels"] is None and lay["fit_sigma"] is None:
+        return emu_flux, emu_jac, None
     kernels = lay["kernels"]
-    kernel = kernels[row if kernels.shape[0] > 1 else 0]
+    kernel = None if kernels is None else kernels[row if kernels.shape[0] > 1 else 0]
+    dkernel = None
+    if lay["fit_sigma"] is not None:
+        step, half = lay["fit_sigma"]
+        kernel, dkernel = _gaussian_kernel(p[lay["n_labels"] + int(lay["fit_rv"])], step, half,
+                                           kernel)
     values = np.column_stack([emu_flux] + ([] if emu_jac is None else [emu_jac]))
     out = np.empty_like(values)
+    dflux = None if dkernel is None else np.empty_like(emu_flux)
+    centre = kernel.size // 2
+
+    def same(a, k):  # the centred part of the full convolution (kernels are symmetric)
+        return np.convolve(a, k)[centre:centre + a.size]
+
     for start, stop in lay["kernel_segments"]:
-        norm = np.convolve(np.ones(stop - start), kernel, mode="same")
+        norm = same(np.ones(stop - start), kernel)
         for c in range(values.shape[1]):
-            out[start:stop, c] = np.convolve(values[start:stop, c], kernel, mode="same") / norm
-    return out[:, 0], (None if emu_jac is None else out[:, 1:])
+            out[start:stop, c] = same(values[start:stop, c], kernel) / norm
+        if dkernel is not None:
+            dsum = same(emu_flux[start:stop], dkernel)
+            dnorm = same(np.ones(stop - start), dkernel)
+            dflux[start:stop] = (dsum - out[start:stop, 0] * dnorm) / norm
+    return out[:, 0], (None if emu_jac is None else out[:, 1:]), dflux
 
 
-def _observed(lay, basis, emu_flux, emu_jac, p):
+def _observed(lay, basis, emu_flux, emu_jac, dflux_dsigma, p):
     """Observed model and Jacobian (n_obs, n_params) for one parameter vector p."""
     n_labels, n_coef, seg = lay["n_labels"], lay["n_coef"], lay["segment_index"]
     v = p[n_labels] if lay["fit_rv"] else 0.0
@@ -92,7 +124,8 @@ def _observed(lay, basis, emu_flux, emu_jac, p):
     i0, i1, t, inv_dw = _interpolation(lay["model_wavelength"], rest)
     model = emu_flux[i0] + t * (emu_flux[i1] - emu_flux[i0])
     in_segment = (seg >= 0) & (n_coef > 0)
-    coef = p[n_labels + int(lay["fit_rv"]):].reshape(lay["n_segments"], n_coef)
+    c0 = n_labels + int(lay["fit_rv"]) + int(lay["fit_sigma"] is not None)
+    coef = p[c0:].reshape(lay["n_segments"], n_coef)
     cont = np.ones_like(model)
     if n_coef:
         cont = np.where(in_segment, np.sum(coef[np.maximum(seg, 0)] * basis, axis=1), 1.0)
@@ -101,7 +134,9 @@ def _observed(lay, basis, emu_flux, emu_jac, p):
         jac[:, :n_labels] = cont[:, None] * (emu_jac[i0] + t[:, None] * (emu_jac[i1] - emu_jac[i0]))
     if lay["fit_rv"]:
         jac[:, n_labels] = cont * (emu_flux[i1] - emu_flux[i0]) * inv_dw * rest * dlnw_dv
-    c0 = n_labels + int(lay["fit_rv"])
+    if dflux_dsigma is not None:
+        d = dflux_dsigma
+        jac[:, n_labels + int(lay["fit_rv"])] = cont * (d[i0] + t * (d[i1] - d[i0]))
     for s in range(lay["n_segments"]):
         on = in_segment & (seg == s)
         jac[on, c0 + s * n_coef:c0 + (s + 1) * n_coef] = basis[on] * model[on, None]
@@ -121,8 +156,7 @@ def spectrum_model(emulator, layout, params, *, jacobian=False, n_threads=None):
     forward, basis = _emulator_forward(spec), _basis(lay)
     fluxes, jacs = [], []
     for row, p in enumerate(params):
-        emu_flux, emu_jac = _broaden(lay, row, *forward(p[:n_labels]))
-        flux, jac = _observed(lay, basis, emu_flux, emu_jac, p)
+        flux, jac = _observed(lay, basis, *_broaden(lay, row, *forward(p[:n_labels]), p), p)
         fluxes.append(flux)
         jacs.append(jac)
     if jacobian:
@@ -217,8 +251,7 @@ def spectrum_fit(emulator, layout, flux, ivar, initial, *, extra_variance=None, 
 
     def model_of(row):
         def model(p):
-            emu_flux, emu_jac = _broaden(lay, row, *forward(p[:lay["n_labels"]]))
-            return _observed(lay, basis, emu_flux, emu_jac, p)
+            return _observed(lay, basis, *_broaden(lay, row, *forward(p[:lay["n_labels"]]), p), p)
         return model
 
     fits = []
