@@ -6,10 +6,11 @@ The model of an observed spectrum at observed pixel p (wavelength lambda_p) is
     m_p = C_s(t_p) * F(lambda_p / D(rv)),    D(rv) = sqrt((1 + rv/c) / (1 - rv/c)),
 
 with F the emulator's spectrum on its own rest-frame grid (optionally broadened there by a
-fixed Gaussian and rotational kernel per spectrum), linearly interpolated at the rest
-wavelength of the pixel (so observed spectra may sit on a different grid: the model is
-resampled inside the fit), and C_s a Chebyshev series per wavelength segment s (t_p in
-[-1, 1] across the segment's pixels). Labels, rv and continuum coefficients are fitted jointly
+Gaussian and a rotational kernel per spectrum, the Gaussian's width fixed or fitted),
+linearly interpolated at the rest wavelength of the pixel (so observed spectra may sit on a
+different grid: the model is resampled inside the fit), and C_s a Chebyshev series per
+wavelength segment s (t_p in [-1, 1] across the segment's pixels). Labels, rv, the
+broadening width and continuum coefficients are fitted jointly
 by Levenberg-Marquardt with analytic derivatives, many spectra in parallel in the compiled
 core. Before LM a chi2 grid over ``rv_range`` (with the continuum solved linearly at every
 trial velocity) finds the global RV minimum; LM alone would stop at the nearest local one.
