@@ -210,11 +210,13 @@ def test_merge_refuses_missing_duplicated_or_mixed_shards(files, tmp_path, capsy
 def test_shard_ranges_tile_the_spectra():
     for n in (0, 1, 5, 40, 1001):
         for count in (1, 2, 3, 7, 64):
-            ranges = [shards.shard_range(n, i, count) for i in range(count)]
-            assert ranges[0][0] == 0 and ranges[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-            sizes = [stop - start for start, stop in ranges]
-            assert max(sizes) - min(sizes) <= 1
+            for unit in (1, 16):
+                ranges = [shards.shard_range(n, i, count, unit) for i in range(count)]
+                assert ranges[0][0] == 0 and ranges[-1][1] == n
+                assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+                assert all(start % unit == 0 or start == n for start, _ in ranges)
+                sizes = [stop - start for start, stop in ranges[:-1]]
+                assert not sizes or max(sizes) - min(sizes) <= unit
     assert shards.parse_shard("3/16") == (3, 16)
     for bad in ("16/16", "-1/4", "1/0", "a/b", "1", "1/2/3"):
         with pytest.raises(ValueError):

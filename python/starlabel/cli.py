@@ -26,6 +26,8 @@ import zipfile
 
 import numpy as np
 
+from ._core import core
+
 PROG = "starlabel"
 FITS_EXTENSIONS = (".fits", ".fit", ".fits.gz", ".fit.gz")
 APSTAR_PREFIXES = ("apstar", "asstar")
@@ -608,11 +610,11 @@ def fit_table(model, spectra, options, *, n_threads=None, chunk_size=500, schedu
     from .fitting import fit_spectra
 
     tables = []
+    # Chunks of whole LM batches give the same numbers as one call and let the bar move.
+    chunk_size = -(-chunk_size // core.FIT_SPECTRA_BATCH) * core.FIT_SPECTRA_BATCH
     with reporter.bar(len(spectra), "fitting", "spectrum") as bar:
         for lo in range(0, len(spectra), chunk_size):
             hi = min(lo + chunk_size, len(spectra))
-            # Each spectrum's fit is independent of the others, so chunks give the same
-            # numbers as one call and let the bar move.
             result = fit_spectra(model, spectra.flux[lo:hi], spectra.ivar[lo:hi],
                                  spectra.wavelength, n_threads=n_threads, **options)
             tables.append(results_table(result, ids=spectra.ids[lo:hi]))
@@ -659,7 +661,7 @@ def cmd_fit(args, reporter):
         meta = {shards.KEY_TOTAL: n_total, shards.KEY_RUN: run}
     else:
         index, count = args.shard
-        start, stop = shards.shard_range(n_total, index, count)
+        start, stop = shards.shard_range(n_total, index, count, unit=core.FIT_SPECTRA_BATCH)
         out = shards.shard_path(args.output, index, count)
         meta = shards.shard_meta(index, count, start, stop, n_total, run)
         if not args.overwrite and shards.shard_is_done(out, index, count, start, stop,

@@ -47,15 +47,19 @@ def parse_shard(text):
     return index, count
 
 
-def shard_range(n_items, index, count):
+def shard_range(n_items, index, count, unit=1):
     """(start, stop) of shard ``index`` of ``count`` over ``n_items`` items.
 
-    Shards are contiguous, cover every item exactly once and differ in size by at most one;
-    when there are fewer items than shards some shards are empty.
+    Shards are contiguous, start on multiples of ``unit`` (the fit's LM batch, so that every
+    spectrum is fitted exactly as in one unsharded run), cover every item exactly once and
+    differ in size by at most one unit; when there are fewer units than shards some shards
+    are empty.
     """
-    if n_items < 0 or count < 1 or not 0 <= index < count:
+    if n_items < 0 or count < 1 or not 0 <= index < count or unit < 1:
         raise ValueError(f"bad shard {index}/{count} of {n_items} items")
-    return index * n_items // count, (index + 1) * n_items // count
+    n_units = -(-n_items // unit)
+    return (min(index * n_units // count * unit, n_items),
+            min((index + 1) * n_units // count * unit, n_items))
 
 
 def split_extension(path):
