@@ -68,26 +68,9 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
       perpixel_forward(net, x, n, f, j, 1);
     }, L, P));
   } else if (kind == "mlp") {
-    const py::list w = item(spec, "weights"), b = item(spec, "biases");
-    if (w.size() == 0 || w.size() != b.size())
-      throw py::value_error("weights and biases must have the same, non-zero number of layers");
-    std::vector<py::array_t<double>> keep;
-    MLP<double> net;
-    for (std::size_t l = 0; l < w.size(); ++l) {
-      const std::string wn = "weights[" + std::to_string(l) + "]", bn = "biases[" + std::to_string(l) + "]";
-      keep.push_back(require<double>(w[l], wn.c_str(), {ANY, l == 0 ? ANY : net.sizes.back()}));
-      if (l == 0) net.sizes.push_back(keep.back().shape(1));
-      net.sizes.push_back(keep.back().shape(0));
-      net.weights.push_back(keep.back().data());
-      keep.push_back(require<double>(b[l], bn.c_str(), {net.sizes.back()}));
-      net.biases.push_back(keep.back().data());
-    }
-    for (index_t s : net.sizes)
-      if (s < 1) throw py::value_error("every layer must have at least one unit");
-    const int code = item(spec, "activation").cast<int>();
-    if (code < 0 || code >= ACT_COUNT) throw py::value_error("activation code out of range");
-    net.activation = static_cast<Activation>(code);
-    net.slope = item(spec, "slope").cast<double>();
+    const bind::NetworkArrays<double> arrays(item(spec, "weights"), item(spec, "biases"));
+    const MLP<double> net = arrays.view(bind::activation_from(item(spec, "activation").cast<int>()),
+                                        item(spec, "slope").cast<double>());
     const MLP<double>* netp = &net;
     visit(make_emulator([netp](const double* x, index_t n, double* f, double* j) {
       mlp_forward(*netp, x, n, f, j, 1);

@@ -29,63 +29,11 @@ bool is_float32(const py::handle& obj, const char* name) {
                        std::string(py::str(dt)));
 }
 
-Activation activation_from(int code) {
-  if (code < 0 || code >= ACT_COUNT) throw py::value_error("activation code out of range");
-  return static_cast<Activation>(code);
-}
-
-// The network's arrays, checked: weights[l] (sizes[l+1], sizes[l]), biases[l] (sizes[l+1],).
-template <class T>
-struct NetworkArrays {
-  std::vector<py::array_t<T>> weights, biases;
-  std::vector<index_t> sizes;
-
-  NetworkArrays(const py::list& w, const py::list& b) {
-    if (w.size() == 0) throw py::value_error("weights must hold at least one layer");
-    if (w.size() != b.size())
-      throw py::value_error("weights and biases must have the same number of layers");
-    for (std::size_t l = 0; l < w.size(); ++l) {
-      const std::string wn = "weights[" + std::to_string(l) + "]";
-      const std::string bn = "biases[" + std::to_string(l) + "]";
-      const index_t n_in = l == 0 ? ANY : sizes.back();
-      weights.push_back(require<T>(w[l], wn.c_str(), {ANY, n_in}));
-      if (l == 0) sizes.push_back(weights[0].shape(1));
-      sizes.push_back(weights[l].shape(0));
-      biases.push_back(require<T>(b[l], bn.c_str(), {sizes.back()}));
-    }
-    for (index_t s : sizes)
-      if (s < 1) throw py::value_error("every layer must have at least one unit");
-  }
-
-  MLP<T> view(Activation act, double slope) const {
-    MLP<T> net;
-    for (std::size_t l = 0; l < weights.size(); ++l) {
-      net.weights.push_back(weights[l].data());
-      net.biases.push_back(biases[l].data());
-    }
-    net.sizes = sizes;
-    net.activation = act;
-    net.slope = T(slope);
-    return net;
-  }
-
-  MLPParams<T> mutable_view(Activation act, double slope) {
-    MLPParams<T> net;
-    for (std::size_t l = 0; l < weights.size(); ++l) {
-      net.weights.push_back(weights[l].mutable_data());
-      net.biases.push_back(biases[l].mutable_data());
-    }
-    net.sizes = sizes;
-    net.activation = act;
-    net.slope = T(slope);
-    return net;
-  }
-};
-
 // Arrays shaped like the network's parameters (gradients, optimizer moments).
 template <class T>
-MLPGradients<T> like_network(const NetworkArrays<T>& net, const py::list& w, const py::list& b,
-                             const char* name, std::vector<py::array_t<T>>& keep) {
+MLPGradients<T> like_network(const bind::NetworkArrays<T>& net, const py::list& w,
+                             const py::list& b, const char* name,
+                             std::vector<py::array_t<T>>& keep) {
   if (w.size() != net.weights.size() || b.size() != net.biases.size())
     throw py::value_error(std::string(name) + " must have one array per layer");
   MLPGradients<T> out;
@@ -103,8 +51,8 @@ MLPGradients<T> like_network(const NetworkArrays<T>& net, const py::list& w, con
 template <class T>
 py::object forward_t(const py::list& w, const py::list& b, const py::handle& x_in, int activation,
                      double slope, bool with_jacobian, int n_threads) {
-  NetworkArrays<T> arrays(w, b);
-  const MLP<T> net = arrays.view(activation_from(activation), slope);
+  bind::NetworkArrays<T> arrays(w, b);
+  const MLP<T> net = arrays.view(bind::activation_from(activation), slope);
   auto x = require<T>(x_in, "x", {ANY, net.n_in()});
   const index_t n_stars = x.shape(0), n_out = net.n_out(), n_in = net.n_in();
   py::array_t<T> out({n_stars, n_out});
@@ -137,8 +85,8 @@ template <class T>
 py::tuple gradients_t(const py::list& w, const py::list& b, const py::handle& x_in,
                       const py::handle& target_in, const py::handle& pw_in, int activation,
                       double slope, int loss, int n_threads) {
-  NetworkArrays<T> arrays(w, b);
-  MLPParams<T> net = arrays.mutable_view(activation_from(activation), slope);
+  bind::NetworkArrays<T> arrays(w, b);
+  MLPParams<T> net = arrays.mutable_view(bind::activation_from(activation), slope);
   const index_t n_in = arrays.sizes.front(), n_out = arrays.sizes.back();
   auto x = require<T>(x_in, "x", {ANY, n_in});
   const index_t n = x.shape(0);
@@ -184,8 +132,8 @@ py::tuple train_epoch_t(const py::list& w, const py::list& b, const py::list& mw
                         int activation, double slope, int loss, int optimizer,
                         const py::handle& lr_in, double beta1, double beta2, double eps,
                         double weight_decay, int n_threads) {
-  NetworkArrays<T> arrays(w, b);
-  MLPParams<T> net = arrays.mutable_view(activation_from(activation), slope);
+  bind::NetworkArrays<T> arrays(w, b);
+  MLPParams<T> net = arrays.mutable_view(bind::activation_from(activation), slope);
   std::vector<py::array_t<T>> keep;
   const MLPGradients<T> m = like_network(arrays, mw, mb, "m", keep);
   const MLPGradients<T> v = like_network(arrays, vw, vb, "v", keep);

@@ -11,6 +11,7 @@
 
 #include "starlabel/common.hpp"
 #include "starlabel/lm.hpp"
+#include "starlabel/mlp.hpp"
 #include "starlabel/polynomial.hpp"
 
 namespace starlabel::bind {
@@ -56,6 +57,59 @@ template <class T>
 const T* data_or_null(const std::optional<py::array_t<T>>& array) {
   return array ? array->data() : nullptr;
 }
+
+inline Activation activation_from(int code) {
+  if (code < 0 || code >= ACT_COUNT) throw py::value_error("activation code out of range");
+  return static_cast<Activation>(code);
+}
+
+// The network's arrays, checked: weights[l] (sizes[l+1], sizes[l]), biases[l] (sizes[l+1],).
+template <class T>
+struct NetworkArrays {
+  std::vector<py::array_t<T>> weights, biases;
+  std::vector<index_t> sizes;
+
+  NetworkArrays(const py::list& w, const py::list& b) {
+    if (w.size() == 0) throw py::value_error("weights must hold at least one layer");
+    if (w.size() != b.size())
+      throw py::value_error("weights and biases must have the same number of layers");
+    for (std::size_t l = 0; l < w.size(); ++l) {
+      const std::string wn = "weights[" + std::to_string(l) + "]";
+      const std::string bn = "biases[" + std::to_string(l) + "]";
+      const index_t n_in = l == 0 ? ANY : sizes.back();
+      weights.push_back(require<T>(w[l], wn.c_str(), {ANY, n_in}));
+      if (l == 0) sizes.push_back(weights[0].shape(1));
+      sizes.push_back(weights[l].shape(0));
+      biases.push_back(require<T>(b[l], bn.c_str(), {sizes.back()}));
+    }
+    for (index_t s : sizes)
+      if (s < 1) throw py::value_error("every layer must have at least one unit");
+  }
+
+  MLP<T> view(Activation act, double slope) const {
+    MLP<T> net;
+    for (std::size_t l = 0; l < weights.size(); ++l) {
+      net.weights.push_back(weights[l].data());
+      net.biases.push_back(biases[l].data());
+    }
+    net.sizes = sizes;
+    net.activation = act;
+    net.slope = T(slope);
+    return net;
+  }
+
+  MLPParams<T> mutable_view(Activation act, double slope) {
+    MLPParams<T> net;
+    for (std::size_t l = 0; l < weights.size(); ++l) {
+      net.weights.push_back(weights[l].mutable_data());
+      net.biases.push_back(biases[l].mutable_data());
+    }
+    net.sizes = sizes;
+    net.activation = act;
+    net.slope = T(slope);
+    return net;
+  }
+};
 
 // Largest power of a label in a term (as starlabel._validation.MAX_EXPONENT): the polynomial
 // tabulates every power up to the largest, so an absurd exponent would be an absurd allocation.

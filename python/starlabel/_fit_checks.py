@@ -120,14 +120,21 @@ def kernel_rows(lay, n_rows):
         raise ValueError(f"kernels must have 1 or {n_rows} rows, got {lay['kernels'].shape[0]}")
 
 
-def params(value, n_params):
-    array = check.as_float_array("params", value, np.ndim(value) if np.ndim(value) in (1, 2) else 2)
-    array = np.atleast_2d(array)
-    if array.shape[1] != n_params:
-        raise ValueError(f"params must have {n_params} columns, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):   # else each backend fails its own way (or not at all)
+def spectrum_model_arguments(spec, lay, params, n_threads):
+    """Check the arguments of spectrum_model; returns (spec, layout, params (n, n_params))
+    converted."""
+    if n_threads is not None:
+        check.thread_count(n_threads)
+    spec, n_labels, n_model = emulator(spec)
+    lay = layout(lay, n_labels, n_model)
+    ndim = np.ndim(params)
+    params = np.atleast_2d(check.as_float_array("params", params, ndim if ndim in (1, 2) else 2))
+    if params.shape[1] != lay["n_params"]:
+        raise ValueError(f"params must have {lay['n_params']} columns, got shape {params.shape}")
+    if not np.all(np.isfinite(params)):   # else each backend fails its own way (or not at all)
         raise ValueError("params contains NaN or inf")
-    return array
+    kernel_rows(lay, params.shape[0])
+    return spec, lay, params
 
 
 def fit_arguments(spec, lay, flux, ivar, initial, extra_variance, lower, upper, max_iter, n_threads):

@@ -362,7 +362,8 @@ void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
         else active[i] = evals[i].chi2 > 0.0;  // a perfect fit needs no step
       }
 
-      std::vector<index_t> trial_slot;
+      std::vector<index_t> trial_slot, accepted, accepted_ids;
+      std::vector<const double*> accepted_xs;
       // a batch of emulator fits can take seconds: look for an interrupt every iteration
       while (std::find(active.begin(), active.end(), 1) != active.end() &&
              !interrupted(interrupt)) {
@@ -414,8 +415,9 @@ void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
         }
         objective.evaluate(scratch, ids, xs, !opt.jacobian_after_accept, trials);
         if (opt.jacobian_after_accept) {
-          std::vector<index_t> accepted, accepted_ids;
-          std::vector<const double*> accepted_xs;
+          accepted.clear();
+          accepted_ids.clear();
+          accepted_xs.clear();
           for (std::size_t t = 0; t < trial_slot.size(); ++t)
             if (std::isfinite(trials[t].chi2) && trials[t].chi2 < evals[trial_slot[t]].chi2) {
               accepted.push_back(static_cast<index_t>(t));

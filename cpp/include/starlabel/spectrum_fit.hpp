@@ -93,8 +93,16 @@ struct Interp {
   double t, inv_dw;  // inv_dw = 1 / (w[i1] - w[i0]), 0 when i0 == i1
 };
 
-inline Interp locate(const double* grid, index_t n, double w) {
-  const index_t hi = std::upper_bound(grid, grid + n, w) - grid;
+// hint: the previous call's interval end (0 to start). Consecutive observed pixels fall in
+// the same or a following interval, so the search walks on from there; otherwise it bisects.
+inline Interp locate(const double* grid, index_t n, double w, index_t& hint) {
+  index_t hi = hint;
+  if (hi > 0 && hi < n && grid[hi - 1] <= w) {
+    while (hi < n && grid[hi] <= w) ++hi;
+  } else {
+    hi = std::upper_bound(grid, grid + n, w) - grid;
+  }
+  hint = hi;
   if (hi == 0) return {0, 0, 0.0, 0.0};
   if (hi == n) return {n - 1, n - 1, 0.0, 0.0};
   const double dw = grid[hi] - grid[hi - 1];
@@ -287,10 +295,12 @@ struct ShiftedSpectrumModel {
     const double* f = state.flux;
     const double* jm = state.jac;
     if (jac_out) std::fill(jac_out, jac_out + np * nb, 0.0);
+    index_t hint = 0;
     for (index_t j = 0; j < nb; ++j) {
       const index_t p = p0 + j;
       const double w = layout.obs_wave[p] * state.inv_doppler;
-      const spectrum_detail::Interp in = spectrum_detail::locate(layout.model_wave, layout.n_model, w);
+      const spectrum_detail::Interp in =
+          spectrum_detail::locate(layout.model_wave, layout.n_model, w, hint);
       const double model = f[in.i0] + in.t * (f[in.i1] - f[in.i0]);
       const std::int32_t s = layout.segment[p];
       const double* t = cheb.data() + p * K;
@@ -334,26 +344,13 @@ void spectrum_model_evaluate(const ShiftedSpectrumModel<Emulator>& model, const 
 namespace spectrum_detail {
 
 // Linear interpolation of `model` (on the model grid) at every observed pixel's rest
-// wavelength obs_wave * inv_doppler. Consecutive pixels usually fall in the same or the next
-// grid interval, so the search starts from the previous pixel's interval.
+// wavelength obs_wave * inv_doppler.
 inline void shift_onto_pixels(const FitLayout& lay, const double* model, double inv_doppler,
                               double* shifted) {
-  const double* grid = lay.model_wave;
-  const index_t n = lay.n_model;
-  index_t hi = 0;  // first grid point above the previous pixel's wavelength
+  index_t hint = 0;
   for (index_t p = 0; p < lay.n_obs; ++p) {
-    const double w = lay.obs_wave[p] * inv_doppler;
-    if (hi > 0 && hi < n && grid[hi - 1] <= w) {
-      while (hi < n && grid[hi] <= w) ++hi;
-    } else {
-      hi = std::upper_bound(grid, grid + n, w) - grid;
-    }
-    if (hi == 0 || hi == n) {  // outside the grid: the end value is held, as in locate()
-      shifted[p] = model[hi == 0 ? 0 : n - 1];
-    } else {
-      const double t = (w - grid[hi - 1]) / (grid[hi] - grid[hi - 1]);
-      shifted[p] = model[hi - 1] + t * (model[hi] - model[hi - 1]);
-    }
+    const Interp in = locate(lay.model_wave, lay.n_model, lay.obs_wave[p] * inv_doppler, hint);
+    shifted[p] = model[in.i0] + in.t * (model[in.i1] - model[in.i0]);
   }
 }
 

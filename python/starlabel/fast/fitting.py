@@ -4,7 +4,6 @@ Same signatures as starlabel.reference.fitting."""
 import numpy as np
 
 from .. import _fit_checks as check
-from .. import _validation
 from .. import payne_io
 from .._core import core
 from ..config import resolve_threads
@@ -30,12 +29,7 @@ def _layout_args(lay):
 
 def spectrum_model(emulator, layout, params, *, jacobian=False, n_threads=None):
     """The observed model for parameter vectors; see starlabel.reference.fitting.spectrum_model."""
-    if n_threads is not None:
-        _validation.thread_count(n_threads)
-    spec, n_labels, n_model = check.emulator(emulator)
-    lay = check.layout(layout, n_labels, n_model)
-    params = check.params(params, lay["n_params"])
-    check.kernel_rows(lay, params.shape[0])
+    spec, lay, params = check.spectrum_model_arguments(emulator, layout, params, n_threads)
     return core.fit_spectrum_model(_core_emulator(spec), *_layout_args(lay), lay["fit_rv"], params,
                                    bool(jacobian), lay["kernels"], lay["kernel_segments"],
                                    lay["fit_sigma"], resolve_threads(n_threads))

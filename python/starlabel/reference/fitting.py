@@ -11,7 +11,6 @@ import numpy as np
 from numpy.polynomial import chebyshev
 
 from .. import _fit_checks as check
-from .. import _validation
 from ..result import LMSolution
 from .cannon import cannon_predict
 from .lm import fit_one, pixel_objective
@@ -147,16 +146,11 @@ def spectrum_model(emulator, layout, params, *, jacobian=False, n_threads=None):
     """The observed model for parameter vectors params (n, n_params) -> flux (n, n_obs);
     with ``jacobian=True`` also d flux / d params (n, n_obs, n_params). See
     starlabel.fitting for the model and the order of the parameters."""
-    if n_threads is not None:
-        _validation.thread_count(n_threads)
-    spec, n_labels, n_model = check.emulator(emulator)
-    lay = check.layout(layout, n_labels, n_model)
-    params = check.params(params, lay["n_params"])
-    check.kernel_rows(lay, params.shape[0])
+    spec, lay, params = check.spectrum_model_arguments(emulator, layout, params, n_threads)
     forward, basis = _emulator_forward(spec), _basis(lay)
     fluxes, jacs = [], []
     for row, p in enumerate(params):
-        flux, jac = _observed(lay, basis, *_broaden(lay, row, *forward(p[:n_labels]), p), p)
+        flux, jac = _observed(lay, basis, *_broaden(lay, row, *forward(p[:lay["n_labels"]]), p), p)
         fluxes.append(flux)
         jacs.append(jac)
     if jacobian:
