@@ -101,7 +101,8 @@ struct Layout {
   Layout(const py::handle& mw, const py::handle& ow, const py::handle& seg, const py::handle& co,
          index_t n_segments, index_t n_coef, bool fit_rv, index_t n_labels,
          const py::handle& kern = py::none(), const py::handle& kseg = py::none(),
-         index_t n_kernel_rows = 1, const py::handle& sigma = py::none()) {
+         index_t n_kernel_rows = 1, const py::handle& sigma = py::none(),
+         const py::handle& vsini = py::none()) {
     model_wave = require<double>(mw, "model_wavelength", {ANY});
     obs_wave = require<double>(ow, "wavelength", {ANY});
     const index_t n_obs = obs_wave.shape(0), n_model = model_wave.shape(0);
@@ -115,15 +116,28 @@ struct Layout {
     view = FitLayout{model_wave.data(), n_model, obs_wave.data(), n_obs, s,
                      coord.data(), n_segments, n_coef, fit_rv, n_labels};
     if (!sigma.is_none()) {  // (step km/s per model pixel, taps each side) of a fitted sigma
-      const auto pair = sigma.cast<std::pair<double, index_t>>();
-      if (!(pair.first > 0.0) || !std::isfinite(pair.first) || pair.second < 0 || pair.second > 100000)
+      const auto [step, half] = sigma.cast<std::pair<double, index_t>>();
+      if (!(step > 0.0) || !std::isfinite(step) || half < 0 || half > 100000)
         throw py::value_error("fit_sigma must be (step > 0 km/s, 0 <= half-width <= 1e5 pixels)");
       view.fit_sigma = true;
-      view.sigma_step = pair.first;
-      view.sigma_half = pair.second;
+      view.velocity_step = step;
+      view.sigma_half = half;
+    }
+    if (!vsini.is_none()) {  // (step, taps each side, limb darkening) of a fitted vsini
+      const auto [step, half, eps] = vsini.cast<std::tuple<double, index_t, double>>();
+      if (!(step > 0.0) || !std::isfinite(step) || half < 0 || half > 100000 || !(eps >= 0.0) ||
+          !(eps <= 1.0))
+        throw py::value_error("fit_vsini must be (step > 0 km/s, 0 <= half-width <= 1e5 pixels, "
+                              "0 <= limb darkening <= 1)");
+      if (view.fit_sigma && step != view.velocity_step)
+        throw py::value_error("fit_sigma and fit_vsini must have the same velocity step");
+      view.fit_vsini = true;
+      view.velocity_step = step;
+      view.vsini_half = half;
+      view.limb_darkening = eps;
     }
     kernels = require_optional<double>(kern, "kernels", {ANY, ANY});
-    if (kernels || view.fit_sigma) read_kernel_segments(kseg, n_model);
+    if (kernels || view.fits_broadening()) read_kernel_segments(kseg, n_model);
     if (!kernels) return;
     const index_t rows = kernels->shape(0), n_taps = kernels->shape(1);
     if (rows != 1 && rows != n_kernel_rows)
@@ -168,15 +182,15 @@ py::object spectrum_model(const py::dict& spec, const py::handle& mw, const py::
                           index_t n_coef, bool fit_rv, const py::handle& params_in,
                           bool with_jacobian, const py::handle& kernels,
                           const py::handle& kernel_segments, const py::handle& fit_sigma,
-                          int n_threads) {
+                          const py::handle& fit_vsini, int n_threads) {
   py::object result;
   with_emulator(spec, [&](const auto& emu) {
     const index_t np = emu.n_labels + (fit_rv ? 1 : 0) + (fit_sigma.is_none() ? 0 : 1) +
-                       n_segments * n_coef;
+                       (fit_vsini.is_none() ? 0 : 1) + n_segments * n_coef;
     auto params = require<double>(params_in, "params", {ANY, np});
     const index_t n = params.shape(0);
     const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels, kernels,
-                        kernel_segments, n, fit_sigma);
+                        kernel_segments, n, fit_sigma, fit_vsini);
     check_emulator_grid(emu.n_pixels, layout);
     const ShiftedSpectrumModel<std::decay_t<decltype(emu)>> model(emu, layout.view);
     const index_t n_obs = layout.view.n_obs;
@@ -200,13 +214,13 @@ py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
               const py::handle& extra_in, const py::handle& initial_in,
               const py::handle& lower_in, const py::handle& upper_in, int max_iter,
               const py::handle& kernels, const py::handle& kernel_segments,
-              const py::handle& fit_sigma, int n_threads) {
+              const py::handle& fit_sigma, const py::handle& fit_vsini, int n_threads) {
   py::tuple result;
   with_emulator(spec, [&](const auto& emu) {
     auto flux = require<double>(flux_in, "flux", {ANY, ANY});
     const index_t n_spectra = flux.shape(0);
     const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels, kernels,
-                        kernel_segments, n_spectra, fit_sigma);
+                        kernel_segments, n_spectra, fit_sigma, fit_vsini);
     check_emulator_grid(emu.n_pixels, layout);
     using Model = ShiftedSpectrumModel<std::decay_t<decltype(emu)>>;
     const Model model(emu, layout.view);
@@ -280,13 +294,13 @@ void bind_fit(py::module_& m) {
         py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
         py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("params"),
         py::arg("with_jacobian"), py::arg("kernels"), py::arg("kernel_segments"),
-        py::arg("fit_sigma"), py::arg("n_threads"));
+        py::arg("fit_sigma"), py::arg("fit_vsini"), py::arg("n_threads"));
   m.def("fit_spectra", &fit, py::arg("emulator"), py::arg("model_wavelength"),
         py::arg("wavelength"), py::arg("segment_index"), py::arg("segment_coord"),
         py::arg("n_segments"), py::arg("n_coef"), py::arg("fit_rv"), py::arg("flux"),
         py::arg("ivar"), py::arg("extra_variance"), py::arg("initial"), py::arg("lower"),
         py::arg("upper"), py::arg("max_iter"), py::arg("kernels"), py::arg("kernel_segments"),
-        py::arg("fit_sigma"), py::arg("n_threads"));
+        py::arg("fit_sigma"), py::arg("fit_vsini"), py::arg("n_threads"));
   m.def("fit_rv_grid", &rv_grid, py::arg("model_wavelength"), py::arg("wavelength"),
         py::arg("segment_index"), py::arg("segment_coord"), py::arg("n_segments"),
         py::arg("n_coef"), py::arg("templates"), py::arg("flux"), py::arg("weight"),

@@ -66,11 +66,12 @@ def concatenate_results(results):
     rv_grid = None if first.rv_grid is None else np.array(first.rv_grid, copy=True)
     rv_chi2 = None if first.rv_chi2 is None else _join(results, "rv_chi2")
     model_flux = None if first.model_flux is None else _join(results, "model_flux")
-    sigma = None if first.sigma is None else _join(results, "sigma")
+    widths = {name: _join(results, name) for name in ("sigma", "vsini")
+              if getattr(first, name) is not None}
     return cls(first.label_names, first.param_names, joined["labels"], joined["rv"],
                joined["continuum"], joined["covariance"], joined["chi2"],
                joined["n_pixels_used"], joined["n_iter"], joined["status"], rv_grid, rv_chi2,
-               joined["rv_initial"], model_flux, fit_rv, sigma=sigma)
+               joined["rv_initial"], model_flux, fit_rv, **widths)
 
 
 def _join(results, name):

@@ -73,14 +73,18 @@ def layout(value, n_labels, n_model):
     out = {"model_wavelength": model_wave, "wavelength": wave,
            "segment_index": np.ascontiguousarray(seg, dtype=np.int32), "segment_coord": coord,
            "n_segments": n_segments, "n_coef": n_coef, "fit_rv": bool(fit_rv),
-           "kernels": None, "kernel_segments": None, "fit_sigma": None}
+           "kernels": None, "kernel_segments": None, "fit_sigma": None, "fit_vsini": None}
     if value.get("fit_sigma") is not None:
         out["fit_sigma"] = _fit_sigma(value["fit_sigma"])
-    if value.get("kernels") is not None or out["fit_sigma"] is not None:
+    if value.get("fit_vsini") is not None:
+        out["fit_vsini"] = _fit_vsini(value["fit_vsini"])
+        if out["fit_sigma"] is not None and out["fit_sigma"][0] != out["fit_vsini"][0]:
+            raise ValueError("fit_sigma and fit_vsini must have the same velocity step")
+    fitted = int(out["fit_sigma"] is not None) + int(out["fit_vsini"] is not None)
+    if value.get("kernels") is not None or fitted:
         out["kernels"], out["kernel_segments"] = _kernels(value, n_model)
     out["n_labels"] = n_labels
-    out["n_params"] = (n_labels + int(fit_rv) + int(out["fit_sigma"] is not None)
-                       + n_segments * n_coef)
+    out["n_params"] = n_labels + int(fit_rv) + fitted + n_segments * n_coef
     return out
 
 
@@ -94,6 +98,22 @@ def _fit_sigma(value):
     if not (np.isfinite(step) and step > 0) or int(half) != half or not 0 <= half <= 100000:
         raise ValueError("fit_sigma must be (step > 0 km/s, 0 <= half-width <= 1e5 pixels)")
     return step, int(half)
+
+
+def _fit_vsini(value):
+    """(step km/s per model pixel, rotational taps each side, limb darkening) of a fitted
+    v sin i."""
+    try:
+        step, half, eps = value
+    except (TypeError, ValueError):
+        raise TypeError("fit_vsini must be None or a (step, half_width, limb_darkening) "
+                        "triple") from None
+    step, eps = float(step), float(eps)
+    if (not (np.isfinite(step) and step > 0) or int(half) != half or not 0 <= half <= 100000
+            or not 0 <= eps <= 1):
+        raise ValueError("fit_vsini must be (step > 0 km/s, 0 <= half-width <= 1e5 pixels, "
+                         "0 <= limb darkening <= 1)")
+    return step, int(half), eps
 
 
 def _kernels(value, n_model):

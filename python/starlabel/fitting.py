@@ -45,7 +45,9 @@ class SpectrumFitResult(FitResult):
     rv, rv_error : (n,) km/s (0 and NaN when the RV is not fitted)
     continuum : (n, n_segments, n_coef) Chebyshev coefficients per segment (empty if not fitted)
     sigma, sigma_error : (n,) fitted Gaussian broadening, km/s (None unless fitted)
-    param_names : label names, then "rv" (if fitted), "sigma" (if fitted), then "c<segment>_<k>"
+    vsini, vsini_error : (n,) fitted rotational broadening v sin i, km/s (None unless fitted)
+    param_names : label names, then "rv", "sigma", "vsini" (each if fitted), then
+        "c<segment>_<k>"
     covariance : (n, n_params, n_params) inverse of J^T W J at the solution, physical units
     chi2, reduced_chi2 : (n,) reduced by (pixels used - n_params)
     n_pixels_used, n_iter, status : (n,) (FitStatus codes)
@@ -56,7 +58,7 @@ class SpectrumFitResult(FitResult):
 
     def __init__(self, label_names, param_names, labels, rv, continuum, covariance, chi2,
                  n_pixels_used, n_iter, status, rv_grid, rv_chi2, rv_initial, model_flux, fit_rv,
-                 sigma=None):
+                 sigma=None, vsini=None):
         super().__init__(label_names, labels, covariance, chi2, n_pixels_used, n_iter, status)
         self.param_names = tuple(param_names)
         self.rv = rv
@@ -66,10 +68,13 @@ class SpectrumFitResult(FitResult):
         n_labels = len(self.label_names)
         self.rv_error = (np.sqrt(covariance[:, n_labels, n_labels]) if fit_rv
                          else np.full(len(labels), np.nan))
-        self.sigma, self.sigma_error = sigma, None
-        if sigma is not None:
-            k = self.param_names.index("sigma")
-            self.sigma_error = np.sqrt(covariance[:, k, k])
+        for name, value in (("sigma", sigma), ("vsini", vsini)):
+            error = None
+            if value is not None:
+                k = self.param_names.index(name)
+                error = np.sqrt(covariance[:, k, k])
+            setattr(self, name, value)
+            setattr(self, f"{name}_error", error)
         dof = n_pixels_used - len(self.param_names)
         with np.errstate(divide="ignore", invalid="ignore"):
             self.reduced_chi2 = np.where(dof > 0, chi2 / np.maximum(dof, 1), np.nan)
@@ -83,8 +88,10 @@ class SpectrumFitResult(FitResult):
     def to_table(self):
         table = super().to_table()
         table["rv"], table["E_rv"] = self.rv, self.rv_error
-        if self.sigma is not None:
-            table["sigma"], table["E_sigma"] = self.sigma, self.sigma_error
+        for name in ("sigma", "vsini"):
+            if getattr(self, name) is not None:
+                table[name] = getattr(self, name)
+                table[f"E_{name}"] = getattr(self, f"{name}_error")
         return table
 
     def __repr__(self):
@@ -95,7 +102,8 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
                 rv_step=None, continuum_order=None, segments=None, broadening=None, mask=None,
                 bounds="training", initial=None, max_iter=100, return_model=False, backend=None,
                 n_threads=None):
-    """Fit labels (and radial velocity and continuum) of observed spectra with an emulator.
+    """Fit labels (and radial velocity, continuum and broadening) of observed spectra with an
+    emulator.
 
     Parameters
     ----------
@@ -114,10 +122,12 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
         (e.g. APOGEE's three chips); with a continuum, pixels in no segment are ignored
     broadening : None, or broadening of the model (applied on its grid, before the Doppler
         shift) as a dict: ``"sigma"`` (km/s, Gaussian: macroturbulence and the instrumental
-        profile; or ``"fit"`` to fit it, from ``"sigma_start"`` (5) within [0,
-        ``"sigma_max"`` (50)]), ``"vsini"`` (km/s; rotation with linear limb darkening
-        ``"limb_darkening"``, default 0.6, fixed); values a scalar or one per spectrum.
-        Needs a model grid uniform in log(wavelength) (gaps allowed).
+        profile) and ``"vsini"`` (km/s, rotation with linear limb darkening
+        ``"limb_darkening"``, default 0.6): each a scalar or one value per spectrum (fixed),
+        or ``"fit"`` to fit it from ``"<name>_start"`` up to ``"<name>_max"`` (sigma 5 and
+        50 km/s, vsini 10 and 100 km/s by default) and down to half a model pixel (sigma) or
+        one (vsini) in velocity, below which the model cannot tell the width from zero. Needs
+        a model grid uniform in log(wavelength) (gaps allowed).
     mask : bool (n_pixels,) or (n_spectra, n_pixels), True marks a pixel to leave out
     bounds : "training" (default: the model's training box), None (no label bounds) or a
         (lower, upper) pair of physical label arrays (+-inf allowed)
@@ -160,14 +170,14 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     n_starts = starts.shape[1]
 
     broad = _broadening(broadening, model_wave, n_spectra)
-    fit_sigma = broad is not None and broad["fit_sigma"] is not None
+    widths = {} if broad is None else broad["fitted"]  # fitted broadening widths, in order
 
     layout = {"model_wavelength": model_wave, "wavelength": obs_wave,
               "segment_index": seg_index, "segment_coord": seg_coord,
               "n_segments": n_segments if n_coef else 0, "n_coef": n_coef, "fit_rv": fit_rv}
     if broad is not None:
         layout.update(kernels=broad["kernels"], kernel_segments=broad["segments"],
-                      fit_sigma=broad["fit_sigma"])
+                      fit_sigma=broad["fit_sigma"], fit_vsini=broad["fit_vsini"])
     if not n_coef:
         layout["segment_index"] = np.full(obs_wave.size, -1, dtype=np.int32)
     extra = _extra_variance(desc, model_wave, obs_wave)
@@ -188,8 +198,8 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
         usable = _coverage(model_wave, bad_model, obs_wave, velocities.min(), velocities.max())
         weight = _weights(ivar * usable[None, :], extra)
         chi2_grid, best, coef0 = backend.rv_chi2_grid(
-            dict(layout, fit_rv=False, fit_sigma=None), templates, flux, weight, velocities,
-            n_threads=n_threads)
+            dict(layout, fit_rv=False, fit_sigma=None, fit_vsini=None), templates, flux, weight,
+            velocities, n_threads=n_threads)
         v0 = velocities[np.maximum(best, 0)]
         best_start = np.argmin(np.where(best >= 0, np.take_along_axis(
             chi2_grid, np.maximum(best, 0)[..., None], axis=2)[..., 0], np.inf), axis=1)
@@ -204,36 +214,34 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     parts = [starts]
     if fit_rv:
         parts.append(v0[..., None])
-    if fit_sigma:
-        parts.append(np.full((n_spectra, n_starts, 1), broad["sigma_start"]))
+    parts += [np.full((n_spectra, n_starts, 1), start) for start, _, _ in widths.values()]
     parts.append(coef0)
     initial_params = np.concatenate(parts, axis=2)
     n_cc = layout["n_segments"] * n_coef
-    lower = np.concatenate([lower_x, [rv_lo] if fit_rv else [], [0.0] if fit_sigma else [],
-                            np.full(n_cc, -np.inf)])
+    lower = np.concatenate([lower_x, [rv_lo] if fit_rv else [],
+                            [lo for _, lo, _ in widths.values()], np.full(n_cc, -np.inf)])
     upper = np.concatenate([upper_x, [rv_hi] if fit_rv else [],
-                            [broad["sigma_max"]] if fit_sigma else [], np.full(n_cc, np.inf)])
+                            [hi for _, _, hi in widths.values()], np.full(n_cc, np.inf)])
     sol = backend.spectrum_fit(desc["emulator"], layout, flux, ivar_fit, initial_params,
                                extra_variance=extra, lower=lower, upper=upper, max_iter=max_iter,
                                n_threads=n_threads)
 
-    jac_scale = np.concatenate([desc["label_scale"], np.ones(int(fit_rv) + int(fit_sigma) + n_cc)])
+    jac_scale = np.concatenate([desc["label_scale"], np.ones(int(fit_rv) + len(widths) + n_cc)])
     covariance = sol.covariance * jac_scale[None, :, None] * jac_scale[None, None, :]
     labels = desc["unscale"](sol.x[:, :n_labels])
     rv = sol.x[:, n_labels] if fit_rv else np.zeros(n_spectra)
-    sigma = sol.x[:, n_labels + int(fit_rv)] if fit_sigma else None
-    continuum = sol.x[:, n_labels + int(fit_rv) + int(fit_sigma):].reshape(
+    fitted_widths = {name: sol.x[:, n_labels + int(fit_rv) + i] for i, name in enumerate(widths)}
+    continuum = sol.x[:, n_labels + int(fit_rv) + len(widths):].reshape(
         n_spectra, layout["n_segments"], n_coef)
     model_flux = None
     if return_model:
         model_flux = backend.spectrum_model(desc["emulator"], layout, sol.x, n_threads=n_threads)
-    names = list(desc["label_names"]) + (["rv"] if fit_rv else []) + (
-        ["sigma"] if fit_sigma else []) + [
+    names = list(desc["label_names"]) + (["rv"] if fit_rv else []) + list(widths) + [
         f"c{s}_{k}" for s in range(layout["n_segments"]) for k in range(n_coef)]
     return SpectrumFitResult(desc["label_names"], names, labels, rv, continuum, covariance,
                              sol.chi2, sol.n_used, sol.n_iter, sol.status,
                              velocities if fit_rv else None, rv_chi2 if fit_rv else None,
-                             centre, model_flux, fit_rv, sigma=sigma)
+                             centre, model_flux, fit_rv, **fitted_widths)
 
 
 # --- the emulators -----------------------------------------------------------------------
@@ -353,19 +361,23 @@ def _rv_step(rv_step, model_wave):
     return 0.5 * float(np.median(dv))  # half a pixel: the chi2 minimum is within a quarter pixel
 
 
-SIGMA_START_KMS = 5.0    # a fitted Gaussian broadening starts here ...
-SIGMA_MAX_KMS = 50.0     # ... and stays below this (its kernel's reach is 6 sigma_max)
+# Where a fitted broadening width starts and the largest value it may take (km/s). A fitted
+# width's kernel reaches 6 sigma_max (Gaussian) or vsini_max (rotation) each side.
+WIDTH_DEFAULTS = {"sigma": (5.0, 50.0), "vsini": (10.0, 100.0)}
 
 
 def _broadening(broadening, model_wave, n_spectra):
     """The broadening set-up, a dict: ``kernels`` (1 or n_spectra rows, odd length, in model
     pixels: the fixed part; None if there is none), ``segments`` (the model grid's
     log-uniform runs), ``fit_sigma`` (None, or (km/s per model pixel, Gaussian taps each
-    side) when sigma is fitted), ``sigma_start``, ``sigma_max`` and ``template_kernels``
-    (the whole kernel at the start, for the RV search). None without broadening."""
+    side)), ``fit_vsini`` (None, or (km/s per model pixel, rotational taps each side, limb
+    darkening)), ``fitted`` ({width name: (start, lower, upper)} in parameter order) and
+    ``template_kernels`` (the whole kernel at the start, for the RV search). None without
+    broadening."""
     if broadening is None:
         return None
-    known = {"sigma", "sigma_start", "sigma_max", "vsini", "limb_darkening"}
+    known = {"sigma", "sigma_start", "sigma_max", "vsini", "vsini_start", "vsini_max",
+             "limb_darkening"}
     if not isinstance(broadening, dict):
         raise TypeError(f"broadening must be None or a dict with keys from {sorted(known)}")
     unknown = sorted(set(broadening) - known)
@@ -377,13 +389,9 @@ def _broadening(broadening, model_wave, n_spectra):
         raise ValueError("broadening needs the model's wavelength grid to be uniform in "
                          "log(wavelength) (gaps allowed)") from None
     step = C_KMS * dln  # km/s per model pixel
-    fit_sigma = isinstance(broadening.get("sigma"), str)
-    if fit_sigma and broadening["sigma"] != "fit":
-        raise ValueError(f"broadening['sigma'] must be km/s or 'fit', got {broadening['sigma']!r}")
-    sigma_start = float(broadening.get("sigma_start", SIGMA_START_KMS))
-    sigma_max = float(broadening.get("sigma_max", SIGMA_MAX_KMS))
-    if not 0 <= sigma_start <= sigma_max < np.inf:
-        raise ValueError("broadening needs 0 <= sigma_start <= sigma_max < inf (km/s)")
+    eps = float(broadening.get("limb_darkening", 0.6))
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"broadening['limb_darkening'] must be in [0, 1], got {eps}")
 
     def per_spectrum(name, value):
         v = np.asarray(value, dtype=np.float64)
@@ -394,25 +402,48 @@ def _broadening(broadening, model_wave, n_spectra):
             raise ValueError(f"broadening['{name}'] must be finite and >= 0 km/s")
         return np.atleast_1d(v)
 
-    vsini = per_spectrum("vsini", broadening.get("vsini", 0.0))
-    rotation = np.atleast_2d(rotation_kernel(vsini, step, broadening.get("limb_darkening", 0.6)))
+    # A fitted width's lower bound: below it the sampled kernel is (nearly) a delta whose
+    # derivative vanishes, a plateau LM cannot leave (sliding along the sigma-vsini
+    # degeneracy into it was seen when both are fitted).
+    lowest = {"sigma": 0.5 * step, "vsini": step}
+    fitted, fixed = {}, {}
+    for name, (start_default, max_default) in WIDTH_DEFAULTS.items():
+        value = broadening.get(name, 0.0)
+        if isinstance(value, str):
+            if value != "fit":
+                raise ValueError(f"broadening['{name}'] must be km/s or 'fit', got {value!r}")
+            start = float(broadening.get(f"{name}_start", start_default))
+            maximum = float(broadening.get(f"{name}_max", max_default))
+            if not 0 <= start <= maximum < np.inf:
+                raise ValueError(f"broadening needs 0 <= {name}_start <= {name}_max < inf (km/s)")
+            if maximum < lowest[name]:
+                raise ValueError(f"broadening['{name}_max'] must be >= {lowest[name]:.3g} km/s, "
+                                 "the lowest value fitted")
+            fitted[name] = (start, lowest[name], maximum)
+        else:
+            fixed[name] = per_spectrum(name, value)
 
-    def combined(sigma):
+    def kernel_rows(sigma, vsini):
+        """g(sigma) (*) r(vsini) per spectrum (one row if both are single values), or None
+        if both are zero."""
+        if not (np.any(sigma > 0) or np.any(vsini > 0)):
+            return None
         n_rows = max(sigma.size, vsini.size)
         gauss = np.atleast_2d(gaussian_kernel(np.broadcast_to(sigma, (n_rows,)) / step))
-        rows = np.broadcast_to(rotation, (n_rows, rotation.shape[1]))
-        kernels = np.array([np.convolve(g, r) for g, r in zip(gauss, rows)])
+        rotation = np.atleast_2d(rotation_kernel(np.broadcast_to(vsini, (n_rows,)), step, eps))
+        kernels = np.array([np.convolve(g, r) for g, r in zip(gauss, rotation)])
         return kernels / kernels.sum(axis=1, keepdims=True)
 
-    setup = {"segments": np.array(runs, dtype=np.int64), "fit_sigma": None,
-             "sigma_start": sigma_start, "sigma_max": sigma_max}
-    if fit_sigma:
-        setup["kernels"] = rotation if np.any(vsini > 0) else None
-        setup["fit_sigma"] = (step, int(np.ceil(6.0 * sigma_max / step)))
-        setup["template_kernels"] = combined(np.array([sigma_start]))
-    else:
-        setup["kernels"] = setup["template_kernels"] = combined(
-            per_spectrum("sigma", broadening.get("sigma", 0.0)))
+    zero = np.zeros(1)
+    setup = {"segments": np.array(runs, dtype=np.int64), "fitted": fitted,
+             "kernels": kernel_rows(fixed.get("sigma", zero), fixed.get("vsini", zero)),
+             "template_kernels": kernel_rows(
+                 *(np.array([fitted[n][0]]) if n in fitted else fixed[n] for n in WIDTH_DEFAULTS)),
+             "fit_sigma": None, "fit_vsini": None}
+    if "sigma" in fitted:
+        setup["fit_sigma"] = (step, int(np.ceil(6.0 * fitted["sigma"][2] / step)))
+    if "vsini" in fitted:
+        setup["fit_vsini"] = (step, int(np.ceil(fitted["vsini"][2] / step - 0.5)), eps)
     return setup
 
 

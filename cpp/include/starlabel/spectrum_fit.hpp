@@ -8,7 +8,8 @@
 // D maps rest to observed wavelength), and C_s = sum_k c_{s,k} T_k(t) is a Chebyshev series
 // in the pixel's coordinate t in [-1, 1] across its segment s (e.g. one APOGEE chip).
 // Parameters, in this order: the emulator's scaled labels x (n_labels), v in km/s (when
-// fitted), the Gaussian broadening sigma in km/s (when fitted), then the continuum
+// fitted), the Gaussian broadening sigma and the rotation v sin i in km/s (each when
+// fitted), then the continuum
 // coefficients segment by segment (n_segments * n_coef).
 // The Jacobian follows by the chain rule:
 //   dm/dx_a   = C * interp(dF/dx_a)
@@ -17,9 +18,11 @@
 // with F' the slope of the linear interpolant (piecewise constant in w).
 // Optionally F (and dF/dx) is first broadened on the model grid by a kernel per spectrum
 // (Gaussian and rotational broadening in model pixels): a linear operator, so the chain rule
-// above is unchanged. The kernel is fixed (built by the front end), or its Gaussian part has
-// a fitted width sigma (km/s): K = g(sigma) * r, r the fixed part, and
-//   dm/dsigma = C * interp(dK/dsigma (*) F)   (the renormalized convolution's derivative).
+// above is unchanged. The kernel is fixed (built by the front end), or it has fitted parts:
+// K = g(sigma) (*) r(vsini) (*) f, g a Gaussian of width sigma (km/s), r the rotational
+// profile of v sin i (km/s, linear limb darkening), f the fixed rest, each part a delta when
+// it is neither fitted nor given; then, for q = sigma or vsini,
+//   dm/dq = C * interp(dK/dq (*) F)   (the renormalized convolution's derivative).
 //
 // The emulator is anything with
 //   index_t n_labels, n_pixels;
@@ -68,19 +71,23 @@ struct FitLayout {
   index_t n_taps = 0, kernel_stride = 0;
   const std::int64_t* kernel_segments = nullptr;
   index_t n_kernel_segments = 0;
-  // A fitted Gaussian width (parameter after rv): sigma_step km/s per model pixel, and
-  // sigma_half taps each side of the Gaussian (enough for the largest sigma allowed).
-  bool fit_sigma = false;
-  double sigma_step = 0.0;
-  index_t sigma_half = 0;
+  // Fitted broadening (parameters after rv: sigma, then vsini), velocity_step km/s per model
+  // pixel; sigma_half / vsini_half taps each side of the Gaussian / rotational profile (enough
+  // for the largest value allowed); limb_darkening the rotational profile's coefficient.
+  bool fit_sigma = false, fit_vsini = false;
+  double velocity_step = 0.0, limb_darkening = 0.0;
+  index_t sigma_half = 0, vsini_half = 0;
 
-  bool broadens() const { return kernels != nullptr || fit_sigma; }
+  bool fits_broadening() const { return fit_sigma || fit_vsini; }
+  bool broadens() const { return kernels != nullptr || fits_broadening(); }
   index_t n_params() const {
-    return n_labels + (fit_rv ? 1 : 0) + (fit_sigma ? 1 : 0) + n_segments * n_coef;
+    return n_labels + (fit_rv ? 1 : 0) + (fit_sigma ? 1 : 0) + (fit_vsini ? 1 : 0) +
+           n_segments * n_coef;
   }
   index_t rv_index() const { return n_labels; }
   index_t sigma_index() const { return n_labels + (fit_rv ? 1 : 0); }
-  index_t coef_index() const { return sigma_index() + (fit_sigma ? 1 : 0); }
+  index_t vsini_index() const { return sigma_index() + (fit_sigma ? 1 : 0); }
+  index_t coef_index() const { return vsini_index() + (fit_vsini ? 1 : 0); }
 };
 
 namespace spectrum_detail {
@@ -127,7 +134,7 @@ inline std::vector<double> chebyshev_table(const FitLayout& lay) {
 // Broaden every column of values (n_model, n_cols) row-major with a centred kernel of n_taps
 // (odd) along the model grid, within each kernel segment (see FitLayout):
 // out_j = sum_t K_t v_i / sum_t K_t over the taps with i = j + t - n_taps / 2 inside j's
-// segment. With dkernel (dK/dsigma) and n_cols == 1 also its derivative
+// segment. With dkernel (dK/dq, q a fitted kernel width) and n_cols == 1 also its derivative
 // dout_j = (sum_t dK_t v_i - out_j sum_t dK_t) / sum_t K_t.
 inline void broaden_columns(const FitLayout& lay, const double* kernel, index_t n_taps,
                             const double* values, index_t n_cols, double* out,
@@ -157,45 +164,112 @@ inline void broaden_columns(const FitLayout& lay, const double* kernel, index_t 
   }
 }
 
-// The kernel g(sigma) (*) r and its derivative in sigma (km/s), g the Gaussian of
-// sigma / step pixels sampled at offsets -half..half and normalized to sum 1 (below 1e-3
-// pixel a delta, with zero derivative), r the fixed part (n_fixed taps, or a delta when null).
-//   kernel_out, dkernel_out (2 half + n_fixed) ; gauss, dgauss (2 half + 1) scratch
-inline void gaussian_kernel(double sigma, double step, index_t half, const double* fixed,
-                            index_t n_fixed, std::vector<double>& gauss,
-                            std::vector<double>& dgauss, double* kernel_out,
-                            double* dkernel_out) {
-  const index_t n_g = 2 * half + 1;
-  gauss.assign(n_g, 0.0);
-  dgauss.assign(n_g, 0.0);
+// The Gaussian of sigma / step pixels sampled at offsets -half..half, normalized to sum 1,
+// and its derivative in sigma (km/s); below 1e-3 pixel a delta with zero derivative.
+//   g, dg (2 half + 1)
+inline void gaussian_profile(double sigma, double step, index_t half, double* g, double* dg) {
+  const index_t n = 2 * half + 1;
+  std::fill(g, g + n, 0.0);
+  std::fill(dg, dg + n, 0.0);
   const double s = sigma / step;
   if (!(s >= 1e-3)) {
-    gauss[half] = 1.0;
-  } else {
-    double total = 0.0, moment = 0.0;
-    for (index_t t = -half; t <= half; ++t) {
-      const double g = std::exp(-0.5 * (t / s) * (t / s));
-      gauss[t + half] = g;
-      total += g;
-    }
-    for (index_t t = -half; t <= half; ++t) {
-      gauss[t + half] /= total;
-      moment += gauss[t + half] * double(t) * double(t);
-    }
-    // d ghat_t / d sigma = ghat_t (t^2 - sum_u ghat_u u^2) / s^3 / step
-    for (index_t t = -half; t <= half; ++t)
-      dgauss[t + half] = gauss[t + half] * (double(t) * t - moment) / (s * s * s) / step;
+    g[half] = 1.0;
+    return;
   }
-  const index_t n_out = n_g + n_fixed - 1;
-  std::fill(kernel_out, kernel_out + n_out, 0.0);
-  std::fill(dkernel_out, dkernel_out + n_out, 0.0);
-  for (index_t a = 0; a < n_g; ++a)
-    for (index_t b = 0; b < n_fixed; ++b) {
-      const double r = fixed ? fixed[b] : 1.0;
-      kernel_out[a + b] += gauss[a] * r;
-      dkernel_out[a + b] += dgauss[a] * r;
-    }
+  double total = 0.0, moment = 0.0;
+  for (index_t t = -half; t <= half; ++t) total += g[t + half] = std::exp(-0.5 * (t / s) * (t / s));
+  for (index_t t = -half; t <= half; ++t) {
+    g[t + half] /= total;
+    moment += g[t + half] * double(t) * double(t);
+  }
+  // d g_t / d sigma = g_t (t^2 - sum_u g_u u^2) / s^3 / step
+  for (index_t t = -half; t <= half; ++t)
+    dg[t + half] = g[t + half] * (double(t) * t - moment) / (s * s * s) / step;
 }
+
+// The rotational profile of v sin i (km/s) with linear limb darkening eps,
+//   P(x) = 2 (1 - eps) sqrt(1 - x^2) + (pi eps / 2) (1 - x^2),   x = dv / vsini in [-1, 1],
+// integrated exactly over each pixel (offsets t -+ 1/2 times step / vsini, through its
+// primitive), normalized to sum 1, and its derivative in vsini: the pixel's bounds
+// x = a step / vsini move with dx / dvsini = -x / vsini, so d/dvsini of the integral is
+// -(x_hi P(x_hi) - x_lo P(x_lo)) / vsini. Below 1e-3 pixel a delta with zero derivative.
+//   r, dr (2 half + 1)
+inline void rotation_profile(double vsini, double step, index_t half, double eps, double* r,
+                             double* dr) {
+  const index_t n = 2 * half + 1;
+  std::fill(r, r + n, 0.0);
+  std::fill(dr, dr + n, 0.0);
+  if (!(vsini / step >= 1e-3)) {
+    r[half] = 1.0;
+    return;
+  }
+  constexpr double pi = 3.14159265358979323846;
+  auto primitive = [eps](double x) {  // integral of P from -1 to x
+    x = std::clamp(x, -1.0, 1.0);
+    const double circle = 0.5 * (x * std::sqrt(1.0 - x * x) + std::asin(x)) + 0.25 * pi;
+    const double parabola = x - x * x * x / 3.0 + 2.0 / 3.0;
+    return 2.0 * (1.0 - eps) * circle + 0.5 * pi * eps * parabola;
+  };
+  auto profile = [eps](double x) {
+    if (!(std::abs(x) < 1.0)) return 0.0;
+    return 2.0 * (1.0 - eps) * std::sqrt(1.0 - x * x) + 0.5 * pi * eps * (1.0 - x * x);
+  };
+  const double scale = step / vsini;
+  double total = 0.0, dtotal = 0.0;
+  for (index_t t = -half; t <= half; ++t) {
+    const double lo = (t - 0.5) * scale, hi = (t + 0.5) * scale;
+    total += r[t + half] = primitive(hi) - primitive(lo);
+    dtotal += dr[t + half] = -(hi * profile(hi) - lo * profile(lo)) / vsini;
+  }
+  for (index_t i = 0; i < n; ++i) {
+    r[i] /= total;
+    dr[i] = (dr[i] - r[i] * dtotal) / total;
+  }
+}
+
+// out (n_a + n_b - 1) = a (*) b, the full discrete convolution.
+inline void convolve_full(const double* a, index_t n_a, const double* b, index_t n_b, double* out) {
+  std::fill(out, out + n_a + n_b - 1, 0.0);
+  for (index_t i = 0; i < n_a; ++i)
+    for (index_t j = 0; j < n_b; ++j) out[i + j] += a[i] * b[j];
+}
+
+// One spectrum's kernel with fitted parts, K = g(sigma) (*) r(vsini) (*) fixed, and its
+// derivatives in the fitted widths (see FitLayout; a part not fitted is a delta).
+struct FittedKernel {
+  std::vector<double> kernel, dsigma, dvsini;  // (n_taps,) each
+  std::vector<double> g, dg, r, dr, part;      // scratch
+
+  // fixed (n_fixed taps) or null; returns n_taps
+  index_t build(const FitLayout& lay, const double* fixed, index_t n_fixed, double sigma,
+                double vsini) {
+    const double delta[1] = {1.0};
+    if (!fixed) {
+      fixed = delta;
+      n_fixed = 1;
+    }
+    const index_t n_g = lay.fit_sigma ? 2 * lay.sigma_half + 1 : 1;
+    const index_t n_r = lay.fit_vsini ? 2 * lay.vsini_half + 1 : 1;
+    g.assign(n_g, 1.0);
+    dg.assign(n_g, 0.0);
+    r.assign(n_r, 1.0);
+    dr.assign(n_r, 0.0);
+    if (lay.fit_sigma) gaussian_profile(sigma, lay.velocity_step, lay.sigma_half, g.data(), dg.data());
+    if (lay.fit_vsini)
+      rotation_profile(vsini, lay.velocity_step, lay.vsini_half, lay.limb_darkening, r.data(), dr.data());
+    const index_t n_part = n_g + n_r - 1, n_taps = n_part + n_fixed - 1;
+    part.resize(n_part);
+    auto chain = [&](const double* a, const double* b, std::vector<double>& out) {
+      out.resize(n_taps);
+      convolve_full(a, n_g, b, n_r, part.data());
+      convolve_full(part.data(), n_part, fixed, n_fixed, out.data());
+    };
+    chain(g.data(), r.data(), kernel);
+    if (lay.fit_sigma) chain(dg.data(), r.data(), dsigma);
+    if (lay.fit_vsini) chain(g.data(), dr.data(), dvsini);
+    return n_taps;
+  }
+};
 
 // rest wavelength / observed wavelength = 1 / D(v), and d ln(rest wavelength) / dv.
 inline void doppler(double v, double& inv_doppler, double& dlnw_dv) {
@@ -221,14 +295,15 @@ struct ShiftedSpectrumModel {
     const double* flux = nullptr;  // the emulator on the model grid (n_model,), in the workspace
     const double* jac = nullptr;   // (n_model, n_labels) or null
     const double* dflux_dsigma = nullptr;  // (n_model,) when sigma is fitted
+    const double* dflux_dvsini = nullptr;  // (n_model,) when vsini is fitted
     const double* coef = nullptr;  // continuum coefficients inside the parameter vector
     double inv_doppler = 1.0, dlnw_dv = 0.0;
   };
   struct Workspace {
     std::vector<double> labels, flux, jac;  // (n, n_labels), (n, n_model), (n, n_model, n_labels)
     std::vector<double> broad_flux, broad_jac;  // the same, broadened
-    std::vector<double> dflux_dsigma;           // (n, n_model)
-    std::vector<double> kernel, dkernel, gauss, dgauss;  // one item's kernel (fitted sigma)
+    std::vector<double> dflux_dsigma, dflux_dvsini;  // (n, n_model) each, when fitted
+    spectrum_detail::FittedKernel fitted;             // one item's kernel
   };
 
   ShiftedSpectrumModel(const Emulator& emu, const FitLayout& lay)
@@ -250,28 +325,28 @@ struct ShiftedSpectrumModel {
       ws.broad_flux.resize(ws.flux.size());
       ws.broad_jac.resize(ws.jac.size());
       ws.dflux_dsigma.resize(layout.fit_sigma && with_jacobian ? n * M : 0);
+      ws.dflux_dvsini.resize(layout.fit_vsini && with_jacobian ? n * M : 0);
       for (index_t i = 0; i < n; ++i) {
-        const double* fixed = layout.kernels ? layout.kernels + rows[i] * layout.kernel_stride : nullptr;
-        const double* kernel = fixed;
-        const double* dkernel = nullptr;
+        const double* kernel = layout.kernels ? layout.kernels + rows[i] * layout.kernel_stride : nullptr;
         index_t n_taps = layout.n_taps;
-        if (layout.fit_sigma) {
-          const index_t n_fixed = fixed ? layout.n_taps : 1;
-          n_taps = 2 * layout.sigma_half + n_fixed;
-          ws.kernel.resize(n_taps);
-          ws.dkernel.resize(n_taps);
-          spectrum_detail::gaussian_kernel(xs[i][layout.sigma_index()], layout.sigma_step,
-                                           layout.sigma_half, fixed, n_fixed, ws.gauss, ws.dgauss,
-                                           ws.kernel.data(), ws.dkernel.data());
-          kernel = ws.kernel.data();
-          if (with_jacobian) dkernel = ws.dkernel.data();
+        if (layout.fits_broadening()) {
+          n_taps = ws.fitted.build(layout, kernel, layout.n_taps,
+                                   layout.fit_sigma ? xs[i][layout.sigma_index()] : 0.0,
+                                   layout.fit_vsini ? xs[i][layout.vsini_index()] : 0.0);
+          kernel = ws.fitted.kernel.data();
         }
-        spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1,
-                                         ws.broad_flux.data() + i * M, dkernel,
-                                         dkernel ? ws.dflux_dsigma.data() + i * M : nullptr);
-        if (with_jacobian)
-          spectrum_detail::broaden_columns(layout, kernel, n_taps, jac + i * M * L, L,
-                                           ws.broad_jac.data() + i * M * L);
+        double* broad = ws.broad_flux.data() + i * M;
+        spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad);
+        if (!with_jacobian) continue;
+        spectrum_detail::broaden_columns(layout, kernel, n_taps, jac + i * M * L, L,
+                                         ws.broad_jac.data() + i * M * L);
+        // each width's derivative: one more pass over the flux column (recomputes `broad`)
+        if (layout.fit_sigma)
+          spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad,
+                                           ws.fitted.dsigma.data(), ws.dflux_dsigma.data() + i * M);
+        if (layout.fit_vsini)
+          spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad,
+                                           ws.fitted.dvsini.data(), ws.dflux_dvsini.data() + i * M);
       }
       flux = ws.broad_flux.data();
       jac = ws.broad_jac.data();
@@ -282,6 +357,7 @@ struct ShiftedSpectrumModel {
       state.flux = flux + i * M;
       state.jac = with_jacobian ? jac + i * M * L : nullptr;
       state.dflux_dsigma = layout.fit_sigma && with_jacobian ? ws.dflux_dsigma.data() + i * M : nullptr;
+      state.dflux_dvsini = layout.fit_vsini && with_jacobian ? ws.dflux_dvsini.data() + i * M : nullptr;
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
                                state.dlnw_dv);
       state.coef = xs[i] + layout.coef_index();  // xs outlive the evaluation (lm.hpp keeps them)
@@ -322,6 +398,10 @@ struct ShiftedSpectrumModel {
       if (layout.fit_sigma) {
         const double* d = state.dflux_dsigma;
         jac_out[layout.sigma_index() * nb + j] = cont * (d[in.i0] + in.t * (d[in.i1] - d[in.i0]));
+      }
+      if (layout.fit_vsini) {
+        const double* d = state.dflux_dvsini;
+        jac_out[layout.vsini_index() * nb + j] = cont * (d[in.i0] + in.t * (d[in.i1] - d[in.i0]));
       }
       if (K > 0 && s >= 0)
         for (index_t k = 0; k < K; ++k) jac_out[(c0 + s * K + k) * nb + j] = t[k] * model;

@@ -32,7 +32,7 @@ def spectrum_model(emulator, layout, params, *, jacobian=False, n_threads=None):
     spec, lay, params = check.spectrum_model_arguments(emulator, layout, params, n_threads)
     return core.fit_spectrum_model(_core_emulator(spec), *_layout_args(lay), lay["fit_rv"], params,
                                    bool(jacobian), lay["kernels"], lay["kernel_segments"],
-                                   lay["fit_sigma"], resolve_threads(n_threads))
+                                   lay["fit_sigma"], lay["fit_vsini"], resolve_threads(n_threads))
 
 
 def rv_chi2_grid(layout, templates, flux, weight, velocities, *, n_threads=None):
@@ -51,4 +51,4 @@ def spectrum_fit(emulator, layout, flux, ivar, initial, *, extra_variance=None, 
     return LMSolution(*core.fit_spectra(_core_emulator(spec), *_layout_args(lay), lay["fit_rv"],
                                         flux, ivar, extra, initial, lower, upper, max_iter,
                                         lay["kernels"], lay["kernel_segments"],
-                                        lay["fit_sigma"], resolve_threads(n_threads)))
+                                        lay["fit_sigma"], lay["fit_vsini"], resolve_threads(n_threads)))

@@ -11,6 +11,7 @@ import numpy as np
 from numpy.polynomial import chebyshev
 
 from .. import _fit_checks as check
+from ..augment import rotation_kernel
 from ..result import LMSolution
 from .cannon import cannon_predict
 from .lm import fit_one, pixel_objective
@@ -65,39 +66,93 @@ def _basis(lay):
     return chebyshev.chebvander(lay["segment_coord"], lay["n_coef"] - 1)
 
 
-def _gaussian_kernel(sigma, step, half, fixed):
-    """g(sigma) (*) fixed and its derivative in sigma (km/s); g the normalized Gaussian of
-    sigma / step pixels at offsets -half..half (a delta below 1e-3 pixel)."""
+def _gaussian_profile(sigma, step, half):
+    """The normalized Gaussian of sigma / step pixels at offsets -half..half and its derivative
+    in sigma (km/s); a delta below 1e-3 pixel."""
     offsets = np.arange(-half, half + 1, dtype=np.float64)
     s = sigma / step
-    if s >= 1e-3:
-        g = np.exp(-0.5 * (offsets / s) ** 2)
-        g /= g.sum()
-        dg = g * (offsets**2 - np.sum(g * offsets**2)) / s**3 / step
-    else:
-        g = (offsets == 0).astype(np.float64)
-        dg = np.zeros_like(g)
-    fixed = np.ones(1) if fixed is None else fixed
-    return np.convolve(g, fixed), np.convolve(dg, fixed)
+    if not s >= 1e-3:
+        return (offsets == 0).astype(np.float64), np.zeros_like(offsets)
+    g = np.exp(-0.5 * (offsets / s) ** 2)
+    g /= g.sum()
+    return g, g * (offsets**2 - np.sum(g * offsets**2)) / s**3 / step
+
+
+def _rotation_profile(vsini, step, half, eps):
+    """The rotational profile of vsini (km/s, linear limb darkening eps) averaged over pixels
+    at offsets -half..half, normalized, and its derivative in vsini; a delta below 1e-3 pixel.
+    The pixel integrals come from augment.rotation_kernel's closed form; the derivative
+    differentiates each pixel's bounds x = (offset +- 1/2) step / vsini (dx/dvsini = -x/vsini)."""
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    if not vsini / step >= 1e-3:
+        return (offsets == 0).astype(np.float64), np.zeros_like(offsets)
+    # the pixel integrals of the unnormalized profile: its total over [-1, 1] is pi (1 - eps/3)
+    k = rotation_kernel(vsini, step, eps) * np.pi * (1 - eps / 3)
+    raw = np.zeros(offsets.size)
+    reach = min(k.size // 2, half)  # a profile wider than `half` taps is cut (renormalized)
+    raw[half - reach:half + reach + 1] = k[k.size // 2 - reach:k.size // 2 + reach + 1]
+
+    def profile(x):
+        inside = np.abs(x) < 1
+        x = np.where(inside, x, 0.0)
+        shape = 2 * (1 - eps) * np.sqrt(1 - x * x) + 0.5 * np.pi * eps * (1 - x * x)
+        return np.where(inside, shape, 0.0)
+
+    hi, lo = (offsets + 0.5) * step / vsini, (offsets - 0.5) * step / vsini
+    draw = -(hi * profile(hi) - lo * profile(lo)) / vsini
+    total = raw.sum()
+    r = raw / total
+    return r, (draw - r * draw.sum()) / total
+
+
+def _fitted_kernel(lay, p, fixed):
+    """g(sigma) (*) r(vsini) (*) fixed and its derivatives in sigma and vsini (None for a width
+    not fitted); a part neither fitted nor in ``fixed`` is a delta."""
+    one, zero = np.ones(1), np.zeros(1)
+    fixed = one if fixed is None else fixed
+    g, dg, r, dr = one, zero, one, zero
+    if lay["fit_sigma"] is not None:
+        step, half = lay["fit_sigma"]
+        g, dg = _gaussian_profile(p[_sigma_index(lay)], step, half)
+    if lay["fit_vsini"] is not None:
+        step, half, eps = lay["fit_vsini"]
+        r, dr = _rotation_profile(p[_vsini_index(lay)], step, half, eps)
+
+    def chain(a, b):
+        return np.convolve(np.convolve(a, b), fixed)
+
+    return (chain(g, r), chain(dg, r) if lay["fit_sigma"] is not None else None,
+            chain(g, dr) if lay["fit_vsini"] is not None else None)
+
+
+def _sigma_index(lay):
+    return lay["n_labels"] + int(lay["fit_rv"])
+
+
+def _vsini_index(lay):
+    return _sigma_index(lay) + int(lay["fit_sigma"] is not None)
+
+
+def _coef_index(lay):
+    return _vsini_index(lay) + int(lay["fit_vsini"] is not None)
 
 
 def _broaden(lay, row, emu_flux, emu_jac, p):
     """The emulator's flux (n_model,) and Jacobian (n_model, n_labels) convolved with the
     spectrum's kernel inside each kernel segment, the kernel renormalized where a segment cuts
-    it (np.convolve per column; the twin of broaden_columns), and d flux / d sigma (n_model,)
-    when sigma is fitted (else None)."""
-    if lay["kernels"] is None and lay["fit_sigma"] is None:
-        return emu_flux, emu_jac, None
+    it (np.convolve per column; the twin of broaden_columns), and d flux / d width (n_model,)
+    for each fitted width, a dict {"sigma": ..., "vsini": ...}."""
+    if lay["kernels"] is None and lay["fit_sigma"] is None and lay["fit_vsini"] is None:
+        return emu_flux, emu_jac, {}
     kernels = lay["kernels"]
     kernel = None if kernels is None else kernels[row if kernels.shape[0] > 1 else 0]
-    dkernel = None
-    if lay["fit_sigma"] is not None:
-        step, half = lay["fit_sigma"]
-        kernel, dkernel = _gaussian_kernel(p[lay["n_labels"] + int(lay["fit_rv"])], step, half,
-                                           kernel)
+    dkernels = {}
+    if lay["fit_sigma"] is not None or lay["fit_vsini"] is not None:
+        kernel, dsigma, dvsini = _fitted_kernel(lay, p, kernel)
+        dkernels = {name: d for name, d in (("sigma", dsigma), ("vsini", dvsini)) if d is not None}
     values = np.column_stack([emu_flux] + ([] if emu_jac is None else [emu_jac]))
     out = np.empty_like(values)
-    dflux = None if dkernel is None else np.empty_like(emu_flux)
+    dflux = {name: np.empty_like(emu_flux) for name in dkernels}
     centre = kernel.size // 2
 
     def same(a, k):  # the centred part of the full convolution (kernels are symmetric)
@@ -107,14 +162,14 @@ def _broaden(lay, row, emu_flux, emu_jac, p):
         norm = same(np.ones(stop - start), kernel)
         for c in range(values.shape[1]):
             out[start:stop, c] = same(values[start:stop, c], kernel) / norm
-        if dkernel is not None:
+        for name, dkernel in dkernels.items():
             dsum = same(emu_flux[start:stop], dkernel)
             dnorm = same(np.ones(stop - start), dkernel)
-            dflux[start:stop] = (dsum - out[start:stop, 0] * dnorm) / norm
+            dflux[name][start:stop] = (dsum - out[start:stop, 0] * dnorm) / norm
     return out[:, 0], (None if emu_jac is None else out[:, 1:]), dflux
 
 
-def _observed(lay, basis, emu_flux, emu_jac, dflux_dsigma, p):
+def _observed(lay, basis, emu_flux, emu_jac, dflux_dwidth, p):
     """Observed model and Jacobian (n_obs, n_params) for one parameter vector p."""
     n_labels, n_coef, seg = lay["n_labels"], lay["n_coef"], lay["segment_index"]
     v = p[n_labels] if lay["fit_rv"] else 0.0
@@ -123,7 +178,7 @@ def _observed(lay, basis, emu_flux, emu_jac, dflux_dsigma, p):
     i0, i1, t, inv_dw = _interpolation(lay["model_wavelength"], rest)
     model = emu_flux[i0] + t * (emu_flux[i1] - emu_flux[i0])
     in_segment = (seg >= 0) & (n_coef > 0)
-    c0 = n_labels + int(lay["fit_rv"]) + int(lay["fit_sigma"] is not None)
+    c0 = _coef_index(lay)
     coef = p[c0:].reshape(lay["n_segments"], n_coef)
     cont = np.ones_like(model)
     if n_coef:
@@ -133,9 +188,9 @@ def _observed(lay, basis, emu_flux, emu_jac, dflux_dsigma, p):
         jac[:, :n_labels] = cont[:, None] * (emu_jac[i0] + t[:, None] * (emu_jac[i1] - emu_jac[i0]))
     if lay["fit_rv"]:
         jac[:, n_labels] = cont * (emu_flux[i1] - emu_flux[i0]) * inv_dw * rest * dlnw_dv
-    if dflux_dsigma is not None:
-        d = dflux_dsigma
-        jac[:, n_labels + int(lay["fit_rv"])] = cont * (d[i0] + t * (d[i1] - d[i0]))
+    for name, d in dflux_dwidth.items():
+        column = _sigma_index(lay) if name == "sigma" else _vsini_index(lay)
+        jac[:, column] = cont * (d[i0] + t * (d[i1] - d[i0]))
     for s in range(lay["n_segments"]):
         on = in_segment & (seg == s)
         jac[on, c0 + s * n_coef:c0 + (s + 1) * n_coef] = basis[on] * model[on, None]
