@@ -8,8 +8,9 @@ import operator
 import numpy as np
 
 
-def as_float_array(name, value, ndim):
-    """``value`` as a C-contiguous float64 array of ``ndim`` dimensions, at least one element."""
+def as_float_array(name, value, ndim, dtype=np.float64):
+    """``value`` as a C-contiguous ``dtype`` (float64) array of ``ndim`` dimensions, at least
+    one element."""
     try:
         array = np.asarray(value)
     except Exception as exc:  # e.g. ragged nested lists
@@ -22,12 +23,12 @@ def as_float_array(name, value, ndim):
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {array.shape}")
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
-    return np.ascontiguousarray(array, dtype=np.float64)
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
-def finite_array(name, value, ndim):
-    """As as_float_array, and every value finite."""
-    array = as_float_array(name, value, ndim)
+def finite_array(name, value, ndim, dtype=np.float64):
+    """As as_float_array, and every value finite (after the conversion to ``dtype``)."""
+    array = as_float_array(name, value, ndim, dtype)
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains NaN or inf")
     return array

@@ -97,10 +97,13 @@ def inputs(value, n_in, dtype, name="x"):
 
 
 def targets(value, n_rows, n_out, dtype, name="target"):
-    array = check.finite_array(name, value, 2)
+    # checked in the network's dtype: no float64 copy of a large training set, and a value
+    # that overflows the conversion is caught
+    with np.errstate(over="ignore"):
+        array = check.finite_array(name, value, 2, dtype)
     if array.shape != (n_rows, n_out):
         raise ValueError(f"{name} must have shape ({n_rows}, {n_out}), got {array.shape}")
-    return np.ascontiguousarray(array, dtype=dtype)
+    return array
 
 
 def pixel_weights(value, n_out, dtype):

@@ -334,7 +334,7 @@ struct MLPWorkspace {
   std::vector<std::vector<T>> acts;    // acts[l]: (B, sizes[l]) input of layer l
   std::vector<std::vector<T>> derivs;  // derivs[l]: (B, sizes[l]) g'(z) of hidden layer l-1
   std::vector<T> out;                  // (B, n_out): model, then d loss / d out
-  std::vector<T> delta0, delta1;       // (B, max width)
+  std::vector<T> delta0, delta1;       // (B, max hidden width)
   std::vector<double> tile_loss;
   index_t capacity = 0;
 
@@ -347,7 +347,8 @@ struct MLPWorkspace {
       derivs[l].resize(l > 0 ? batch * sizes[l] : 0);
     }
     out.resize(batch * sizes[L]);
-    const index_t w = *std::max_element(sizes.begin(), sizes.end());
+    // the last layer's delta lives in `out`: these hold the hidden layers' only
+    const index_t w = L > 1 ? *std::max_element(sizes.begin() + 1, sizes.end() - 1) : 0;
     delta0.resize(batch * w);
     delta1.resize(batch * w);
     tile_loss.resize(mlp_detail::n_blocks(batch, tb.star_block) *
@@ -361,6 +362,46 @@ template <class T>
 struct MLPGradients {
   std::vector<T*> weights, biases;
 };
+
+namespace mlp_detail {
+// The loop of loss_and_gradient, once per (loss, weighting): each instance is a plain loop
+// that vectorizes (with a runtime choice inside, GCC kept only a scalar loop).
+template <Loss kind, class T, class Weight>
+T loss_row(T* y, const T* bias, const T* target, Weight weight, index_t n, T scale) {
+  T row = T(0);
+#pragma omp simd reduction(+ : row)
+  for (index_t p = 0; p < n; ++p) {
+    const T r = y[p] + bias[p] - target[p];
+    const T w = weight(p);
+    if constexpr (kind == LOSS_L1) {
+      row += w * std::abs(r);
+      y[p] = w * scale * (T(r > T(0)) - T(r < T(0)));
+    } else {
+      row += w * r * r;
+      y[p] = T(2) * w * r * scale;
+    }
+  }
+  return row;
+}
+}  // namespace mlp_detail
+
+// One row of the last layer: r = y + bias - target; returns sum_p w_p |r_p| (L1) or
+// sum_p w_p r_p^2 (L2) and overwrites y with d loss / d y = scale * (w sign(r) or 2 w r).
+//   y, bias, target, pixel_weights (n,) (pixel_weights null: all 1)
+// The sum is accumulated in T within the row (at most a tile's out_block values, all >= 0)
+// and in double across rows.
+template <class T>
+double loss_and_gradient(Loss loss, T* y, const T* bias, const T* target,
+                         const T* pixel_weights, index_t n, T scale) {
+  using mlp_detail::loss_row;
+  const auto weighted = [pixel_weights](index_t p) { return pixel_weights[p]; };
+  const auto unweighted = [](index_t) { return T(1); };
+  if (loss == LOSS_L1)
+    return pixel_weights ? loss_row<LOSS_L1>(y, bias, target, weighted, n, scale)
+                         : loss_row<LOSS_L1>(y, bias, target, unweighted, n, scale);
+  return pixel_weights ? loss_row<LOSS_L2>(y, bias, target, weighted, n, scale)
+                       : loss_row<LOSS_L2>(y, bias, target, unweighted, n, scale);
+}
 
 // Forward pass, loss and backward pass for one batch, run by every thread of an enclosing
 // parallel region (orphaned worksharing loops). acts[0] must hold the batch's inputs.
@@ -401,25 +442,12 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
           continue;
         }
         // fused: bias, loss and d loss / d out, in place
-        const T scale = T(1.0 / (double(B) * double(n_out)));
         double sum = 0.0;
-        for (index_t s = s0; s < s0 + ns; ++s) {
-          T* y = dst + s * wo;
-          const T* tg = target + s * wo;
-          double row = 0.0;
-          for (index_t p = o0; p < o0 + no; ++p) {
-            const T r = y[p] + net.biases[l][p] - tg[p];
-            const T w = pixel_weights ? pixel_weights[p] : T(1);
-            if (loss == LOSS_L1) {
-              row += double(w) * std::abs(double(r));
-              y[p] = r > T(0) ? w * scale : (r < T(0) ? -w * scale : T(0));
-            } else {
-              row += double(w) * double(r) * double(r);
-              y[p] = T(2) * w * r * scale;
-            }
-          }
-          sum += row;
-        }
+        for (index_t s = s0; s < s0 + ns; ++s)
+          sum += loss_and_gradient(loss, dst + s * wo + o0, net.biases[l] + o0,
+                                   target + s * wo + o0,
+                                   pixel_weights ? pixel_weights + o0 : nullptr, no,
+                                   T(1.0 / (double(B) * double(n_out))));
         ws.tile_loss[t] = sum;
       } catch (...) {
         failed = true;
