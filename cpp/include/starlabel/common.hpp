@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <utility>
 
@@ -17,6 +18,20 @@
 namespace starlabel {
 
 using index_t = std::int64_t;
+
+// n values of T left uninitialized, for buffers that are written whole before they are read
+// (std::vector zeroes them first: an extra pass over tens of MB per training call).
+template <class T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(index_t n) : data_(new T[n]) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<T[]> data_;
+};
 
 // Outcome of one spectrum's label fit. Mirrored by starlabel.status.FitStatus.
 enum FitStatus : std::int8_t {

@@ -109,6 +109,8 @@ struct PixelObjective {
   index_t pixel_block = 256;
 
   using Vector = Eigen::Map<const Eigen::VectorXd>;
+  using RowMatrix =
+      Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
 
   static constexpr bool many = detail::evaluates_many<Model>::value;
   struct Batch {
@@ -117,7 +119,7 @@ struct PixelObjective {
     std::vector<typename Model::State> states;
     typename Model::Workspace workspace;
     std::vector<index_t> rows;
-    std::vector<double> model_flux, resid, wresid, jac, wjac;
+    std::vector<double> model_flux, sqrt_weight, wresid, jac, wjac;
     typename detail::ManyScratchOf<Model, many>::type scratch;
   };
 
@@ -153,7 +155,7 @@ struct PixelObjective {
     const index_t per_item = many ? n_items : 1;  // evaluate_many fills every item at once
     batch.model_flux.resize(per_item * pixel_block);
     if (with_jacobian) batch.jac.resize(per_item * np * pixel_block);
-    batch.resid.resize(pixel_block);
+    batch.sqrt_weight.resize(pixel_block);
     batch.wresid.resize(pixel_block);
     batch.wjac.resize(np * pixel_block);
     double* wjac = batch.wjac.data();
@@ -170,33 +172,28 @@ struct PixelObjective {
           model.evaluate(batch.states[i], p0, p1, batch.model_flux.data(), with_jacobian ? jac : nullptr);
         const double* f = flux + (batch.s0 + ids[i]) * n_pixels + p0;
         const double* weight = batch.weights.data() + ids[i] * n_pixels + p0;
+        // In sqrt(weight) form, so that J^T W J is one symmetric rank-k update (Eigen's
+        // blocked kernel) rather than n_params^2 / 2 separate dot products.
         std::int64_t used = 0;
         for (index_t j = 0; j < nb; ++j) {
           const double w = weight[j];
-          const double r = w > 0.0 ? f[j] - model_flux[j] : 0.0;
-          batch.resid[j] = r;
-          batch.wresid[j] = w * r;
+          const double sw = w > 0.0 ? std::sqrt(w) : 0.0;
+          batch.sqrt_weight[j] = sw;
+          batch.wresid[j] = w > 0.0 ? sw * (f[j] - model_flux[j]) : 0.0;
           used += w > 0.0;
         }
-        // Reductions through Eigen's dot(), which is vectorized (a plain loop reduction is
-        // not without -ffast-math).
-        const Vector resid(batch.resid.data(), nb), wresid(batch.wresid.data(), nb);
-        out[i].chi2 += wresid.dot(resid);
+        const Vector wresid(batch.wresid.data(), nb);
+        out[i].chi2 += wresid.squaredNorm();
         out[i].n_used += used;
         if (!with_jacobian) continue;
         // jac and wjac are (np, nb) row-major. Zero-weight pixels may hold non-finite model
         // derivatives (untrained pixels): drop them.
         for (index_t a = 0; a < np; ++a)
-          for (index_t j = 0; j < nb; ++j) {
-            const double v = weight[j] > 0.0 ? jac[a * nb + j] : 0.0;
-            jac[a * nb + j] = v;
-            wjac[a * nb + j] = v * weight[j];
-          }
-        for (index_t a = 0; a < np; ++a) {
-          const Vector ja(jac + a * nb, nb), wja(wjac + a * nb, nb);
-          out[i].grad[a] += ja.dot(wresid);
-          for (index_t b = a; b < np; ++b) out[i].hess(a, b) += wja.dot(Vector(jac + b * nb, nb));
-        }
+          for (index_t j = 0; j < nb; ++j)
+            wjac[a * nb + j] = weight[j] > 0.0 ? jac[a * nb + j] * batch.sqrt_weight[j] : 0.0;
+        const RowMatrix wj(wjac, np, nb);
+        out[i].grad.noalias() += wj * wresid;
+        out[i].hess.template selfadjointView<Eigen::Upper>().rankUpdate(wj);
       }
     }
     for (index_t i = 0; i < n_items; ++i)

@@ -324,6 +324,8 @@ struct MLPParams {
 struct TrainBlocking {
   index_t star_block = 64;   // batch rows per tile
   index_t out_block = 512;   // output columns per tile
+  index_t grad_block = 256;  // output rows per tile of the weight gradients (the last layer's
+                             // 7214 give 29 tiles: even work for 2 threads)
   index_t in_block = 512;    // input columns per tile of the weight gradients / delta
   index_t param_chunk = 16384;
 };
@@ -333,7 +335,7 @@ template <class T>
 struct MLPWorkspace {
   std::vector<std::vector<T>> acts;    // acts[l]: (B, sizes[l]) input of layer l
   std::vector<std::vector<T>> derivs;  // derivs[l]: (B, sizes[l]) g'(z) of hidden layer l-1
-  std::vector<T> out;                  // (B, n_out): model, then d loss / d out
+  Buffer<T> out;                       // (B, n_out): model, then d loss / d out
   std::vector<T> delta0, delta1;       // (B, max hidden width)
   std::vector<double> tile_loss;
   index_t capacity = 0;
@@ -346,7 +348,7 @@ struct MLPWorkspace {
       acts[l].resize(batch * sizes[l]);
       derivs[l].resize(l > 0 ? batch * sizes[l] : 0);
     }
-    out.resize(batch * sizes[L]);
+    out = Buffer<T>(batch * sizes[L]);
     // the last layer's delta lives in `out`: these hold the hidden layers' only
     const index_t w = L > 1 ? *std::max_element(sizes.begin() + 1, sizes.end() - 1) : 0;
     delta0.resize(batch * w);
@@ -466,13 +468,13 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
   T* spare = ws.delta0.data();
   for (int l = L - 1; l >= 0; --l) {
     const index_t wi = net.sizes[l], wo = net.sizes[l + 1];
-    const index_t n_ob = n_blocks(wo, tb.out_block), n_ib = n_blocks(wi, tb.in_block);
+    const index_t n_ob = n_blocks(wo, tb.grad_block), n_ib = n_blocks(wi, tb.in_block);
     // weight gradient tiles (out block x in block), bias gradient with the first in block
 #pragma omp for schedule(static) nowait
     for (index_t t = 0; t < n_ob * n_ib; ++t) {
       if (failed || interrupted(interrupt)) continue;
       try {
-        const index_t o0 = (t / n_ib) * tb.out_block, no = std::min(tb.out_block, wo - o0);
+        const index_t o0 = (t / n_ib) * tb.grad_block, no = std::min(tb.grad_block, wo - o0);
         const index_t i0 = (t % n_ib) * tb.in_block, ni = std::min(tb.in_block, wi - i0);
         map(grads.weights[l] + o0 * wi + i0, no, ni, wi).noalias() =
             cmap(delta + o0, B, no, wo).transpose() * cmap(ws.acts[l].data() + i0, B, ni, wi);
@@ -609,15 +611,15 @@ void mlp_train_epoch(const MLPParams<T>& net, const MLPGradients<T>& m, const ML
   const index_t n_batches = n_blocks(n, batch_size);
   MLPWorkspace<T> ws;
   ws.reserve(net.sizes, std::min(batch_size, n), tb);
-  std::vector<T> batch_target(std::min(batch_size, n) * n_out);
+  Buffer<T> batch_target(std::min(batch_size, n) * n_out);
   // gradient storage and the optimizer's segment table
-  std::vector<std::vector<T>> gw(L), gb(L);
+  std::vector<Buffer<T>> gw(L), gb(L);  // written whole by every backward pass
   MLPGradients<T> grads;
   struct Segment { T* p; const T* g; T* m; T* v; index_t n; };
   std::vector<Segment> segments;
   for (int l = 0; l < L; ++l) {
-    gw[l].resize(net.weight_size(l));
-    gb[l].resize(net.sizes[l + 1]);
+    gw[l] = Buffer<T>(net.weight_size(l));
+    gb[l] = Buffer<T>(net.sizes[l + 1]);
     grads.weights.push_back(gw[l].data());
     grads.biases.push_back(gb[l].data());
   }
@@ -644,7 +646,7 @@ void mlp_train_epoch(const MLPParams<T>& net, const MLPGradients<T>& m, const ML
         const index_t row = order[r0 + i];
         std::copy(x + row * n_in, x + (row + 1) * n_in, ws.acts[0].begin() + i * n_in);
         std::copy(target + row * n_out, target + (row + 1) * n_out,
-                  batch_target.begin() + i * n_out);
+                  batch_target.data() + i * n_out);
       }
       mlp_loss_backward_in_region(net, ws, B, batch_target.data(), pixel_weights, loss, grads,
                                   loss_value, failed, tb, interrupt);

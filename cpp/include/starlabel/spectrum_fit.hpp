@@ -434,59 +434,91 @@ inline void shift_onto_pixels(const FitLayout& lay, const double* model, double 
   }
 }
 
-// Continuum coefficients for fixed model values: per segment, weighted linear least squares
-// of flux on T_k(t) * model (normal equations accumulated in one pass over the pixels). A
-// segment with fewer used pixels than coefficients, or singular normal equations, keeps the
-// flat continuum (1, 0, ..., 0). Returns chi2 at the solution, from the residuals.
-//   model, flux, weight (n_obs,); cheb (n_obs, n_coef); coef_out (n_segments * n_coef)
-//   normal (n_segments * n_coef * (n_coef + 1)) scratch
-inline double continuum_solve(const FitLayout& lay, const double* cheb, const double* model,
-                              const double* flux, const double* weight, double* coef_out,
-                              std::vector<double>& normal, std::vector<index_t>& counts) {
-  const index_t K = lay.n_coef, S = lay.n_segments, stride = K * (K + 1);
-  normal.assign(S * stride, 0.0);  // per segment: A (K, K) lower triangle, then b (K,)
-  counts.assign(S, 0);
-  for (index_t p = 0; p < lay.n_obs; ++p) {
-    const std::int32_t s = lay.segment[p];
-    if (s < 0 || !(weight[p] > 0.0)) continue;
-    const double* t = cheb + p * K;
-    double* a = normal.data() + s * stride;
-    double* b = a + K * K;
-    const double wm = weight[p] * model[p], wmm = wm * model[p];
-    for (index_t k = 0; k < K; ++k) {
-      b[k] += wm * flux[p] * t[k];
-      const double wmmt = wmm * t[k];
-      for (index_t l = 0; l <= k; ++l) a[k * K + l] += wmmt * t[l];
+// The continuum solve of the RV grid for one spectrum, with every velocity-independent factor
+// taken out of the pixel loop. For a template m (interpolated onto the observed pixels) and
+// per segment s the normal equations of flux ~ sum_k c_k T_k(t) m are
+//   A_kl = sum_p w m^2 T_k T_l,   b_k = sum_p w f m T_k        (p in segment s)
+// so with the tables u = (w f T_k ; w T_k T_l) fixed per spectrum each velocity costs one
+// dot product per entry over each run of consecutive pixels of one segment (vectorized),
+// and chi2 = sum_p w f^2 - 2 c.b + c.A c needs no pass over the residuals. Pixels outside
+// every segment (group S) have the continuum 1: c = (1, 0, ...).
+class ContinuumSolver {
+ public:
+  // cheb (n_obs, n_coef); flux, weight (n_obs,) of the spectrum
+  void reset(const FitLayout& lay, const double* cheb, const double* flux, const double* weight) {
+    K_ = lay.n_coef;
+    S_ = lay.n_segments;
+    n_obs_ = lay.n_obs;
+    n_terms_ = K_ + K_ * (K_ + 1) / 2;
+    table_.assign(n_terms_ * n_obs_, 0.0);
+    base_.assign(S_ + 1, 0.0);
+    counts_.assign(S_ + 1, 0);
+    runs_.clear();
+    for (index_t p = 0; p < n_obs_; ++p) {
+      const index_t g = lay.segment[p] < 0 ? S_ : lay.segment[p];
+      if (runs_.empty() || runs_.back().group != g) runs_.push_back({p, p, g});
+      runs_.back().stop = p + 1;
+      if (!(weight[p] > 0.0)) continue;  // zeros in the table (flux may be NaN there)
+      const double w = weight[p], wf = w * flux[p];
+      const double* t = cheb + p * K_;
+      index_t j = 0;
+      for (index_t k = 0; k < K_; ++k) table_[(j++) * n_obs_ + p] = wf * t[k];
+      for (index_t k = 0; k < K_; ++k)
+        for (index_t l = 0; l <= k; ++l) table_[(j++) * n_obs_ + p] = w * t[k] * t[l];
+      base_[g] += wf * flux[p];
+      ++counts_[g];
     }
-    ++counts[s];
   }
-  for (index_t s = 0; s < S; ++s) {
-    double* c = coef_out + s * K;
-    std::fill(c, c + K, 0.0);
-    c[0] = 1.0;
-    if (counts[s] < K) continue;
-    // A was accumulated row-major (a[k * K + l], l <= k): read as column-major, it is A^T
-    const Eigen::Map<const Eigen::MatrixXd> a(normal.data() + s * stride, K, K);
-    Eigen::LLT<Eigen::MatrixXd> llt(a.transpose());  // reads the lower triangle
-    if (llt.info() != Eigen::Success) continue;
-    const Eigen::VectorXd sol = llt.solve(Eigen::Map<const Eigen::VectorXd>(normal.data() + s * stride + K * K, K));
-    if (!sol.allFinite()) continue;
-    std::copy_n(sol.data(), K, c);
-  }
-  double chi2 = 0.0;
-  for (index_t p = 0; p < lay.n_obs; ++p) {
-    if (!(weight[p] > 0.0)) continue;
-    const std::int32_t s = lay.segment[p];
-    double cont = 1.0;
-    if (s >= 0) {
-      cont = 0.0;
-      for (index_t k = 0; k < K; ++k) cont += coef_out[s * K + k] * cheb[p * K + k];
+
+  // The continuum coefficients (n_segments * n_coef) and chi2 for the template values m
+  // (n_obs,). A segment with fewer used pixels than coefficients, or singular normal
+  // equations, keeps the flat continuum (1, 0, ..., 0).
+  double solve(const double* m, double* coef_out) {
+    squared_.resize(n_obs_);
+    for (index_t p = 0; p < n_obs_; ++p) squared_[p] = m[p] * m[p];
+    sums_.assign((S_ + 1) * n_terms_, 0.0);
+    using Vec = Eigen::Map<const Eigen::VectorXd>;
+    for (const Run& run : runs_) {
+      const index_t n = run.stop - run.start;
+      const Vec mv(m + run.start, n), m2(squared_.data() + run.start, n);
+      double* sum = sums_.data() + run.group * n_terms_;
+      for (index_t j = 0; j < n_terms_; ++j)
+        sum[j] += (j < K_ ? mv : m2).dot(Vec(table_.data() + j * n_obs_ + run.start, n));
     }
-    const double r = flux[p] - cont * model[p];
-    chi2 += weight[p] * r * r;
+    double chi2 = 0.0;
+    Eigen::MatrixXd a(K_, K_);
+    Eigen::VectorXd c(K_);
+    for (index_t g = 0; g <= S_; ++g) {
+      const double* sum = sums_.data() + g * n_terms_;
+      const Eigen::Map<const Eigen::VectorXd> b(sum, K_);
+      for (index_t k = 0, j = K_; k < K_; ++k)
+        for (index_t l = 0; l <= k; ++l, ++j) a(k, l) = a(l, k) = sum[j];
+      c.setZero();
+      if (K_ > 0) c[0] = 1.0;
+      if (g < S_ && counts_[g] >= K_) {
+        Eigen::LLT<Eigen::MatrixXd> llt(a);
+        if (llt.info() == Eigen::Success) {
+          const Eigen::VectorXd sol = llt.solve(b);
+          if (sol.allFinite()) c = sol;
+        }
+      }
+      if (g < S_) std::copy_n(c.data(), K_, coef_out + g * K_);
+      if (counts_[g] > 0) chi2 += base_[g] - 2.0 * c.dot(b) + c.dot(a * c);
+    }
+    return std::max(chi2, 0.0);  // the sums cancel to rounding for a perfect fit
   }
-  return chi2;
-}
+
+ private:
+  struct Run {
+    index_t start, stop, group;
+  };
+  index_t K_ = 0, S_ = 0, n_obs_ = 0, n_terms_ = 0;
+  std::vector<double> table_;   // (n_terms, n_obs): w f T_k, then w T_k T_l (l <= k)
+  std::vector<double> base_;    // (S + 1,) sum of w f^2 per group
+  std::vector<index_t> counts_; // (S + 1,) used pixels per group
+  std::vector<Run> runs_;       // maximal runs of consecutive pixels of one group
+  std::vector<double> squared_, sums_;
+};
 
 }  // namespace spectrum_detail
 
@@ -515,8 +547,8 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(resolve_threads(n_threads))
   {
-    std::vector<double> shifted(n_obs), coef(std::max<index_t>(n_cc, 1)), normal;
-    std::vector<index_t> counts;
+    std::vector<double> shifted(n_obs), coef(std::max<index_t>(n_cc, 1));
+    spectrum_detail::ContinuumSolver solver;
 #pragma omp for schedule(dynamic, 1)
     for (index_t item = 0; item < n_items; ++item) {
       if (failed || interrupted(interrupt)) continue;
@@ -526,13 +558,12 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
         const double* f = flux + s * n_obs;
         const double* w = weight + s * n_obs;
         // chi2 of the template at velocity v (continuum coefficients into coef)
+        if (lay.n_coef > 0) solver.reset(lay, cheb.data(), f, w);
         auto chi2_at = [&](double v) {
           double inv_doppler, dlnw_dv;
           spectrum_detail::doppler(v, inv_doppler, dlnw_dv);
           spectrum_detail::shift_onto_pixels(lay, tmpl, inv_doppler, shifted.data());
-          if (lay.n_coef > 0)
-            return spectrum_detail::continuum_solve(lay, cheb.data(), shifted.data(), f, w,
-                                                    coef.data(), normal, counts);
+          if (lay.n_coef > 0) return solver.solve(shifted.data(), coef.data());
           double chi2 = 0.0;
           for (index_t p = 0; p < n_obs; ++p) {
             if (!(w[p] > 0.0)) continue;
