@@ -9,8 +9,7 @@
 // in the pixel's coordinate t in [-1, 1] across its segment s (e.g. one APOGEE chip).
 // Parameters, in this order: the emulator's scaled labels x (n_labels), v in km/s (when
 // fitted), the Gaussian broadening sigma and the rotation v sin i in km/s (each when
-// fitted), then the continuum
-// coefficients segment by segment (n_segments * n_coef).
+// fitted), then the continuum coefficients segment by segment (n_segments * n_coef).
 // The Jacobian follows by the chain rule:
 //   dm/dx_a   = C * interp(dF/dx_a)
 //   dm/dv     = C * F'(w) * w * d ln w / dv,   w = lambda / D(v),  d ln w / dv = -1 / (c (1 - beta^2))
