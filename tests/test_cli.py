@@ -90,6 +90,27 @@ def test_fit_writes_the_table_fit_spectra_gives(files, tmp_path, capsys):
     assert written.meta[shards.KEY_TOTAL] == N_TEST
 
 
+def test_fit_broadening_options(tmp_path, capsys):
+    """--sigma KMS and --vsini fit reach fit_spectra: the table has the fitted v sin i."""
+    wave = 10 ** (np.log10(15200.0) + 2e-5 * np.arange(N_PIXELS))  # broadening: log-uniform
+    train = synthetic_survey(N_TRAIN, wavelength=wave, seed=3)
+    test = synthetic_survey(10, wavelength=wave, seed=4)
+    model = starlabel.CannonModel(train.label_names).train(train.labels, train.flux, train.ivar)
+    model.write(tmp_path / "model.npz")
+    np.savez(tmp_path / "test.npz", flux=test.flux, ivar=test.ivar, wavelength=wave)
+    out = tmp_path / "broad.ecsv"
+    assert run(capsys, "fit", tmp_path / "model.npz", tmp_path / "test.npz", "-o", out,
+               "--sigma", "8", "--vsini", "fit", "--rv-range", "-200", "200", "-q")[0] == 0
+    written = read_results(out)
+    result = starlabel.fit_spectra(model, test.flux, test.ivar, wave, rv_range=(-200, 200),
+                                   broadening={"sigma": 8.0, "vsini": "fit"})
+    np.testing.assert_array_equal(np.asarray(written["vsini"]), result.vsini)
+    assert "sigma" not in written.colnames and written["vsini"].unit == "km / s"
+    code, _, err = run(capsys, "fit", tmp_path / "model.npz", tmp_path / "test.npz", "-o", out,
+                       "--vsini", "-3")
+    assert code == 2 and "--vsini" in err
+
+
 def test_labels_may_come_from_the_npz_and_match_by_id(files, tmp_path, capsys):
     train = files["train"]
     ids = np.array([f"star{i:03d}" for i in range(N_TRAIN)])

@@ -580,7 +580,14 @@ def fit_options(args):
             "continuum_order": args.continuum_order,
             "segments": _apogee_segments() if args.apogee_chips else None,
             "bounds": None if args.no_bounds else "training", "max_iter": args.max_iter,
-            "backend": args.backend}
+            "backend": args.backend, "broadening": _broadening(args)}
+
+
+def _broadening(args):
+    """fit_spectra's broadening dict from --sigma / --vsini (None when neither is given)."""
+    widths = {name: value for name, value in (("sigma", args.sigma), ("vsini", args.vsini))
+              if value is not None}
+    return widths or None
 
 
 def _apogee_segments():
@@ -783,6 +790,18 @@ def _widths(text):
     return widths
 
 
+def _width(text):
+    if text == "fit":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (np.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected km/s >= 0 or 'fit', got {text!r}")
+    return value
+
+
 def _shard(text):
     from .shards import parse_shard
 
@@ -900,6 +919,11 @@ def build_parser():
                      help="one continuum segment per APOGEE chip")
     fit.add_argument("--no-bounds", action="store_true",
                      help="let labels leave the training range")
+    fit.add_argument("--sigma", type=_width, default=None, metavar="KMS|fit",
+                     help="Gaussian broadening of the model, km/s, or 'fit' (default: none)")
+    fit.add_argument("--vsini", type=_width, default=None, metavar="KMS|fit",
+                     help="rotational broadening v sin i of the model, km/s, or 'fit' "
+                     "(default: none)")
     fit.add_argument("--max-iter", type=_positive_int, default=100)
     fit.add_argument("--backend", choices=("fast", "reference"), default="fast")
     fit.add_argument("--shard", type=_shard, metavar="i/N",
