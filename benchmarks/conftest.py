@@ -48,6 +48,22 @@ def pytest_addoption(parser):
 
 
 @pytest.fixture(scope="session")
+def numpy_matmuls():
+    """``make(weights, x)`` gives ``run()``: NumPy's float32 matmuls of an MLP forward pass's
+    shapes (no bias, no activation), the yardstick of the machine's limit for that batch."""
+    def make(weights, x):
+        weights_t = [np.ascontiguousarray(w.T) for w in weights]
+
+        def run():
+            a = x
+            for w in weights_t:
+                a = a @ w
+            return a
+        return run
+    return make
+
+
+@pytest.fixture(scope="session")
 def random_payne():
     """A factory of fit_spectra test problems: ``make(hidden, n_pixels, n_spectra)`` gives a
     float32 PayneModel of 25 labels with random weights (The Payne's architecture) on an

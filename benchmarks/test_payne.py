@@ -63,21 +63,13 @@ def test_forward_fast(timed, benchmark, net, batch, n_threads):
 
 
 @pytest.mark.parametrize("batch", [0, 1, 2, 3, 4], ids=lambda i: f"b{i}")
-def test_forward_numpy_matmul(timed, benchmark, net, batch):
+def test_forward_numpy_matmul(timed, benchmark, net, batch, numpy_matmuls):
     """NumPy's own float32 matmuls on the same shapes (no bias, no activation): the yardstick."""
     if batch >= len(net["batches"]):
         pytest.skip("batch size not in this --size")
     n = net["batches"][batch]
     x = labels(n, net["n_labels"])
-    wt = [np.ascontiguousarray(w.T) for w in net["weights"]]
-
-    def run():
-        a = x
-        for w in wt:
-            a = a @ w
-        return a
-
-    _, t = timed(run)
+    _, t = timed(numpy_matmuls(net["weights"], x))
     benchmark.extra_info.update(area="payne_forward", backend="numpy_matmul", batch=n,
                                 gflops=gflops(net["flop_per_star"] * n, t))
 

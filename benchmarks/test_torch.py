@@ -120,7 +120,7 @@ def record(benchmark, area, n_threads, batch, flop, t_torch, t_ours, **metrics):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("batch", [0, 1], ids=lambda i: f"b{i}")
-def test_torch_forward(benchmark, net, threads, batch, n_threads):
+def test_torch_forward(benchmark, net, threads, batch, n_threads, numpy_matmuls):
     """Forward pass: torch.inference_mode vs fast.mlp_forward; results agree to float32."""
     threads(n_threads)
     n = net["batches"][batch]
@@ -135,15 +135,8 @@ def test_torch_forward(benchmark, net, threads, batch, n_threads):
     def run_ours():
         return fast.mlp_forward(net["weights"], net["biases"], x, n_threads=n_threads)
 
-    # the machine limit, measured here too: NumPy's float32 matmuls of the same shapes (no
-    # bias, no activation) on n_threads BLAS threads, as test_payne's numpy_matmul yardstick
-    wt = [np.ascontiguousarray(w.T) for w in net["weights"]]
-
-    def run_matmul():
-        a = x
-        for w in wt:
-            a = a @ w
-        return a
+    # the machine limit, measured here too, on n_threads BLAS threads
+    run_matmul = numpy_matmuls(net["weights"], x)
 
     out_torch = benchmark(run_torch).numpy()
     out_ours = run_ours()

@@ -7,7 +7,6 @@
   kernels poll Python's signal handlers through starlabel::Interrupt (common.hpp) and stop.
 """
 
-import os
 import signal
 import subprocess
 import sys

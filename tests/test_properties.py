@@ -20,7 +20,6 @@ import collections
 import re
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -92,6 +91,15 @@ def assert_close(a, b, rtol, atol=0.0, what=""):
     fin = np.isfinite(a)
     np.testing.assert_array_equal(a[~fin], b[~fin], err_msg=what)
     np.testing.assert_allclose(a[fin], b[fin], rtol=rtol, atol=atol, err_msg=what)
+
+
+def assert_results_close(res_f, res_r, tol, what):
+    """assert_close on each output pair, rtol = tol and atol = tol times the output's scale
+    (its largest finite magnitude, at least 1)."""
+    for a, b in zip(res_f, res_r):
+        b_finite = np.asarray(b, dtype=np.float64)
+        size = max(1.0, float(np.abs(b_finite[np.isfinite(b_finite)]).max(initial=0)))
+        assert_close(a, b, rtol=tol, atol=tol * size, what=what)
 
 
 @st.composite
@@ -381,9 +389,7 @@ def test_perpixel_forward_properties(data):
     if res_f is None:
         return
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    for a, b in zip(res_f, res_r):
-        size = max(1.0, float(np.abs(b[np.isfinite(b)]).max(initial=0)))
-        assert_close(a, b, rtol=tol, atol=tol * size, what="perpixel_forward")
+    assert_results_close(res_f, res_r, tol, "perpixel_forward")
 
 
 # -- spectra ----------------------------------------------------------------------------------
@@ -426,8 +432,7 @@ def test_resample_properties(spec, data):
                              dict(min_coverage=coverage), ["wavelength", "new_wavelength", "flux", "ivar"])
     if res_f is None:
         return
-    for a, b in zip(res_f, res_r):
-        assert_close(a, b, rtol=1e-12, atol=1e-12 * max(1.0, float(np.nanmax(np.abs(b), initial=0))), what="resample")
+    assert_results_close(res_f, res_r, 1e-12, "resample")
 
 
 @SETTINGS
@@ -444,8 +449,7 @@ def test_convolve_properties(spec, data):
                              ["flux", "ivar", "kernels", "segments", "min_weight"])
     if res_f is None:
         return
-    for a, b in zip(res_f, res_r):
-        assert_close(a, b, rtol=1e-12, atol=1e-12 * max(1.0, float(np.nanmax(np.abs(b), initial=0))), what="convolve")
+    assert_results_close(res_f, res_r, 1e-12, "convolve")
 
 
 @SETTINGS
@@ -497,9 +501,7 @@ def test_spectrum_model_properties(data):
                              ["params", "emulator", "layout", "wavelength", "model_wavelength"])
     if res_f is None:
         return
-    for a, b in zip(res_f, res_r):
-        size = max(1.0, float(np.abs(b[np.isfinite(b)]).max(initial=0)))
-        assert_close(a, b, rtol=1e-10, atol=1e-10 * size, what="spectrum_model")
+    assert_results_close(res_f, res_r, 1e-10, "spectrum_model")
 
 
 # -- the bindings, called directly past the Python checks -----------------------------------------

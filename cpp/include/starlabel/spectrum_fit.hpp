@@ -485,24 +485,27 @@ class ContinuumSolver {
         sum[j] += (j < K_ ? mv : m2).dot(Vec(table_.data() + j * n_obs_ + run.start, n));
     }
     double chi2 = 0.0;
-    Eigen::MatrixXd a(K_, K_);
-    Eigen::VectorXd c(K_);
+    a_.resize(K_, K_);
+    c_.resize(K_);
     for (index_t g = 0; g <= S_; ++g) {
       const double* sum = sums_.data() + g * n_terms_;
       const Eigen::Map<const Eigen::VectorXd> b(sum, K_);
       for (index_t k = 0, j = K_; k < K_; ++k)
-        for (index_t l = 0; l <= k; ++l, ++j) a(k, l) = a(l, k) = sum[j];
-      c.setZero();
-      if (K_ > 0) c[0] = 1.0;
+        for (index_t l = 0; l <= k; ++l, ++j) a_(k, l) = a_(l, k) = sum[j];
+      c_.setZero();
+      if (K_ > 0) c_[0] = 1.0;
       if (g < S_ && counts_[g] >= K_) {
-        Eigen::LLT<Eigen::MatrixXd> llt(a);
-        if (llt.info() == Eigen::Success) {
-          const Eigen::VectorXd sol = llt.solve(b);
-          if (sol.allFinite()) c = sol;
+        llt_.compute(a_);
+        if (llt_.info() == Eigen::Success) {
+          solution_ = llt_.solve(b);
+          if (solution_.allFinite()) c_ = solution_;
         }
       }
-      if (g < S_) std::copy_n(c.data(), K_, coef_out + g * K_);
-      if (counts_[g] > 0) chi2 += base_[g] - 2.0 * c.dot(b) + c.dot(a * c);
+      if (g < S_) std::copy_n(c_.data(), K_, coef_out + g * K_);
+      if (counts_[g] > 0) {
+        ac_.noalias() = a_ * c_;
+        chi2 += base_[g] - 2.0 * c_.dot(b) + c_.dot(ac_);
+      }
     }
     return std::max(chi2, 0.0);  // the sums cancel to rounding for a perfect fit
   }
@@ -517,6 +520,10 @@ class ContinuumSolver {
   std::vector<index_t> counts_; // (S + 1,) used pixels per group
   std::vector<Run> runs_;       // maximal runs of consecutive pixels of one group
   std::vector<double> squared_, sums_;
+  // scratch of solve, kept so that no velocity allocates: one group's A, its coefficients
+  Eigen::MatrixXd a_;
+  Eigen::VectorXd c_, solution_, ac_;
+  Eigen::LLT<Eigen::MatrixXd> llt_;
 };
 
 }  // namespace spectrum_detail
