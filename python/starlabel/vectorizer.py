@@ -180,12 +180,12 @@ def use_quadratic_form(exponents, n_starts):
     A = theta^T W theta (see CannonQuadraticObjective in cannon_model.hpp).
 
     Both backends decide the same way, by operation counts per pixel: A costs n_terms^2 / 2
-    once per spectrum and ~2 n_terms per evaluation; per-pixel sums cost n_terms per start
-    and n_terms + (non-zero derivatives) + n_labels^2 / 2 per evaluation. About 6
-    evaluations per fit.
+    once per spectrum and the residual pass at the anchor ~2 n_terms; per-pixel sums cost
+    n_terms per start and n_terms + (non-zero derivatives) + n_labels^2 / 2 per evaluation.
+    About 6 evaluations per fit.
     """
     n_terms, n_labels = exponents.shape
     n_deriv = int(np.count_nonzero(exponents))
-    gram = n_terms * (n_terms + 1) / 2 + 6 * 2 * n_terms
+    gram = n_terms * (n_terms + 1) / 2 + 2 * n_terms
     per_pixel = n_starts * n_terms + 6 * (n_terms + n_deriv + n_labels * (n_labels + 1) / 2)
     return gram <= per_pixel

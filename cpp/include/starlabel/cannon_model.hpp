@@ -138,12 +138,16 @@ inline void cannon_predict(const CannonSpectrumModel& model, const double* x, in
 // (n_terms, n_terms) and D = dv/dx (n_terms, n_labels), J^T W J = D^T A D and
 // J^T W r = D^T theta^T W r: the per-pixel sums of PixelObjective<CannonSpectrumModel>
 // regrouped, so after A is formed once per spectrum (n_pixels * n_terms^2 / 2) an evaluation
-// costs one pass over theta (residuals and theta^T W r, 2 n_pixels n_terms) instead of the
-// per-pixel Jacobian and its outer products. Cheaper when n_terms is small.
-// Screening starting points needs chi2 only, taken from the quadratic form
-// chi2 = v^T A v - 2 b^T v + c (b = theta^T W f, c = f^T W f), which loses digits to
-// cancellation (~log10(c / chi2)) but only ranks the starts; every chi2 the fit acts on
-// comes from the residuals.
+// costs O(n_terms^2 n_labels), independent of the number of pixels. Cheaper when n_terms is
+// small.
+// chi2 and theta^T W r come from one exact residual pass at an anchor v0 (chi2_0,
+// g0 = theta^T W r0) and, at v = v0 + dv, from the exact expansion
+//   chi2 = chi2_0 - 2 g0.dv + dv^T A dv,   theta^T W r = g0 - A dv.
+// Its terms are of the size of chi2_0, so it keeps all but ~log10(chi2_0 / chi2) digits;
+// the anchor moves (another residual pass) once chi2 falls below chi2_0 / 1000, so at least
+// ~12 digits remain. Expanding around v = 0 instead (chi2 = c - 2 b.v + v^T A v with
+// c = f^T W f) loses ~log10(c / chi2) ~ 2 log10(S/N) digits: that form only ranks the
+// starting points, before any anchor exists.
 //
 //   theta_t  (n_terms, n_pixels) row-major (theta transposed, so products run along pixels),
 //            finite (0 at untrained pixels, whose s2 is inf)
@@ -162,9 +166,13 @@ struct CannonQuadraticObjective {
     std::vector<Eigen::VectorXd> b;
     std::vector<double> c;
     std::vector<std::int64_t> n_used;
-    RowMatrix weights, clean_flux;  // (batch, n_pixels)
-    RowMatrix scaled_theta_t;        // a block of theta_t * diag(w)
-    Eigen::VectorXd terms, a_terms, theta_wr, resid, wresid;
+    RowMatrix weights, clean_flux, weighted_flux;  // (batch, n_pixels)
+    RowMatrix theta_pairs;  // (n_pairs, block) products of theta rows on a block of pixels
+    // per spectrum: the anchor (terms v0, exact chi2_0 and g0 = theta^T W r0), if set
+    std::vector<char> anchored;
+    std::vector<Eigen::VectorXd> anchor_terms, anchor_theta_wr;
+    std::vector<double> anchor_chi2;
+    Eigen::VectorXd terms, dv, a_product, theta_wr, resid, wresid;
     Eigen::MatrixXd deriv, a_deriv;
     std::vector<double> deriv_values, powers;
     std::vector<index_t> offsets;
@@ -173,48 +181,71 @@ struct CannonQuadraticObjective {
   index_t n_params() const { return poly.n_labels; }
   index_t n_spectra() const { return n_spectra_total; }
 
+  static constexpr index_t product_rows = 16;
+
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
-    const index_t K = poly.n_terms, nbatch = s1 - s0;
+    const index_t K = poly.n_terms, nbatch = s1 - s0, n_pairs = K * (K + 1) / 2;
     const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
-    batch.a.assign(nbatch, Eigen::MatrixXd::Zero(K, K));
-    batch.b.assign(nbatch, Eigen::VectorXd::Zero(K));
-    batch.c.assign(nbatch, 0.0);
     batch.n_used.assign(nbatch, 0);
-    batch.weights.resize(nbatch, n_pixels);
-    batch.clean_flux.resize(nbatch, n_pixels);
+    batch.anchored.assign(nbatch, 0);
+    batch.anchor_terms.resize(nbatch);
+    batch.anchor_theta_wr.resize(nbatch);
+    batch.anchor_chi2.assign(nbatch, 0.0);
+    // The matrix products below run on whole groups of product_rows spectra, the rows past
+    // the batch zero: how Eigen's kernels sum a row depends on the row count, and a spectrum's
+    // result must not depend on how many others share its batch (a survey fitted in pieces
+    // equals the survey fitted whole).
+    const index_t rows = (nbatch + product_rows - 1) / product_rows * product_rows;
+    batch.weights.setZero(rows, n_pixels);
+    batch.clean_flux.resize(rows, n_pixels);
+    batch.weighted_flux.setZero(rows, n_pixels);
     for (index_t i = 0; i < nbatch; ++i) {
       const double* f = flux + (s0 + i) * n_pixels;
       const double* iv = ivar + (s0 + i) * n_pixels;
+      const double* extra = s2;  // local pointers: no reload per pixel
+      double* weight = batch.weights.row(i).data();
+      double* clean_flux = batch.clean_flux.row(i).data();
+      double* weighted_flux = batch.weighted_flux.row(i).data();
+      double used = 0.0;  // counted in double (exact below 2^53): an integer count keeps GCC scalar
+#pragma omp simd reduction(+ : used)
       for (index_t p = 0; p < n_pixels; ++p) {
-        const double w = iv[p] > 0.0 ? iv[p] / (1.0 + iv[p] * s2[p]) : 0.0;
-        batch.weights(i, p) = w;
-        batch.clean_flux(i, p) = w > 0.0 ? f[p] : 0.0;  // ignored pixels may hold NaN
-        batch.n_used[i] += w > 0.0;
+        const double inverse_variance = iv[p];
+        const double w = inverse_variance > 0.0 ? inverse_variance / (1.0 + inverse_variance * extra[p]) : 0.0;
+        const double clean = w > 0.0 ? f[p] : 0.0;  // ignored pixels may hold NaN
+        weight[p] = w;
+        clean_flux[p] = clean;
+        weighted_flux[p] = w * clean;
+        used += w > 0.0 ? 1.0 : 0.0;
       }
+      batch.n_used[i] = static_cast<std::int64_t>(used);
     }
-    // A, b, c by dot products along pixels, one cache-sized block of theta at a time for all
-    // spectra of the batch: for outputs this small a GEMM or rank update spends its time
-    // packing theta, and Eigen's dot() is vectorized where a plain loop reduction is not
-    // (no -ffast-math).
-    constexpr index_t block = 512;
-    batch.scaled_theta_t.resize(K, block);
+    // A for all spectra of the batch as one matrix product per block of pixels:
+    // (nbatch, n_pixels) weights times the (n_pixels, n_pairs) products theta_k theta_l
+    // (l <= k), formed one cache-sized block at a time and shared by the batch.
+    constexpr index_t block = 256;
+    RowMatrix& pairs = batch.theta_pairs;
+    pairs.resize(n_pairs, block);
+    RowMatrix a_pairs = RowMatrix::Zero(rows, n_pairs);
     for (index_t p0 = 0; p0 < n_pixels; p0 += block) {
       const index_t nb = std::min(block, n_pixels - p0);
       const auto theta_block = theta_map.middleCols(p0, nb);
-      for (index_t i = 0; i < nbatch; ++i) {
-        const auto w = batch.weights.row(i).segment(p0, nb);
-        const auto f = batch.clean_flux.row(i).segment(p0, nb);
-        auto scaled = batch.scaled_theta_t.leftCols(nb);
-        scaled.noalias() = theta_block * w.asDiagonal();
-        batch.c[i] += w.cwiseProduct(f).dot(f);
-        for (index_t k = 0; k < K; ++k) {
-          batch.b[i][k] += scaled.row(k).dot(f);
-          for (index_t l = 0; l <= k; ++l) batch.a[i](k, l) += scaled.row(k).dot(theta_block.row(l));
-        }
-      }
+      for (index_t k = 0, r = 0; k < K; ++k)
+        for (index_t l = 0; l <= k; ++l, ++r)
+          pairs.row(r).head(nb) = theta_block.row(k).cwiseProduct(theta_block.row(l));
+      a_pairs.noalias() += batch.weights.middleCols(p0, nb) * pairs.leftCols(nb).transpose();
     }
-    for (index_t i = 0; i < nbatch; ++i)
-      batch.a[i].triangularView<Eigen::StrictlyUpper>() = batch.a[i].transpose();
+    const RowMatrix b_all = batch.weighted_flux * theta_map.transpose();  // (rows, K)
+    batch.a.resize(nbatch);
+    batch.b.resize(nbatch);
+    batch.c.resize(nbatch);
+    for (index_t i = 0; i < nbatch; ++i) {
+      Eigen::MatrixXd& a = batch.a[i];
+      a.resize(K, K);
+      for (index_t k = 0, r = 0; k < K; ++k)
+        for (index_t l = 0; l <= k; ++l, ++r) a(k, l) = a(l, k) = a_pairs(i, r);
+      batch.b[i] = b_all.row(i).transpose();
+      batch.c[i] = batch.weighted_flux.row(i).dot(batch.clean_flux.row(i));
+    }
   }
 
   void evaluate(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
@@ -230,17 +261,32 @@ struct CannonQuadraticObjective {
       poly.evaluate(xs[i], batch.terms.data(), with_jacobian ? batch.deriv_values.data() : nullptr,
                     batch.powers, batch.offsets);
       out[i].n_used = batch.n_used[id];
-      if (!with_jacobian) {  // ranking starting points: the quadratic form is enough
-        batch.a_terms.noalias() = a * batch.terms;
-        out[i].chi2 = batch.c[id] - 2.0 * batch.b[id].dot(batch.terms) + batch.terms.dot(batch.a_terms);
+      if (!batch.anchored[id] && !with_jacobian) {  // ranking starting points
+        batch.a_product.noalias() = a * batch.terms;
+        out[i].chi2 = batch.c[id] - 2.0 * batch.b[id].dot(batch.terms) + batch.terms.dot(batch.a_product);
         continue;
       }
-      // residuals, chi2 and theta^T W r: two matrix-vector products over theta
-      const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
-      batch.resid.noalias() = batch.clean_flux.row(id).transpose() - theta_map.transpose() * batch.terms;
-      batch.wresid = batch.weights.row(id).transpose().cwiseProduct(batch.resid);
-      out[i].chi2 = batch.wresid.dot(batch.resid);
-      batch.theta_wr.noalias() = theta_map * batch.wresid;
+      bool exact = !batch.anchored[id];
+      if (!exact) {
+        batch.dv = batch.terms - batch.anchor_terms[id];
+        batch.a_product.noalias() = a * batch.dv;
+        out[i].chi2 = batch.anchor_chi2[id] - 2.0 * batch.anchor_theta_wr[id].dot(batch.dv) +
+                      batch.dv.dot(batch.a_product);
+        batch.theta_wr = batch.anchor_theta_wr[id] - batch.a_product;
+        exact = !(out[i].chi2 >= 1e-3 * batch.anchor_chi2[id]);  // also when NaN
+      }
+      if (exact) {  // residuals, chi2 and theta^T W r: two matrix-vector products over theta
+        const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
+        batch.resid.noalias() = batch.clean_flux.row(id).transpose() - theta_map.transpose() * batch.terms;
+        batch.wresid = batch.weights.row(id).transpose().cwiseProduct(batch.resid);
+        out[i].chi2 = batch.wresid.dot(batch.resid);
+        batch.theta_wr.noalias() = theta_map * batch.wresid;
+        batch.anchored[id] = 1;
+        batch.anchor_terms[id] = batch.terms;
+        batch.anchor_theta_wr[id] = batch.theta_wr;
+        batch.anchor_chi2[id] = out[i].chi2;
+      }
+      if (!with_jacobian) continue;
       batch.deriv.setZero(K, L);
       for (index_t d = 0; d < poly.n_deriv(); ++d)
         batch.deriv(poly.deriv_term[d], poly.deriv_label[d]) = batch.deriv_values[d];

@@ -131,19 +131,34 @@ def cannon_predict(exponents, theta, x, *, jacobian=False, n_threads=None):
 def quadratic_objective(exponents, theta, flux, weight):
     """The normal equations through the Gram matrix A = theta^T W theta (see
     CannonQuadraticObjective in cannon_model.hpp): J^T W J = D^T A D, J^T W r = D^T theta^T W r
-    with D = dv/dx; chi2 for ranking starts from the quadratic form v^T A v - 2 b^T v + c."""
+    with D = dv/dx. chi2 and theta^T W r come from an exact residual pass at an anchor v0 and
+    from chi2_0 - 2 g0.dv + dv^T A dv, g0 - A dv elsewhere (a new anchor once chi2 < chi2_0 /
+    1000); before the first anchor, chi2 for ranking starts from v^T A v - 2 b^T v + c."""
     a = theta.T @ (weight[:, None] * theta)
     b = theta.T @ (weight * flux)
     c = float(np.sum(weight * flux**2))
     n_used = int(np.count_nonzero(weight))
+    anchor = {}
 
     def objective(x, with_jacobian):
         v = design_matrix(exponents, x)[0]
-        if not with_jacobian:
+        if not anchor and not with_jacobian:
             return c - 2 * b @ v + v @ a @ v, n_used, None, None
-        resid = np.where(weight > 0, flux - theta @ v, 0.0)
-        dv = design_derivative(exponents, x)[0]
-        return float(np.sum(weight * resid**2)), n_used, dv.T @ a @ dv, dv.T @ (theta.T @ (weight * resid))
+        exact = not anchor
+        if anchor:
+            dv = v - anchor["v"]
+            chi2 = anchor["chi2"] - 2 * anchor["theta_wr"] @ dv + dv @ a @ dv
+            theta_wr = anchor["theta_wr"] - a @ dv
+            exact = not chi2 >= 1e-3 * anchor["chi2"]
+        if exact:
+            resid = np.where(weight > 0, flux - theta @ v, 0.0)
+            chi2 = float(np.sum(weight * resid**2))
+            theta_wr = theta.T @ (weight * resid)
+            anchor.update(v=v, chi2=chi2, theta_wr=theta_wr)
+        if not with_jacobian:
+            return chi2, n_used, None, None
+        dv_dx = design_derivative(exponents, x)[0]
+        return chi2, n_used, dv_dx.T @ a @ dv_dx, dv_dx.T @ theta_wr
 
     return objective
 
