@@ -462,9 +462,9 @@ def test_fit_matches_scipy_least_squares(noisy_model):
         lsq = least_squares(resid, start, jac=jac, method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15)
         assert lsq.success
         chi2_or = 2 * lsq.cost
-        # the reported chi2 is the chi2 at the reported x; small models evaluate it as
-        # v^T A v - 2 b^T v + c (vectorizer.use_quadratic_form), which loses
-        # ~log10(sum w f^2 / chi2) ~ 4 digits to cancellation
+        # the reported chi2 is the chi2 at the reported x; small models evaluate it from the
+        # expansion around an exact residual pass (vectorizer.use_quadratic_form), which keeps
+        # at least ~12 digits
         np.testing.assert_allclose(sol.chi2[i], np.sum(resid(sol.x[i]) ** 2), rtol=1e-10)
         # at least as good as MINPACK, up to LM's relative-decrease stopping rule (1e-10)
         assert sol.chi2[i] <= chi2_or * (1 + 1e-8), (i, sol.chi2[i], chi2_or)

@@ -221,8 +221,8 @@ struct CannonQuadraticObjective {
     }
     // A for all spectra of the batch as one matrix product per block of pixels:
     // (nbatch, n_pixels) weights times the (n_pixels, n_pairs) products theta_k theta_l
-    // (l <= k), formed one cache-sized block at a time and shared by the batch.
-    constexpr index_t block = 256;
+    // (l <= k), formed one cache-sized block (<= 256 KB) at a time and shared by the batch.
+    const index_t block = std::clamp<index_t>((index_t(1) << 15) / n_pairs / 8 * 8, 8, 256);
     RowMatrix& pairs = batch.theta_pairs;
     pairs.resize(n_pairs, block);
     RowMatrix a_pairs = RowMatrix::Zero(rows, n_pairs);
