@@ -100,6 +100,10 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   const LMOutputs out = result.outputs();
   LMOptions options;
   options.max_iter = max_iter;
+  // The Gram objective forms theta-row products once per batch for all its spectra: more
+  // spectra share them (17 labels, 1 thread: 16 -> 32 spectra, 12.8 -> 9.4 ms per spectrum).
+  // Its results do not depend on the batch (see CannonQuadraticObjective::begin_batch).
+  if (quadratic_form) options.batch = 32;
   const double* lo = bind::data_or_null(lower);
   const double* hi = bind::data_or_null(upper);
   Interrupt interrupt = bind::python_interrupt();

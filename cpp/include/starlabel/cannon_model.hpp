@@ -167,7 +167,8 @@ struct CannonQuadraticObjective {
     std::vector<double> c;
     std::vector<std::int64_t> n_used;
     RowMatrix weights, clean_flux, weighted_flux;  // (batch, n_pixels)
-    RowMatrix theta_pairs;  // (n_pairs, block) products of theta rows on a block of pixels
+    RowMatrix theta_pairs;  // (pairs, pixels) products of theta rows on a block of pixels
+    std::vector<index_t> pair_k, pair_l;  // pair r is (k, l), l <= k
     // per spectrum: the anchor (terms v0, exact chi2_0 and g0 = theta^T W r0), if set
     std::vector<char> anchored;
     std::vector<Eigen::VectorXd> anchor_terms, anchor_theta_wr;
@@ -219,20 +220,32 @@ struct CannonQuadraticObjective {
       }
       batch.n_used[i] = static_cast<std::int64_t>(used);
     }
-    // A for all spectra of the batch as one matrix product per block of pixels:
-    // (nbatch, n_pixels) weights times the (n_pixels, n_pairs) products theta_k theta_l
-    // (l <= k), formed one cache-sized block (<= 256 KB) at a time and shared by the batch.
-    const index_t block = std::clamp<index_t>((index_t(1) << 15) / n_pairs / 8 * 8, 8, 256);
+    // A for all spectra of the batch by matrix products: (rows, block) weights times the
+    // (block, chunk) products theta_k theta_l (l <= k) of a chunk of pairs (k, l), for every
+    // block of pixels. The products are formed once per batch, one cache-sized piece
+    // (<= 512 KB) at a time; the output chunk (rows, chunk) stays in cache over the pixels.
+    constexpr index_t block = 256, pair_chunk = 256;
+    batch.pair_k.resize(n_pairs);
+    batch.pair_l.resize(n_pairs);
+    for (index_t k = 0, r = 0; k < K; ++k)
+      for (index_t l = 0; l <= k; ++l, ++r) {
+        batch.pair_k[r] = k;
+        batch.pair_l[r] = l;
+      }
     RowMatrix& pairs = batch.theta_pairs;
-    pairs.resize(n_pairs, block);
-    RowMatrix a_pairs = RowMatrix::Zero(rows, n_pairs);
-    for (index_t p0 = 0; p0 < n_pixels; p0 += block) {
-      const index_t nb = std::min(block, n_pixels - p0);
-      const auto theta_block = theta_map.middleCols(p0, nb);
-      for (index_t k = 0, r = 0; k < K; ++k)
-        for (index_t l = 0; l <= k; ++l, ++r)
-          pairs.row(r).head(nb) = theta_block.row(k).cwiseProduct(theta_block.row(l));
-      a_pairs.noalias() += batch.weights.middleCols(p0, nb) * pairs.leftCols(nb).transpose();
+    pairs.resize(std::min(pair_chunk, n_pairs), block);
+    RowMatrix a_pairs(rows, n_pairs);
+    for (index_t r0 = 0; r0 < n_pairs; r0 += pair_chunk) {
+      const index_t nr = std::min(pair_chunk, n_pairs - r0);
+      auto a_chunk = a_pairs.middleCols(r0, nr);
+      a_chunk.setZero();
+      for (index_t p0 = 0; p0 < n_pixels; p0 += block) {
+        const index_t nb = std::min(block, n_pixels - p0);
+        for (index_t r = 0; r < nr; ++r)
+          pairs.row(r).head(nb) = theta_map.row(batch.pair_k[r0 + r]).segment(p0, nb).cwiseProduct(
+              theta_map.row(batch.pair_l[r0 + r]).segment(p0, nb));
+        a_chunk.noalias() += batch.weights.middleCols(p0, nb) * pairs.topLeftCorner(nr, nb).transpose();
+      }
     }
     const RowMatrix b_all = batch.weighted_flux * theta_map.transpose();  // (rows, K)
     batch.a.resize(nbatch);
@@ -275,12 +288,27 @@ struct CannonQuadraticObjective {
         batch.theta_wr = batch.anchor_theta_wr[id] - batch.a_product;
         exact = !(out[i].chi2 >= 1e-3 * batch.anchor_chi2[id]);  // also when NaN
       }
-      if (exact) {  // residuals, chi2 and theta^T W r: two matrix-vector products over theta
+      if (exact) {
+        // residuals, chi2 and theta^T W r in one sweep over theta: both products use a block
+        // of theta while it is in cache (theta of a 17-label model is 12 MB)
+        constexpr index_t sweep = 512;
         const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
-        batch.resid.noalias() = batch.clean_flux.row(id).transpose() - theta_map.transpose() * batch.terms;
-        batch.wresid = batch.weights.row(id).transpose().cwiseProduct(batch.resid);
-        out[i].chi2 = batch.wresid.dot(batch.resid);
-        batch.theta_wr.noalias() = theta_map * batch.wresid;
+        batch.theta_wr.setZero(K);
+        batch.resid.resize(sweep);
+        batch.wresid.resize(sweep);
+        double chi2 = 0.0;
+        for (index_t p0 = 0; p0 < n_pixels; p0 += sweep) {
+          const index_t nb = std::min(sweep, n_pixels - p0);
+          const auto theta_block = theta_map.middleCols(p0, nb);
+          auto resid = batch.resid.head(nb);
+          auto wresid = batch.wresid.head(nb);
+          resid.noalias() = batch.clean_flux.row(id).segment(p0, nb).transpose() -
+                            theta_block.transpose() * batch.terms;
+          wresid = batch.weights.row(id).segment(p0, nb).transpose().cwiseProduct(resid);
+          chi2 += wresid.dot(resid);
+          batch.theta_wr.noalias() += theta_block * wresid;
+        }
+        out[i].chi2 = chi2;
         batch.anchored[id] = 1;
         batch.anchor_terms[id] = batch.terms;
         batch.anchor_theta_wr[id] = batch.theta_wr;
