@@ -211,7 +211,8 @@ struct CannonQuadraticObjective {
 #pragma omp simd reduction(+ : used)
       for (index_t p = 0; p < n_pixels; ++p) {
         const double inverse_variance = iv[p];
-        const double w = inverse_variance > 0.0 ? inverse_variance / (1.0 + inverse_variance * extra[p]) : 0.0;
+        const double w =
+            inverse_variance > 0.0 ? inverse_variance / (1.0 + inverse_variance * extra[p]) : 0.0;
         const double clean = w > 0.0 ? f[p] : 0.0;  // ignored pixels may hold NaN
         weight[p] = w;
         clean_flux[p] = clean;
@@ -244,7 +245,8 @@ struct CannonQuadraticObjective {
         for (index_t r = 0; r < nr; ++r)
           pairs.row(r).head(nb) = theta_map.row(batch.pair_k[r0 + r]).segment(p0, nb).cwiseProduct(
               theta_map.row(batch.pair_l[r0 + r]).segment(p0, nb));
-        a_chunk.noalias() += batch.weights.middleCols(p0, nb) * pairs.topLeftCorner(nr, nb).transpose();
+        a_chunk.noalias() +=
+            batch.weights.middleCols(p0, nb) * pairs.topLeftCorner(nr, nb).transpose();
       }
     }
     const RowMatrix b_all = batch.weighted_flux * theta_map.transpose();  // (rows, K)
@@ -276,7 +278,8 @@ struct CannonQuadraticObjective {
       out[i].n_used = batch.n_used[id];
       if (!batch.anchored[id] && !with_jacobian) {  // ranking starting points
         batch.a_product.noalias() = a * batch.terms;
-        out[i].chi2 = batch.c[id] - 2.0 * batch.b[id].dot(batch.terms) + batch.terms.dot(batch.a_product);
+        out[i].chi2 = batch.c[id] - 2.0 * batch.b[id].dot(batch.terms) +
+                      batch.terms.dot(batch.a_product);
         continue;
       }
       bool exact = !batch.anchored[id];
