@@ -145,12 +145,14 @@ INTERRUPT_SCRIPT = textwrap.dedent("""
     kind = sys.argv[1]
     rng = np.random.default_rng(0)
     if kind == "cannon_train":
-        # L1 training of a quadratic 6-label model: minutes of work
+        # L1 training of a quadratic 6-label model: ~1 s per call here, so repeated (a single
+        # call could end before the signal comes)
         exponents = PolynomialVectorizer([f"L{i}" for i in range(6)], 2).exponents
         x = rng.uniform(-1, 1, (400, 6))
         flux = 1 + 0.1 * np.sin(x @ rng.normal(size=(6, 20000))) + rng.normal(0, 0.01, (400, 20000))
         ivar = np.full(flux.shape, 1e4)
-        run = lambda: fast.cannon_train(exponents, x, flux, ivar, regularization=1e3)
+        run = lambda: [fast.cannon_train(exponents, x, flux, ivar, regularization=1e3)
+                       for _ in range(200)]
     elif kind == "mlp_train_epoch":
         w = [rng.normal(0, 0.1, (300, 25)), rng.normal(0, 0.1, (300, 300)), rng.normal(0, 0.1, (2000, 300))]
         b = [np.zeros(300), np.zeros(300), np.zeros(2000)]
