@@ -5,12 +5,16 @@ Data sets and trained models are built once per session and shared by the benchm
 
 import io
 import os
+import time
 import types
 
 import numpy as np
 import pytest
 import starlabel
 from starlabel import CannonModel, PolynomialVectorizer, datasets
+
+#: seconds to wait before a timing: longer than OpenBLAS's spin after a call
+BLAS_SPIN_WAIT = 0.3
 
 # Sizes of each run. Subsets (None = everything; keys 3 and 17 are label counts):
 # ref_pixels / ref_spectra / ref_l1_pixels: what the slow NumPy reference runs on;
@@ -205,6 +209,9 @@ def timed(benchmark):
     runs once, untimed).
     """
     def run(fn, rounds=None):
+        # OpenBLAS's threads spin for ~0.1 s after each NumPy product (a test's reference
+        # check, say); on 2 vCPUs they would take half of the machine from the next timing
+        time.sleep(BLAS_SPIN_WAIT)
         if rounds is None:
             result = benchmark(fn)
         else:
