@@ -794,12 +794,9 @@ def _width(text):
     if text == "fit":
         return text
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (np.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected km/s >= 0 or 'fit', got {text!r}")
-    return value
+        return _nonnegative_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected km/s >= 0 or 'fit', got {text!r}") from None
 
 
 def _shard(text):

@@ -268,7 +268,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
         // residuals, g(s2) and g'(s2)
         for (index_t j = 0; j < na; ++j) resid.col(j) = flux.col(live[j]->pixel);
         resid.noalias() -= design * coef.transpose();
-        w2resid.noalias() = w.cwiseProduct(w).cwiseProduct(resid);
+        w2resid = w.cwiseProduct(w).cwiseProduct(resid);
         c.noalias() = w2resid.transpose() * design;       // (na, K)
 
         for (index_t j = 0; j < na; ++j) {

@@ -115,11 +115,14 @@ struct PixelObjective {
   static constexpr bool many = detail::evaluates_many<Model>::value;
   struct Batch {
     index_t s0 = 0;
-    std::vector<double> weights;   // (batch, n_pixels) effective inverse variance
+    // (batch, n_pixels) square root of the effective inverse variance: residuals and
+    // Jacobian rows are weighted by it, so that J^T W J is one symmetric rank-k update
+    // (Eigen's blocked kernel) rather than n_params^2 / 2 separate dot products
+    std::vector<double> sqrt_weights;
     std::vector<typename Model::State> states;
     typename Model::Workspace workspace;
     std::vector<index_t> rows;
-    std::vector<double> model_flux, sqrt_weight, wresid, jac, wjac;
+    std::vector<double> model_flux, wresid, jac, wjac;
     typename detail::ManyScratchOf<Model, many>::type scratch;
   };
 
@@ -129,12 +132,13 @@ struct PixelObjective {
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
     const index_t n_pixels = model.n_pixels;
     batch.s0 = s0;
-    batch.weights.resize((s1 - s0) * n_pixels);
+    batch.sqrt_weights.resize((s1 - s0) * n_pixels);
     for (index_t s = s0; s < s1; ++s)
       for (index_t p = 0; p < n_pixels; ++p) {
         const double iv = ivar[s * n_pixels + p];
         const double ev = extra_variance ? extra_variance[p] : 0.0;
-        batch.weights[(s - s0) * n_pixels + p] = iv > 0.0 ? iv / (1.0 + iv * ev) : 0.0;
+        batch.sqrt_weights[(s - s0) * n_pixels + p] =
+            iv > 0.0 ? std::sqrt(iv / (1.0 + iv * ev)) : 0.0;
       }
   }
 
@@ -155,7 +159,6 @@ struct PixelObjective {
     const index_t per_item = many ? n_items : 1;  // evaluate_many fills every item at once
     batch.model_flux.resize(per_item * pixel_block);
     if (with_jacobian) batch.jac.resize(per_item * np * pixel_block);
-    batch.sqrt_weight.resize(pixel_block);
     batch.wresid.resize(pixel_block);
     batch.wjac.resize(np * pixel_block);
     double* wjac = batch.wjac.data();
@@ -171,16 +174,12 @@ struct PixelObjective {
         if constexpr (!many)
           model.evaluate(batch.states[i], p0, p1, batch.model_flux.data(), with_jacobian ? jac : nullptr);
         const double* f = flux + (batch.s0 + ids[i]) * n_pixels + p0;
-        const double* weight = batch.weights.data() + ids[i] * n_pixels + p0;
-        // In sqrt(weight) form, so that J^T W J is one symmetric rank-k update (Eigen's
-        // blocked kernel) rather than n_params^2 / 2 separate dot products.
+        const double* sqrt_weight = batch.sqrt_weights.data() + ids[i] * n_pixels + p0;
         std::int64_t used = 0;
         for (index_t j = 0; j < nb; ++j) {
-          const double w = weight[j];
-          const double sw = w > 0.0 ? std::sqrt(w) : 0.0;
-          batch.sqrt_weight[j] = sw;
-          batch.wresid[j] = w > 0.0 ? sw * (f[j] - model_flux[j]) : 0.0;
-          used += w > 0.0;
+          const double sw = sqrt_weight[j];
+          batch.wresid[j] = sw > 0.0 ? sw * (f[j] - model_flux[j]) : 0.0;
+          used += sw > 0.0;
         }
         const Vector wresid(batch.wresid.data(), nb);
         out[i].chi2 += wresid.squaredNorm();
@@ -190,7 +189,7 @@ struct PixelObjective {
         // derivatives (untrained pixels): drop them.
         for (index_t a = 0; a < np; ++a)
           for (index_t j = 0; j < nb; ++j)
-            wjac[a * nb + j] = weight[j] > 0.0 ? jac[a * nb + j] * batch.sqrt_weight[j] : 0.0;
+            wjac[a * nb + j] = sqrt_weight[j] > 0.0 ? jac[a * nb + j] * sqrt_weight[j] : 0.0;
         const RowMatrix wj(wjac, np, nb);
         out[i].grad.noalias() += wj * wresid;
         out[i].hess.template selfadjointView<Eigen::Upper>().rankUpdate(wj);
