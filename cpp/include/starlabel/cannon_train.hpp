@@ -338,7 +338,16 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
           // few steps where Newton on g itself crawls from s2 = 0.
           const double u = ps.noise + ps.s2;
           const double dG = 2.0 * u * g + u * u * gp;
-          double next = (dG < 0.0 && std::isfinite(dG)) ? ps.s2 - u * u * g / dG : nan;
+          const double newton = (dG < 0.0 && std::isfinite(dG)) ? ps.s2 - u * u * g / dG : nan;
+          // Newton's own step decides convergence, before the bracket's safeguard: at the
+          // root the step is rounding and can land on (or just past) the end of the bracket
+          // that this very evaluation set, and bisecting instead crawled back to the root
+          // (a 17-label pixel took 41 evaluations, each a pass over its whole block).
+          if (std::abs(newton - ps.s2) <= opt.s2_rtol * std::max(newton, ps.s2)) {
+            ps.done = true;
+            continue;
+          }
+          double next = newton;
           if (std::isfinite(ps.hi)) {
             if (!(next > ps.lo && next < ps.hi)) next = 0.5 * (ps.lo + ps.hi);
           } else if (!(next > ps.lo)) {
