@@ -66,14 +66,15 @@ def lines():
 SEGMENTS = [(15000.0, 15800.0), (15850.0, 17000.0)]
 
 
-def random_mlp(n_pixels, wave, seed=3):
+def random_mlp(n_pixels, wave, seed=3, dtype="float64"):
     rng = np.random.default_rng(seed)
-    model = PayneModel(["A", "B"], hidden=(6, 5), activation="tanh", dtype="float64",
+    model = PayneModel(["A", "B"], hidden=(6, 5), activation="tanh", dtype=dtype,
                        wavelength=wave)
     sizes = (2, 6, 5, n_pixels)
-    weights = [rng.normal(size=(o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:])]
-    biases = [rng.normal(0, 0.1, o) for o in sizes[1:]]
-    biases[-1] += 1.0
+    weights = [(rng.normal(size=(o, i)) / np.sqrt(i)).astype(dtype)
+               for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [rng.normal(0, 0.1, o).astype(dtype) for o in sizes[1:]]
+    biases[-1] += 1
     model._set_network(weights, biases, np.array([0.0, -1.0]), np.array([1.0, 2.0]))
     return model
 
@@ -165,6 +166,26 @@ def test_spectrum_model_parity(isa_core, kind, broaden):
     # same arithmetic up to summation order in the emulators (einsum vs loops): ~1e-15 relative
     np.testing.assert_allclose(a[0], b[0], rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-10, atol=1e-12 * np.abs(b[1]).max())
+
+
+def test_float32_network_jacobian(isa_core):
+    """A float32 network's Jacobian product W M runs in float32 (MLP::last_weights_f32), its
+    flux in float64: against the same weights widened to float64 (the double path), the flux
+    is the same and the Jacobian differs by float32 rounding only, in both backends."""
+    emu, layout, params = emulator_and_layout("mlp")
+    as32 = {k: [np.asarray(a, np.float32) for a in emu[k]] for k in ("weights", "biases")}
+    emu32 = dict(emu, **as32)
+    emu64 = dict(emu, **{k: [a.astype(np.float64) for a in v] for k, v in as32.items()})
+    flux64, jac64 = reference.spectrum_model(emu64, layout, params, jacobian=True)
+    scale = np.abs(jac64).max()
+    jacs = []
+    for backend in (fast, reference):
+        flux, jac = backend.spectrum_model(emu32, layout, params, jacobian=True)
+        np.testing.assert_allclose(flux, flux64, rtol=1e-12, atol=1e-13)
+        error = np.abs(jac - jac64).max() / scale
+        assert 0 < error < 1e-6, error  # float32 rounding: present, and no more than that
+        jacs.append(jac)
+    np.testing.assert_allclose(jacs[0], jacs[1], rtol=0, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("n_coef", [0, 3])
@@ -514,9 +535,10 @@ def test_cannon_with_continuum_parity(isa_core, survey):
     assert a.continuum.shape == (3, 1, 2)
 
 
-def test_mlp_fit_parity_and_recovery(isa_core):
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_mlp_fit_parity_and_recovery(isa_core, dtype):
     wave = log_grid(15200.0, 300)
-    model = random_mlp(300, wave)
+    model = random_mlp(300, wave, dtype=dtype)
     lab = np.array([[0.3, 0.5], [0.7, 1.4]])
     flux0 = model.predict(lab)
     flux = np.array([np.interp(wave / doppler_factor(v), wave, f) for v, f in zip([-30.0, 55.0], flux0)])

@@ -1,7 +1,8 @@
 // Bindings for fitting observed spectra (spectrum_fit.hpp): checks, output allocation, GIL
 // release. No math. The emulator arrives as a dict {"kind": ..., arrays} built by
 // starlabel.fast.fitting, every array float64 (the fit works in double whatever the model's
-// storage dtype): "perpixel" (w0, b0, w1, b1), "mlp" (weights, biases, activation, slope) or
+// storage dtype): "perpixel" (w0, b0, w1, b1), "mlp" (weights, biases, activation, slope and,
+// for a float32 network, last_weights_f32: its last layer as stored, for the Jacobian) or
 // "cannon" (exponents, theta_t).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -69,8 +70,15 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
     }, L, P));
   } else if (kind == "mlp") {
     const bind::NetworkArrays<double> arrays(item(spec, "weights"), item(spec, "biases"));
-    const MLP<double> net = arrays.view(bind::activation_from(item(spec, "activation").cast<int>()),
-                                        item(spec, "slope").cast<double>());
+    MLP<double> net = arrays.view(bind::activation_from(item(spec, "activation").cast<int>()),
+                                  item(spec, "slope").cast<double>());
+    std::optional<py::array_t<float>> last_f32;  // a float32 network's last layer, as stored
+    if (spec.contains("last_weights_f32") && !spec["last_weights_f32"].is_none()) {
+      const index_t L = net.n_layers();
+      last_f32 = require<float>(spec["last_weights_f32"], "last_weights_f32",
+                                {net.sizes[L], net.sizes[L - 1]});
+      net.last_weights_f32 = last_f32->data();
+    }
     const MLP<double>* netp = &net;
     visit(make_emulator([netp](const double* x, index_t n, double* f, double* j) {
       mlp_forward(*netp, x, n, f, j, 1);

@@ -28,7 +28,9 @@ py::array_t<T> require(const py::handle& obj, const char* name, std::vector<inde
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy array");
   auto array = py::reinterpret_borrow<py::array>(obj);
-  if (!array.dtype().is(py::dtype::of<T>()))
+  // equivalence, not identity: an array unpickled (e.g. sent to a Dask worker) carries its own
+  // dtype object
+  if (!py::array_t<T>::check_(array))
     throw py::type_error(std::string(name) + " must have dtype " +
                          std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(array.dtype())));

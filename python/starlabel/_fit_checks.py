@@ -4,7 +4,9 @@ bad input raises the same error. Arrays come back C-contiguous float64 (int32 fo
 Two small dicts describe a fit to the kernels:
 
 - ``emulator``: ``{"kind": "perpixel", "w0", "b0", "w1", "b1"}``,
-  ``{"kind": "mlp", "weights", "biases", "activation", "slope"}`` or
+  ``{"kind": "mlp", "weights", "biases", "activation", "slope"}`` (the fit works in float64;
+  for a float32 network, all weights float32, the product with its last layer that forms the
+  Jacobian runs in float32, as ``last_weights_f32`` in the checked copy) or
   ``{"kind": "cannon", "exponents", "theta"}`` (theta finite: 0 at untrained pixels);
 - ``layout``: ``{"model_wavelength", "wavelength", "segment_index", "segment_coord",
   "n_segments", "n_coef", "fit_rv"}`` (see ``starlabel.fitting``).
@@ -29,11 +31,14 @@ def emulator(spec):
                                                            for k in ("w0", "b0", "w1", "b1")))
             return {"kind": kind, "w0": w0, "b0": b0, "w1": w1, "b1": b1}, w0.shape[2], w0.shape[0]
         if kind == "mlp":
-            weights, biases, _ = payne_io.network([np.asarray(w, dtype=np.float64) for w in spec["weights"]],
+            given = [np.asarray(w) for w in spec["weights"]]
+            weights, biases, _ = payne_io.network([w.astype(np.float64) for w in given],
                                                   [np.asarray(b, dtype=np.float64) for b in spec["biases"]])
             payne_io.activation(spec["activation"], spec["slope"])
+            float32 = all(w.dtype == np.float32 for w in given)
             return ({"kind": kind, "weights": weights, "biases": biases,
-                     "activation": spec["activation"], "slope": float(spec["slope"])},
+                     "activation": spec["activation"], "slope": float(spec["slope"]),
+                     "last_weights_f32": np.ascontiguousarray(given[-1]) if float32 else None},
                     weights[0].shape[1], weights[-1].shape[0])
         exps = check.exponents(spec["exponents"])
         theta = check.finite_array("theta", spec["theta"], 2)

@@ -254,8 +254,8 @@ def _describe(model):
     if isinstance(model, (PayneModel, PerPixelPayneModel)):
         model._require_trained()
         if isinstance(model, PayneModel):
-            emulator = {"kind": "mlp", "weights": [np.asarray(w, np.float64) for w in model.weights],
-                        "biases": [np.asarray(b, np.float64) for b in model.biases],
+            # as stored: a float32 network's Jacobian product then runs in float32
+            emulator = {"kind": "mlp", "weights": list(model.weights), "biases": list(model.biases),
                         "activation": model.activation, "slope": model.slope}
         else:
             emulator = {"kind": "perpixel", **{k: np.asarray(getattr(model, k), np.float64)

@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstdint>
 #include <new>
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "common.hpp"
@@ -147,6 +149,12 @@ struct MLP {
   std::vector<index_t> sizes;
   Activation activation = ACT_LEAKY_RELU;
   T slope = T(0.01);
+  // Optional, for T = double: the last layer's weights in float32 (a float32 network's own
+  // values, widened to double in `weights`). When set, the Jacobian's product J = W M, which
+  // is nearly all of its cost, runs in float32 on M rounded to float; everything else stays
+  // in double. Label fitting with a float32 network uses it: J only steers the steps and
+  // sets the covariance, where float32's ~1e-6 relative error is far below what matters.
+  const float* last_weights_f32 = nullptr;
 
   int n_layers() const { return static_cast<int>(weights.size()); }
   index_t n_in() const { return sizes.front(); }
@@ -168,7 +176,7 @@ struct MLPBlocking {
 // Stars are processed in chunks; in each chunk the hidden layers run per star tile (and
 // build M_s = D W ... D W_0, the (width, n_in) Jacobian of the last hidden layer, side by
 // side for the tile's stars), then the last layer runs on (star tile x output block) tiles:
-// out = A W^T + b and J = W M, one GEMM each.
+// out = A W^T + b and J = W M, one GEMM each (J in float32 when net.last_weights_f32 is set).
 // interrupt (or null): when it fires, the remaining tiles are skipped (out is incomplete).
 template <class T>
 void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_out,
@@ -181,6 +189,10 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
   // widest layer held in the per-tile buffers: the inputs and hidden layers, never the output
   const index_t W = *std::max_element(net.sizes.begin(), net.sizes.end() - 1);
   const bool want_jac = jac_out != nullptr;
+  const bool jac_f32 = want_jac && net.last_weights_f32 != nullptr;
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+  if (jac_f32 && !std::is_same_v<T, double>)
+    throw std::invalid_argument("last_weights_f32 is for a network evaluated in double");
   const index_t sb = std::min(n_stars, want_jac ? std::max<index_t>(1, blocking.jac_columns / n_in)
                                                 : blocking.star_block);
   // a call with few stars (one LM batch) allocates for those stars only
@@ -193,11 +205,14 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
   // Shared per chunk: the last hidden layer (chunk, H) and M side by side (H, n_in * chunk).
   std::vector<T> hidden(chunk * H);
   std::vector<T> mcat(want_jac ? H * n_in * chunk : 0);
-  // Per thread: two activation buffers, a derivative buffer, two M buffers, a J tile.
+  std::vector<float> mcat_f32(jac_f32 ? H * n_in * chunk : 0);
+  // Per thread: two activation buffers, a derivative buffer, two M buffers, a J tile (in
+  // float32 instead when J is).
   const index_t act_size = sb * W, m_size = want_jac ? W * n_in * sb : 0;
   const index_t jt_size = want_jac ? pb * n_in * sb : 0;
-  const index_t per_thread = 3 * act_size + 2 * m_size + jt_size;
+  const index_t per_thread = 3 * act_size + 2 * m_size + (jac_f32 ? 0 : jt_size);
   std::vector<T> scratch(per_thread * nt);
+  std::vector<float> scratch_f32(jac_f32 ? jt_size * nt : 0);
   std::atomic<bool> failed{false};
 
 #pragma omp parallel num_threads(nt)
@@ -209,6 +224,7 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
     T* m0 = dbuf + act_size;
     T* m1 = m0 + m_size;
     T* jt = m1 + m_size;
+    float* jt_f32 = jac_f32 ? scratch_f32.data() + jt_size * tid : nullptr;
     for (index_t c0 = 0; c0 < n_stars; c0 += chunk) {
       const index_t nc = std::min(chunk, n_stars - c0), n_sub = n_blocks(nc, sb);
       const index_t mld = n_in * nc;  // leading dimension of mcat in this chunk
@@ -265,6 +281,9 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
                 m.middleCols(s * n_in, n_in).setIdentity();
             }
           }
+          if (jac_f32)  // this tile's columns of M, rounded once for every output block
+            map(mcat_f32.data() + (s0 - c0) * n_in, H, n_in * ns, mld) =
+                cmap(mcat.data() + (s0 - c0) * n_in, H, n_in * ns, mld).template cast<float>();
         } catch (...) {
           failed = true;
         }
@@ -287,12 +306,22 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
           }
           if (!want_jac) continue;
           const index_t nk = n_in * ns;
-          map(jt, np, nk, nk).noalias() =
-              cmap(wl + p0 * H, np, H, H) * cmap(mcat.data() + (s0 - c0) * n_in, H, nk, mld);
-          for (index_t s = 0; s < ns; ++s) {
-            T* dst = jac_out + ((s0 + s) * n_out + p0) * n_in;
-            for (index_t p = 0; p < np; ++p)
-              std::copy(jt + p * nk + s * n_in, jt + p * nk + (s + 1) * n_in, dst + p * n_in);
+          auto scatter = [&](const auto* tile) {  // tile (np, nk) -> each star's (np, n_in)
+            for (index_t s = 0; s < ns; ++s) {
+              T* dst = jac_out + ((s0 + s) * n_out + p0) * n_in;
+              for (index_t p = 0; p < np; ++p)
+                std::copy(tile + p * nk + s * n_in, tile + p * nk + (s + 1) * n_in, dst + p * n_in);
+            }
+          };
+          if (jac_f32) {
+            map(jt_f32, np, nk, nk).noalias() =
+                cmap(net.last_weights_f32 + p0 * H, np, H, H) *
+                cmap(mcat_f32.data() + (s0 - c0) * n_in, H, nk, mld);
+            scatter(jt_f32);
+          } else {
+            map(jt, np, nk, nk).noalias() =
+                cmap(wl + p0 * H, np, H, H) * cmap(mcat.data() + (s0 - c0) * n_in, H, nk, mld);
+            scatter(jt);
           }
         } catch (...) {
           failed = true;
@@ -316,6 +345,12 @@ struct MLPParams {
   std::vector<index_t> sizes;
   Activation activation = ACT_LEAKY_RELU;
   T slope = T(0.01);
+  // Optional, for T = double: the last layer's weights in float32 (a float32 network's own
+  // values, widened to double in `weights`). When set, the Jacobian's product J = W M, which
+  // is nearly all of its cost, runs in float32 on M rounded to float; everything else stays
+  // in double. Label fitting with a float32 network uses it: J only steers the steps and
+  // sets the covariance, where float32's ~1e-6 relative error is far below what matters.
+  const float* last_weights_f32 = nullptr;
 
   int n_layers() const { return static_cast<int>(weights.size()); }
   index_t weight_size(int l) const { return sizes[l + 1] * sizes[l]; }

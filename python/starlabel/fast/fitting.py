@@ -15,7 +15,7 @@ def _core_emulator(spec):
     if spec["kind"] == "mlp":
         code, slope = payne_io.activation(spec["activation"], spec["slope"])
         return {"kind": "mlp", "weights": spec["weights"], "biases": spec["biases"],
-                "activation": code, "slope": slope}
+                "activation": code, "slope": slope, "last_weights_f32": spec["last_weights_f32"]}
     if spec["kind"] == "cannon":
         return {"kind": "cannon", "exponents": spec["exponents"],
                 "theta_t": np.ascontiguousarray(spec["theta"].T)}

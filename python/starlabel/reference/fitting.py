@@ -2,7 +2,7 @@
 cpp/include/starlabel/spectrum_fit.hpp (see its comment for the model and the parameters).
 
 The emulator's flux and label Jacobian come from this backend's own kernels
-(``perpixel_forward``, ``mlp_forward``, ``cannon_predict``); the Doppler shift, the linear
+(``perpixel_forward``, the MLP's forward pass, ``cannon_predict``); the Doppler shift, the linear
 interpolation, the Chebyshev continuum and the chain rule are written out here, vectorized
 over pixels; the fit is ``reference.lm.fit_one`` spectrum by spectrum.
 """
@@ -11,11 +11,12 @@ import numpy as np
 from numpy.polynomial import chebyshev
 
 from .. import _fit_checks as check
+from .. import payne_io
 from ..augment import rotation_kernel
 from ..result import LMSolution
 from .cannon import cannon_predict
 from .lm import fit_one, pixel_objective
-from .payne import mlp_forward, perpixel_forward
+from .payne import forward_and_hidden_jacobian, perpixel_forward
 
 C_KMS = 299792.458
 
@@ -29,10 +30,15 @@ def _emulator_forward(spec):
                                          jacobian=True)
             return flux[0], jac[0]
     elif kind == "mlp":
+        code, slope = payne_io.activation(spec["activation"], spec["slope"])
+        last_f32 = spec["last_weights_f32"]
+
         def forward(x):
-            flux, jac = mlp_forward(spec["weights"], spec["biases"], x[None],
-                                    activation=spec["activation"], slope=spec["slope"], jacobian=True)
-            return flux[0], jac[0]
+            flux, m = forward_and_hidden_jacobian(spec["weights"], spec["biases"], code, slope, x[None])
+            if last_f32 is None:
+                return flux[0], spec["weights"][-1] @ m[0]
+            # a float32 network: J = W M in float32, as mlp.hpp (MLP::last_weights_f32)
+            return flux[0], (last_f32 @ m[0].astype(np.float32)).astype(np.float64)
     else:
         def forward(x):
             flux, jac = cannon_predict(spec["exponents"], spec["theta"], x[None], jacobian=True)

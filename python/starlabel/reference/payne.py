@@ -61,14 +61,20 @@ def mlp_forward(weights, biases, x, *, activation="leaky_relu", slope=0.01, jaco
     weights, biases, dtype = check.network(weights, biases)
     code, slope = check.activation(activation, slope)
     x = check.inputs(x, weights[0].shape[1], dtype)
-    acts, derivs, out = _forward_layers(weights, biases, code, slope, x)
     if not jacobian:
-        return out
-    # M = D_l W_l ... D_1 W_0 per star (n_stars, width, n_in), then J = W_last M
-    m = np.broadcast_to(np.eye(x.shape[1], dtype=dtype), (x.shape[0],) + (x.shape[1],) * 2)
+        return _forward_layers(weights, biases, code, slope, x)[2]
+    out, m = forward_and_hidden_jacobian(weights, biases, code, slope, x)
+    return out, np.ascontiguousarray(np.matmul(weights[-1], m))
+
+
+def forward_and_hidden_jacobian(weights, biases, code, slope, x):
+    """Outputs (n_stars, n_out) and M = D_l W_l ... D_1 W_0 (n_stars, width, n_in), the
+    Jacobian of the last hidden layer, so that d out / d x = W_last M. Checked arguments."""
+    _, derivs, out = _forward_layers(weights, biases, code, slope, x)
+    m = np.broadcast_to(np.eye(x.shape[1], dtype=x.dtype), (x.shape[0],) + (x.shape[1],) * 2)
     for w, d in zip(weights[:-1], derivs[1:]):
         m = d[:, :, None] * np.matmul(w, m)
-    return out, np.ascontiguousarray(np.matmul(weights[-1], m))
+    return out, m
 
 
 def _loss_and_output_gradient(out, target, pixel_weights, loss):
