@@ -1,9 +1,9 @@
 // Bindings for fitting observed spectra (spectrum_fit.hpp): checks, output allocation, GIL
 // release. No math. The emulator arrives as a dict {"kind": ..., arrays} built by
 // starlabel.fast.fitting, every array float64 (the fit works in double whatever the model's
-// storage dtype): "perpixel" (w0, b0, w1, b1), "mlp" (weights, biases, activation, slope and,
-// for a float32 network, last_weights_f32: its last layer as stored, for the Jacobian) or
-// "cannon" (exponents, theta_t).
+// storage dtype) but one: "perpixel" (w0, b0, w1, b1), "mlp" (weights, biases, activation,
+// slope, and last_weights_f32: a float32 network's last layer as stored, for its Jacobian, or
+// None) or "cannon" (exponents, theta_t).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -12,7 +12,8 @@ different grid: the model is resampled inside the fit), and C_s a Chebyshev seri
 wavelength segment s (t_p in [-1, 1] across the segment's pixels). Labels, rv, the
 broadening width and continuum coefficients are fitted jointly
 by Levenberg-Marquardt with analytic derivatives, many spectra in parallel in the compiled
-core. Before LM a chi2 grid over ``rv_range`` (with the continuum solved linearly at every
+core, in float64 (with a float32 network the largest product of its Jacobian, with the last
+layer, runs in float32: the Jacobian only steers the steps and sets the covariance). Before LM a chi2 grid over ``rv_range`` (with the continuum solved linearly at every
 trial velocity) finds the global RV minimum; LM alone would stop at the nearest local one.
 
 Pixels whose rest wavelength could fall outside the model grid, or into one of its gaps

@@ -190,7 +190,6 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
   const index_t W = *std::max_element(net.sizes.begin(), net.sizes.end() - 1);
   const bool want_jac = jac_out != nullptr;
   const bool jac_f32 = want_jac && net.last_weights_f32 != nullptr;
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
   if (jac_f32 && !std::is_same_v<T, double>)
     throw std::invalid_argument("last_weights_f32 is for a network evaluated in double");
   const index_t sb = std::min(n_stars, want_jac ? std::max<index_t>(1, blocking.jac_columns / n_in)
@@ -345,12 +344,6 @@ struct MLPParams {
   std::vector<index_t> sizes;
   Activation activation = ACT_LEAKY_RELU;
   T slope = T(0.01);
-  // Optional, for T = double: the last layer's weights in float32 (a float32 network's own
-  // values, widened to double in `weights`). When set, the Jacobian's product J = W M, which
-  // is nearly all of its cost, runs in float32 on M rounded to float; everything else stays
-  // in double. Label fitting with a float32 network uses it: J only steers the steps and
-  // sets the covariance, where float32's ~1e-6 relative error is far below what matters.
-  const float* last_weights_f32 = nullptr;
 
   int n_layers() const { return static_cast<int>(weights.size()); }
   index_t weight_size(int l) const { return sizes[l + 1] * sizes[l]; }
