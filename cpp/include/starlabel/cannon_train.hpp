@@ -295,19 +295,6 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
               ++n_used;
             }
           }
-          // the envelope term 2 c^T G_A^{-1} c over the active terms
-          std::vector<index_t> active;
-          for (std::size_t i = 0; i < ps.free_terms.size(); ++i)
-            if (!lasso || ps.theta[i] != 0.0) active.push_back(ps.free_terms[i]);
-          gram.build(moments.row(j).data(), data.gram_index, K, active);
-          if (gram.factor(0.0)) {
-            Eigen::VectorXd ca(active.size());
-            for (std::size_t i = 0; i < active.size(); ++i) ca[i] = c(j, active[i]);
-            gp += 2.0 * ca.dot(gram.solve(ca));
-          } else {
-            gp = nan;
-          }
-
           if (!std::isfinite(g)) {  // w r^2 overflows (absurd flux scales): no usable likelihood
             ps.status = PIXEL_SINGULAR;
             ps.done = true;
@@ -332,6 +319,19 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
           } else {
             ps.done = true;
             continue;
+          }
+          // The envelope term 2 c^T G_A^{-1} c over the active terms, needed only for a Newton
+          // step: most pixels end at s2 = 0 above, without this second Gram factorization.
+          std::vector<index_t> active;
+          for (std::size_t i = 0; i < ps.free_terms.size(); ++i)
+            if (!lasso || ps.theta[i] != 0.0) active.push_back(ps.free_terms[i]);
+          gram.build(moments.row(j).data(), data.gram_index, K, active);
+          if (gram.factor(0.0)) {
+            Eigen::VectorXd ca(active.size());
+            for (std::size_t i = 0; i < active.size(); ++i) ca[i] = c(j, active[i]);
+            gp += 2.0 * ca.dot(gram.solve(ca));
+          } else {
+            gp = nan;
           }
           // Newton on G(s2) = u^2 g(s2), u = noise + s2, which has the same root: for equal
           // noise variances G is linear in s2 (one step to the root), so it converges in a
