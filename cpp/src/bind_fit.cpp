@@ -73,10 +73,10 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
     MLP<double> net = arrays.view(bind::activation_from(item(spec, "activation").cast<int>()),
                                   item(spec, "slope").cast<double>());
     std::optional<py::array_t<float>> last_f32;  // a float32 network's last layer, as stored
-    if (spec.contains("last_weights_f32") && !spec["last_weights_f32"].is_none()) {
+    const py::object last = item(spec, "last_weights_f32");
+    if (!last.is_none()) {
       const index_t L = net.n_layers();
-      last_f32 = require<float>(spec["last_weights_f32"], "last_weights_f32",
-                                {net.sizes[L], net.sizes[L - 1]});
+      last_f32 = require<float>(last, "last_weights_f32", {net.sizes[L], net.sizes[L - 1]});
       net.last_weights_f32 = last_f32->data();
     }
     const MLP<double>* netp = &net;

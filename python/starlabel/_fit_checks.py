@@ -32,7 +32,7 @@ def emulator(spec):
             return {"kind": kind, "w0": w0, "b0": b0, "w1": w1, "b1": b1}, w0.shape[2], w0.shape[0]
         if kind == "mlp":
             given = [np.asarray(w) for w in spec["weights"]]
-            weights, biases, _ = payne_io.network([w.astype(np.float64) for w in given],
+            weights, biases, _ = payne_io.network([np.asarray(w, dtype=np.float64) for w in given],
                                                   [np.asarray(b, dtype=np.float64) for b in spec["biases"]])
             payne_io.activation(spec["activation"], spec["slope"])
             float32 = all(w.dtype == np.float32 for w in given)
