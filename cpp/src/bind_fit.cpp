@@ -81,7 +81,9 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
     }
     const MLP<double>* netp = &net;
     visit(make_emulator([netp](const double* x, index_t n, double* f, double* j) {
-      mlp_forward(*netp, x, n, f, j, 1);
+      MLPBlocking blocking;
+      blocking.jac_columns = n * netp->n_in();  // one star tile: the weights stream once per batch
+      mlp_forward(*netp, x, n, f, j, 1, blocking);
     }, net.n_in(), net.n_out()));
   } else if (kind == "cannon") {
     auto exponents = require<std::int32_t>(item(spec, "exponents"), "exponents", {ANY, ANY});
