@@ -103,6 +103,9 @@ struct CannonSpectrumModel {
     }
   }
 
+  // The Jacobian is a sum over theta's rows, each a run of pixels: written label by label.
+  static constexpr bool jacobian_by_pixel = false;
+
   // Model flux and Jacobian on pixels [p0, p1).
   //   flux_out  (p1 - p0,)
   //   jac_out   (n_params, p1 - p0) row-major, d flux / d x_a; skipped when null

@@ -94,7 +94,9 @@ struct ManyScratchOf<M, true> {
 //        output row) that xs[i] belongs to; states[i] may point into the workspace until
 //        the next prepare()
 //   void evaluate(const State&, index_t p0, index_t p1, double* flux_out, double* jac_out) const;
-//        flux_out (p1 - p0,), jac_out (n_params, p1 - p0) row-major or null
+//        flux_out (p1 - p0,), jac_out or null: (p1 - p0, n_params) row-major when
+//        jacobian_by_pixel, else (n_params, p1 - p0) row-major
+//   static constexpr bool jacobian_by_pixel;  the layout its evaluate() writes fastest
 // Every evaluation sweeps the pixels block by block and all spectra of a batch use a block
 // while it is in cache.
 //   flux, ivar      (n_spectra, n_pixels)  ivar == 0 ignores a pixel (its flux may be NaN)
@@ -185,14 +187,23 @@ struct PixelObjective {
         out[i].chi2 += wresid.squaredNorm();
         out[i].n_used += used;
         if (!with_jacobian) continue;
-        // jac and wjac are (np, nb) row-major. Zero-weight pixels may hold non-finite model
-        // derivatives (untrained pixels): drop them.
-        for (index_t a = 0; a < np; ++a)
-          for (index_t j = 0; j < nb; ++j)
-            wjac[a * nb + j] = sqrt_weight[j] > 0.0 ? jac[a * nb + j] * sqrt_weight[j] : 0.0;
-        const RowMatrix wj(wjac, np, nb);
-        out[i].grad.noalias() += wj * wresid;
-        out[i].hess.template selfadjointView<Eigen::Upper>().rankUpdate(wj);
+        // Zero-weight pixels may hold non-finite model derivatives (untrained pixels): drop them.
+        if constexpr (Model::jacobian_by_pixel) {  // jac and wjac (nb, np) row-major
+          for (index_t j = 0; j < nb; ++j) {
+            const double sw = sqrt_weight[j];
+            for (index_t a = 0; a < np; ++a) wjac[j * np + a] = sw > 0.0 ? jac[j * np + a] * sw : 0.0;
+          }
+          const RowMatrix wj(wjac, nb, np);
+          out[i].grad.noalias() += wj.transpose() * wresid;
+          out[i].hess.template selfadjointView<Eigen::Upper>().rankUpdate(wj.transpose());
+        } else {  // (np, nb) row-major
+          for (index_t a = 0; a < np; ++a)
+            for (index_t j = 0; j < nb; ++j)
+              wjac[a * nb + j] = sqrt_weight[j] > 0.0 ? jac[a * nb + j] * sqrt_weight[j] : 0.0;
+          const RowMatrix wj(wjac, np, nb);
+          out[i].grad.noalias() += wj * wresid;
+          out[i].hess.template selfadjointView<Eigen::Upper>().rankUpdate(wj);
+        }
       }
     }
     for (index_t i = 0; i < n_items; ++i)
@@ -236,10 +247,14 @@ void evaluate_spectra(const Model& model, const double* params, index_t n, doubl
         for (index_t i = i0; i < i1; ++i)
           for (index_t p0 = 0; p0 < n_pixels; p0 += block) {
             const index_t p1 = std::min(p0 + block, n_pixels), nb = p1 - p0;
+            double* out = jac_out ? jac_out + (i * n_pixels + p0) * np : nullptr;
+            if constexpr (Model::jacobian_by_pixel) {  // already the output's layout
+              model.evaluate(states[i - i0], p0, p1, flux_out + i * n_pixels + p0, out);
+              continue;
+            }
             model.evaluate(states[i - i0], p0, p1, flux_out + i * n_pixels + p0,
-                           jac_out ? jac_block.data() : nullptr);
-            if (!jac_out) continue;
-            double* out = jac_out + (i * n_pixels + p0) * np;
+                           out ? jac_block.data() : nullptr);
+            if (!out) continue;
             for (index_t j = 0; j < nb; ++j)
               for (index_t a = 0; a < np; ++a) out[j * np + a] = jac_block[a * nb + j];
           }

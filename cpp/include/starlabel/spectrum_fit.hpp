@@ -363,13 +363,16 @@ struct ShiftedSpectrumModel {
     }
   }
 
-  // flux_out (p1 - p0,), jac_out (n_params, p1 - p0) row-major or null.
+  // The emulator's Jacobian is (n_model, n_labels) per spectrum, so a pixel's interpolated
+  // row is written contiguously.
+  static constexpr bool jacobian_by_pixel = true;
+
+  // flux_out (p1 - p0,), jac_out (p1 - p0, n_params) row-major or null.
   void evaluate(const State& state, index_t p0, index_t p1, double* flux_out, double* jac_out) const {
     const index_t nb = p1 - p0, L = layout.n_labels, K = layout.n_coef;
     const index_t np = n_params(), c0 = layout.coef_index();
     const double* f = state.flux;
     const double* jm = state.jac;
-    if (jac_out) std::fill(jac_out, jac_out + np * nb, 0.0);
     index_t hint = 0;
     for (index_t j = 0; j < nb; ++j) {
       const index_t p = p0 + j;
@@ -387,23 +390,25 @@ struct ShiftedSpectrumModel {
       }
       flux_out[j] = cont * model;
       if (!jac_out) continue;
+      double* row = jac_out + j * np;
       const double* j0 = jm + in.i0 * L;
       const double* j1 = jm + in.i1 * L;
-      for (index_t a = 0; a < L; ++a) jac_out[a * nb + j] = cont * (j0[a] + in.t * (j1[a] - j0[a]));
+      for (index_t a = 0; a < L; ++a) row[a] = cont * (j0[a] + in.t * (j1[a] - j0[a]));
       if (layout.fit_rv) {
         const double slope = (f[in.i1] - f[in.i0]) * in.inv_dw;
-        jac_out[layout.rv_index() * nb + j] = cont * slope * w * state.dlnw_dv;
+        row[layout.rv_index()] = cont * slope * w * state.dlnw_dv;
       }
       if (layout.fit_sigma) {
         const double* d = state.dflux_dsigma;
-        jac_out[layout.sigma_index() * nb + j] = cont * (d[in.i0] + in.t * (d[in.i1] - d[in.i0]));
+        row[layout.sigma_index()] = cont * (d[in.i0] + in.t * (d[in.i1] - d[in.i0]));
       }
       if (layout.fit_vsini) {
         const double* d = state.dflux_dvsini;
-        jac_out[layout.vsini_index() * nb + j] = cont * (d[in.i0] + in.t * (d[in.i1] - d[in.i0]));
+        row[layout.vsini_index()] = cont * (d[in.i0] + in.t * (d[in.i1] - d[in.i0]));
       }
+      std::fill(row + c0, row + np, 0.0);  // the continuum parameters come last
       if (K > 0 && s >= 0)
-        for (index_t k = 0; k < K; ++k) jac_out[(c0 + s * K + k) * nb + j] = t[k] * model;
+        for (index_t k = 0; k < K; ++k) row[c0 + s * K + k] = t[k] * model;
     }
   }
 };
