@@ -1,6 +1,6 @@
 """Dask overhead: fit_spectra on a LocalCluster of 2 single-threaded worker processes against
 one process with 2 threads, on the same spectra (the issue's goal: within 15%). Both give
-the same result, bit for bit (chunks are whole LM batches of 16 spectra), which is asserted.
+the same result, bit for bit (chunks are whole LM batches of 32 spectra), which is asserted.
 
 ``--size small``: a 25 -> 32 -> 32 -> 600 network, 64 spectra (a smoke test of the machinery);
 ``--size survey``: 25 -> 300 -> 300 -> 7214 on the APOGEE-like grid, 256 spectra.
@@ -19,7 +19,7 @@ pytest.importorskip("starlabel.distributed", reason="needs the dask extra")
 SIZES = {"small": dict(hidden=(32, 32), n_pixels=600, n_spectra=64),
          "survey": dict(hidden=(300, 300), n_pixels=7214, n_spectra=256)}
 N_LABELS = 25
-CHUNK = 32  # spectra per Dask task: a multiple of the LM batch (16), so results are identical
+CHUNK = 32  # spectra per Dask task: a multiple of the LM batch (32), so results are identical
 
 
 @pytest.fixture(scope="module")

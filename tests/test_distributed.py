@@ -25,12 +25,18 @@ from starlabel._concat import concatenate_results  # noqa: E402
 from starlabel.datasets import synthetic_survey  # noqa: E402
 
 N_PIXELS = 600        # not a multiple of the core's 256-pixel training block, on purpose
-N_TRAIN, N_TEST = 120, 72
+N_TRAIN, N_TEST = 120, 144  # 4.5 LM batches (sd.FIT_BATCH = 32)
 FIT_FIELDS = ("labels", "covariance", "chi2", "reduced_chi2", "n_pixels_used", "n_iter",
               "status", "errors")
 SPECTRUM_FIELDS = FIT_FIELDS + ("rv", "rv_error", "continuum", "rv_grid", "rv_chi2",
                                 "rv_initial", "model_flux")
 RV_RANGE = (-60.0, 60.0)  # a short RV grid keeps the fits quick
+
+
+def whole_batches():
+    """The chunks of N_TEST spectra when a smaller chunk size is asked for: rounded up to whole
+    LM batches, so that every spectrum shares its batch as in a local fit."""
+    return (sd.FIT_BATCH,) * (N_TEST // sd.FIT_BATCH) + (N_TEST % sd.FIT_BATCH,)
 
 
 def assert_same_result(expected, actual):
@@ -148,17 +154,17 @@ def test_fit_spectra_cannon_numpy_and_dask_equal_local(client, survey, cannon):
     local = starlabel.fit_spectra(cannon, test.flux, test.ivar, **options)
 
     lazy = sd.fit_spectra(cannon, test.flux, test.ivar, chunk_size=8, **options)
-    # rounded up to whole LM batches of 16 spectra
-    assert lazy.chunks == (16, 16, 16, 16, 8) and len(lazy) == N_TEST
+    assert lazy.chunks == whole_batches() and len(lazy) == N_TEST
     assert_same_result(local, lazy.compute())
 
-    flux = da.from_array(test.flux, chunks=(32, -1))
-    ivar = da.from_array(test.ivar, chunks=(32, -1))
+    batch = sd.FIT_BATCH
+    flux = da.from_array(test.flux, chunks=(2 * batch, -1))
+    ivar = da.from_array(test.ivar, chunks=(2 * batch, -1))
     options["mask"] = da.from_array(mask, chunks=(10, -1))  # rechunked like flux
     from_dask = sd.fit_spectra(cannon, flux, ivar, **options)
-    assert from_dask.chunks == (32, 32, 8)
+    assert from_dask.chunks == (2 * batch, 2 * batch, N_TEST - 4 * batch)
     unaligned = sd.fit_spectra(cannon, flux.rechunk((10, -1)), ivar.rechunk((10, -1)), **options)
-    assert unaligned.chunks == (16, 16, 16, 16, 8)
+    assert unaligned.chunks == whole_batches()
     assert_same_result(local, from_dask.persist().compute())
 
 
@@ -184,7 +190,7 @@ def test_model_is_shipped_once(client, survey, cannon):
     holding_model = [key for key, node in graph.items() if getattr(node, "value", None) is cannon]
     assert holding_model == [lazy.model_key]
     chunk_tasks = [key for key in graph if str(key).startswith("_fit_chunk")]
-    assert len(chunk_tasks) == len(lazy.chunks) == 5
+    assert len(chunk_tasks) == len(lazy.chunks) == len(whole_batches())
     assert all(lazy.model_key in graph[key].dependencies for key in chunk_tasks)
 
     start = time.time()  # the scheduler's story of the key also holds earlier tests' runs
@@ -234,7 +240,7 @@ def test_to_dask_dataframe(client, survey, cannon):
     _, test = survey
     lazy = sd.fit_spectra(cannon, test.flux, test.ivar, chunk_size=10, rv_range=RV_RANGE)
     frame = lazy.to_dask_dataframe()
-    assert frame.npartitions == 5 and frame.known_divisions
+    assert frame.npartitions == len(whole_batches()) and frame.known_divisions
     table = frame.compute()
     local = starlabel.fit_spectra(cannon, test.flux, test.ivar, rv_range=RV_RANGE)
     np.testing.assert_array_equal(table.index.to_numpy(), np.arange(N_TEST))
