@@ -313,18 +313,23 @@ struct ShiftedSpectrumModel {
   void prepare(const std::vector<const double*>& xs, const std::vector<index_t>& rows,
                bool with_jacobian, Workspace& ws, std::vector<State>& states) const {
     const index_t n = static_cast<index_t>(xs.size()), L = layout.n_labels, M = layout.n_model;
-    ws.labels.resize(n * L);
-    ws.flux.resize(n * M);
-    ws.jac.resize(with_jacobian ? n * M * L : 0);
+    // LM alternates between all of a batch's trial steps and the accepted ones: buffers only
+    // grow, as resizing up zeroes what is about to be overwritten (tens of MB per step).
+    auto reserve = [](std::vector<double>& v, index_t size) {
+      if (static_cast<index_t>(v.size()) < size) v.resize(size);
+    };
+    reserve(ws.labels, n * L);
+    reserve(ws.flux, n * M);
+    if (with_jacobian) reserve(ws.jac, n * M * L);
     for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, ws.labels.data() + i * L);
     emulator.spectra(ws.labels.data(), n, ws.flux.data(), with_jacobian ? ws.jac.data() : nullptr);
     const double* flux = ws.flux.data();
     const double* jac = ws.jac.data();
     if (layout.broadens()) {
-      ws.broad_flux.resize(ws.flux.size());
-      ws.broad_jac.resize(ws.jac.size());
-      ws.dflux_dsigma.resize(layout.fit_sigma && with_jacobian ? n * M : 0);
-      ws.dflux_dvsini.resize(layout.fit_vsini && with_jacobian ? n * M : 0);
+      reserve(ws.broad_flux, n * M);
+      if (with_jacobian) reserve(ws.broad_jac, n * M * L);
+      if (layout.fit_sigma && with_jacobian) reserve(ws.dflux_dsigma, n * M);
+      if (layout.fit_vsini && with_jacobian) reserve(ws.dflux_dvsini, n * M);
       for (index_t i = 0; i < n; ++i) {
         const double* kernel = layout.kernels ? layout.kernels + rows[i] * layout.kernel_stride : nullptr;
         index_t n_taps = layout.n_taps;
