@@ -191,7 +191,8 @@ struct PixelObjective {
         if constexpr (Model::jacobian_by_pixel) {  // jac and wjac (nb, np) row-major
           for (index_t j = 0; j < nb; ++j) {
             const double sw = sqrt_weight[j];
-            for (index_t a = 0; a < np; ++a) wjac[j * np + a] = sw > 0.0 ? jac[j * np + a] * sw : 0.0;
+            for (index_t a = 0; a < np; ++a)
+              wjac[j * np + a] = sw > 0.0 ? jac[j * np + a] * sw : 0.0;
           }
           const RowMatrix wj(wjac, nb, np);
           out[i].grad.noalias() += wj.transpose() * wresid;
@@ -236,7 +237,7 @@ void evaluate_spectra(const Model& model, const double* params, index_t n, doubl
       if (failed || interrupted(interrupt)) continue;
       try {  // an exception must not leave an OpenMP loop body
         const index_t i0 = g * group, i1 = std::min(i0 + group, n);
-        jac_block.resize(np * block);
+        if (!Model::jacobian_by_pixel) jac_block.resize(np * block);
         xs.clear();
         rows.clear();
         for (index_t i = i0; i < i1; ++i) {

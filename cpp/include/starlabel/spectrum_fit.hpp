@@ -38,6 +38,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <vector>
@@ -315,21 +316,21 @@ struct ShiftedSpectrumModel {
     const index_t n = static_cast<index_t>(xs.size()), L = layout.n_labels, M = layout.n_model;
     // LM alternates between all of a batch's trial steps and the accepted ones: buffers only
     // grow, as resizing up zeroes what is about to be overwritten (tens of MB per step).
-    auto reserve = [](std::vector<double>& v, index_t size) {
+    auto grow = [](std::vector<double>& v, index_t size) {
       if (static_cast<index_t>(v.size()) < size) v.resize(size);
     };
-    reserve(ws.labels, n * L);
-    reserve(ws.flux, n * M);
-    if (with_jacobian) reserve(ws.jac, n * M * L);
+    grow(ws.labels, n * L);
+    grow(ws.flux, n * M);
+    if (with_jacobian) grow(ws.jac, n * M * L);
     for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, ws.labels.data() + i * L);
     emulator.spectra(ws.labels.data(), n, ws.flux.data(), with_jacobian ? ws.jac.data() : nullptr);
     const double* flux = ws.flux.data();
     const double* jac = ws.jac.data();
     if (layout.broadens()) {
-      reserve(ws.broad_flux, n * M);
-      if (with_jacobian) reserve(ws.broad_jac, n * M * L);
-      if (layout.fit_sigma && with_jacobian) reserve(ws.dflux_dsigma, n * M);
-      if (layout.fit_vsini && with_jacobian) reserve(ws.dflux_dvsini, n * M);
+      grow(ws.broad_flux, n * M);
+      if (with_jacobian) grow(ws.broad_jac, n * M * L);
+      if (layout.fit_sigma && with_jacobian) grow(ws.dflux_dsigma, n * M);
+      if (layout.fit_vsini && with_jacobian) grow(ws.dflux_dvsini, n * M);
       for (index_t i = 0; i < n; ++i) {
         const double* kernel = layout.kernels ? layout.kernels + rows[i] * layout.kernel_stride : nullptr;
         index_t n_taps = layout.n_taps;
@@ -441,6 +442,46 @@ inline void shift_onto_pixels(const FitLayout& lay, const double* model, double 
     const Interp in = locate(lay.model_wave, lay.n_model, lay.obs_wave[p] * inv_doppler, hint);
     shifted[p] = model[in.i0] + in.t * (model[in.i1] - model[in.i0]);
   }
+}
+
+// The same when the observed pixels are the model grid's own (n_obs == n_model, as for APOGEE
+// spectra and The Payne's networks). On a log-uniform grid a velocity moves every pixel by
+// the same fractional number of pixels, so pixel p falls in the interval [p + c, p + c + 1]
+// for one offset c: the pass reads contiguous runs and vectorizes. Pixels where that is false
+// (next to chip gaps and grid ends, or everywhere on a grid that is not log-uniform) are
+// flagged and redone by locate(), so the result is shift_onto_pixels()'s, bit for bit.
+//   missed (n_obs,) scratch
+inline void shift_onto_own_grid(const FitLayout& lay, const double* model, double inv_doppler,
+                                char* missed, double* shifted) {
+  const index_t n = lay.n_model;
+  const double* grid = lay.model_wave;
+  const double* obs = lay.obs_wave;
+  index_t hint = 0;
+  const index_t c = n >= 2 ? locate(grid, n, obs[n / 2] * inv_doppler, hint).i0 - n / 2 : 0;
+  // p + c and p + c + 1 inside the grid
+  const index_t lo = std::max<index_t>(0, -c), hi = std::max(lo, std::min(n, n - 1 - c));
+  std::int64_t n_missed = 0;
+#pragma omp simd reduction(+ : n_missed)
+  for (index_t p = lo; p < hi; ++p) {
+    const index_t i = p + c;
+    const double w = obs[p] * inv_doppler, g0 = grid[i], g1 = grid[i + 1];
+    const double t = (w - g0) / (g1 - g0);  // as locate() computes it
+    shifted[p] = model[i] + t * (model[i + 1] - model[i]);
+    const int miss = !((g0 <= w) & (w < g1));  // no branch: the loop vectorizes
+    missed[p] = static_cast<char>(miss);
+    n_missed += miss;
+  }
+  hint = 0;
+  auto redo = [&](index_t p) {
+    const Interp in = locate(grid, n, obs[p] * inv_doppler, hint);
+    shifted[p] = model[in.i0] + in.t * (model[in.i1] - model[in.i0]);
+  };
+  for (index_t p = 0; p < lo; ++p) redo(p);
+  for (const char* q = missed + lo; n_missed > 0; ++q, --n_missed) {
+    q = static_cast<const char*>(std::memchr(q, 1, missed + hi - q));
+    redo(q - missed);
+  }
+  for (index_t p = hi; p < n; ++p) redo(p);
 }
 
 // The continuum solve of the RV grid for one spectrum, with every velocity-independent factor
@@ -560,10 +601,13 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
   const index_t n_items = n_spectra * n_templates, n_obs = lay.n_obs;
   const index_t n_cc = lay.n_segments * lay.n_coef;
   const std::vector<double> cheb = spectrum_detail::chebyshev_table(lay);
+  const bool same_grid = lay.n_obs == lay.n_model &&
+                         std::equal(lay.obs_wave, lay.obs_wave + n_obs, lay.model_wave);
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(resolve_threads(n_threads))
   {
     std::vector<double> shifted(n_obs), coef(std::max<index_t>(n_cc, 1));
+    std::vector<char> missed(same_grid ? n_obs : 0);
     spectrum_detail::ContinuumSolver solver;
 #pragma omp for schedule(dynamic, 1)
     for (index_t item = 0; item < n_items; ++item) {
@@ -578,7 +622,11 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
         auto chi2_at = [&](double v) {
           double inv_doppler, dlnw_dv;
           spectrum_detail::doppler(v, inv_doppler, dlnw_dv);
-          spectrum_detail::shift_onto_pixels(lay, tmpl, inv_doppler, shifted.data());
+          using namespace spectrum_detail;
+          if (same_grid)
+            shift_onto_own_grid(lay, tmpl, inv_doppler, missed.data(), shifted.data());
+          else
+            shift_onto_pixels(lay, tmpl, inv_doppler, shifted.data());
           if (lay.n_coef > 0) return solver.solve(shifted.data(), coef.data());
           double chi2 = 0.0;
           for (index_t p = 0; p < n_obs; ++p) {
