@@ -188,6 +188,17 @@ def test_float32_network_jacobian(isa_core):
     np.testing.assert_allclose(jacs[0], jacs[1], rtol=0, atol=1e-6 * scale)
 
 
+def assert_rv_grids_agree(layout, templates, flux, weight, v):
+    """Fast and reference RV grids: chi2, best velocity, continuum at it."""
+    a = fast.rv_chi2_grid(layout, templates, flux, weight, v)
+    b = reference.rv_chi2_grid(layout, templates, flux, weight, v)
+    # chi2 from the residuals (reference) and from the normal equations' sums (fast): equal to
+    # rounding, 6e-14 relative in test_rv_grid_parity
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-9)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(a[2], b[2], rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("n_coef", [0, 3])
 def test_rv_grid_parity(isa_core, n_coef):
     emu, layout, params = emulator_and_layout("perpixel")
@@ -202,13 +213,7 @@ def test_rv_grid_parity(isa_core, n_coef):
     weight = rng.uniform(0, 100, (2, 120))
     weight[0, :70] = 0.0  # segment 0 of spectrum 0 empty: the flat-continuum fallback
     v = np.linspace(-80, 80, 41)
-    a = fast.rv_chi2_grid(layout, templates, flux, weight, v)
-    b = reference.rv_chi2_grid(layout, templates, flux, weight, v)
-    # chi2 from the residuals (reference) and from the normal equations' sums (fast): equal to
-    # rounding, 6e-14 relative here
-    np.testing.assert_allclose(a[0], b[0], rtol=1e-9)
-    np.testing.assert_array_equal(a[1], b[1])
-    np.testing.assert_allclose(a[2], b[2], rtol=1e-8, atol=1e-10)
+    assert_rv_grids_agree(layout, templates, flux, weight, v)
 
 
 @pytest.mark.parametrize("grid", ["log-uniform chips", "irregular"])
@@ -230,11 +235,7 @@ def test_rv_grid_parity_on_the_model_grid(isa_core, grid):
     flux = rng.normal(1, 0.1, (2, 150))
     weight = rng.uniform(0, 100, (2, 150))
     v = np.linspace(-3000, 3000, 61)
-    a = fast.rv_chi2_grid(layout, templates, flux, weight, v)
-    b = reference.rv_chi2_grid(layout, templates, flux, weight, v)
-    np.testing.assert_allclose(a[0], b[0], rtol=1e-9)
-    np.testing.assert_array_equal(a[1], b[1])
-    np.testing.assert_allclose(a[2], b[2], rtol=1e-8, atol=1e-10)
+    assert_rv_grids_agree(layout, templates, flux, weight, v)
 
 
 def test_rv_search_finds_the_velocity_of_a_template():
