@@ -122,14 +122,14 @@ def fit_problem(n_labels, order, n_spectra, seed, n_pixels=300):
 # sums differ in order only, so the solutions agree to rounding amplified by the conditioning
 # of J^T W J (~1e-12 here). Iteration counts can differ only if a chi2 comparison is decided
 # by rounding; they are compared exactly and have been equal on every seed tried.
-# Both objectives (the Gram matrix and the per-pixel sums; vectorizer.use_quadratic_form picks
-# one by model size) are run on every case.
-@pytest.mark.parametrize("objective", ["gram", "per_pixel"])
+# Both objectives (the chi2 polynomial and the per-pixel sums; use_polynomial_form picks one
+# by model size) are run on every case.
+@pytest.mark.parametrize("objective", ["polynomial", "per_pixel"])
 @pytest.mark.parametrize("n_labels,order,n_spectra,seed", [
     (1, 1, 3, 20), (1, 3, 5, 21), (3, 2, 17, 22), (4, 3, 9, 23), (3, 2, 1, 24), (10, 2, 20, 25)])
 def test_fit_matches_reference(isa_core, monkeypatch, objective, n_labels, order, n_spectra, seed):
     for backend in (fast, reference):
-        monkeypatch.setattr(backend.cannon, "use_quadratic_form", lambda *_: objective == "gram")
+        monkeypatch.setattr(backend.cannon, "use_polynomial_form", lambda *_: objective == "polynomial")
     exponents, theta, s2, flux, ivar, _ = fit_problem(n_labels, order, n_spectra, seed)
     starts = np.random.default_rng(seed).uniform(-1, 1, (n_spectra, 4, n_labels))
     a = fast.cannon_fit(exponents, theta, s2, flux, ivar, starts)

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from starlabel import fast, reference
+from starlabel._chi2_polynomial import chi2_polynomial
 from starlabel._core import core
 from starlabel.vectorizer import PolynomialVectorizer
 
@@ -524,7 +525,8 @@ def _valid_core_calls():
     return {
         "cannon_train": (design, monomials, gram_index, np.ones(6, np.uint8), None, flux, ivar, None, 0.0, 1),
         "cannon_predict": (exps, theta_t, x, True, 1),
-        "cannon_fit": (exps, theta_t, np.zeros(3), flux[:2], ivar[:2], np.zeros((2, 1, 2)), None, None, 5, False, 1),
+        "cannon_fit": (exps, theta_t, np.zeros(3), flux[:2], ivar[:2], np.zeros((2, 1, 2)), None, None, 5,
+                       chi2_polynomial(exps)[1:], 1),
         "mlp_forward": (w, b, x, 0, 0.01, True, 1),
         "mlp_loss_gradients": (w, b, x, rng.normal(size=(8, 3)), None, 0, 0.01, 0, 1),
         "mlp_train_epoch": (w, b, m, mb, [a.copy() for a in m], [a.copy() for a in mb], 0, x,

@@ -433,6 +433,44 @@ def noisy_model():
     return exponents, theta, s2
 
 
+@pytest.mark.parametrize("terms", [2, 3, ["A", "B^4", "A*B*C", "C^2"]])
+def test_chi2_polynomial_is_chi2(terms):
+    """The chi2 polynomial (starlabel._chi2_polynomial) against chi2 summed over the pixels:
+    its value, its gradient -2 J^T W r, and its Hessian 2 (J^T W J - sum_p w_p r_p d2 f_p),
+    with d2 f from central differences of an independent design derivative."""
+    from starlabel._chi2_polynomial import chi2_polynomial
+    from starlabel.reference.cannon import polynomial_objective
+    order, names = (terms, None) if isinstance(terms, int) else (2, terms)
+    exps = PolynomialVectorizer(["A", "B", "C"], order, terms=names).exponents
+    rng = np.random.default_rng(3)
+    n_pixels, n_labels = 40, 3
+    theta = rng.normal(size=(n_pixels, len(exps)))
+    x0 = rng.uniform(-0.5, 0.5, n_labels)
+    flux = _oracle_design(exps, x0[None])[0] @ theta.T + 0.01 * rng.normal(size=n_pixels)
+    weight = rng.uniform(0.5, 2.0, n_pixels) * 1e4
+    weight[:3] = 0.0
+    objective = polynomial_objective(chi2_polynomial(exps), theta, flux, weight)
+    x = x0 + 1e-3 * rng.normal(size=n_labels)   # near the minimum: the Hessian is positive definite
+    chi2, n_used, hess, grad = objective(x, True)
+    resid = flux - _oracle_design(exps, x[None])[0] @ theta.T
+
+    def jac(xx):  # d f / dx (n_pixels, n_labels), by central differences of the design
+        h = 1e-6
+        return np.column_stack([(_oracle_design(exps, (xx + h * e)[None])[0]
+                                 - _oracle_design(exps, (xx - h * e)[None])[0]) / (2 * h) @ theta.T
+                                for e in np.eye(n_labels)])
+
+    j = jac(x)
+    h = 1e-4
+    d2f = np.stack([(jac(x + h * e) - jac(x - h * e)) / (2 * h) for e in np.eye(n_labels)], axis=2)
+    assert n_used == n_pixels - 3
+    np.testing.assert_allclose(chi2, np.sum(weight * resid**2), rtol=1e-9)
+    np.testing.assert_allclose(grad, j.T @ (weight * resid), rtol=1e-6, atol=1e-6 * np.abs(grad).max())
+    expected = j.T @ (weight[:, None] * j) - np.einsum("p,pab->ab", weight * resid, d2f)
+    np.testing.assert_allclose(hess, expected, rtol=1e-5, atol=1e-6 * np.abs(hess).max())
+    assert objective(x, False)[0] == chi2
+
+
 def test_fit_matches_scipy_least_squares(noisy_model):
     exponents, theta, s2 = noisy_model
     theta, s2 = theta.copy(), s2.copy()
@@ -462,9 +500,8 @@ def test_fit_matches_scipy_least_squares(noisy_model):
         lsq = least_squares(resid, start, jac=jac, method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15)
         assert lsq.success
         chi2_or = 2 * lsq.cost
-        # the reported chi2 is the chi2 at the reported x; small models evaluate it from the
-        # expansion around an exact residual pass (vectorizer.use_quadratic_form), which keeps
-        # at least ~12 digits
+        # the reported chi2 is the chi2 at the reported x, from an exact residual pass at the
+        # solution also where LM ran on the chi2 polynomial (starlabel._chi2_polynomial)
         np.testing.assert_allclose(sol.chi2[i], np.sum(resid(sol.x[i]) ** 2), rtol=1e-10)
         # at least as good as MINPACK, up to LM's relative-decrease stopping rule (1e-10)
         assert sol.chi2[i] <= chi2_or * (1 + 1e-8), (i, sol.chi2[i], chi2_or)

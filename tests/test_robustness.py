@@ -355,6 +355,32 @@ def test_absurd_exponents_are_rejected(backend):
         core.cannon_predict(e, np.ones((2, 3)), np.zeros((1, 1)), False, 1)
 
 
+def test_corrupt_chi2_polynomial_tables_are_rejected():
+    """The core indexes with the chi2 polynomial's tables: every index is checked first."""
+    from starlabel._chi2_polynomial import chi2_polynomial
+    from starlabel._core import core
+    exps = PolynomialVectorizer(["A", "B"], 2).exponents
+    rng = np.random.default_rng(0)
+    theta_t = np.ascontiguousarray(rng.normal(size=(3, 6)).T)
+    flux, ivar = 1 + 0.1 * rng.normal(size=(2, 3)), np.full((2, 3), 100.0)
+    tables = chi2_polynomial(exps)[1:]
+
+    def fit(polynomial):
+        return core.cannon_fit(exps, theta_t, np.zeros(3), flux, ivar, np.zeros((2, 1, 2)), None,
+                               None, 5, polynomial, 1)
+
+    fit(tables)
+    names = ["parent", "pair_monomial", "grad_basis", "grad_entries", "hess_basis", "hess_entries"]
+    for i, name in enumerate(names):
+        for bad in (-2, 10**6):
+            corrupt = [t.copy() for t in tables]
+            corrupt[i].reshape(-1)[-1 if "entries" not in name else -2] = bad
+            with pytest.raises(ValueError, match=name):
+                fit(tuple(corrupt))
+    with pytest.raises(ValueError, match="polynomial must be"):
+        fit(tables[:5])
+
+
 @BACKENDS
 def test_window_wider_than_any_spectrum(backend):
     flux = np.random.default_rng(0).normal(size=(2, 30))

@@ -2,6 +2,10 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <optional>
+#include <string>
+#include <vector>
+
 #include "checks.hpp"
 #include "starlabel/cannon_model.hpp"
 #include "starlabel/cannon_train.hpp"
@@ -76,10 +80,65 @@ py::object predict(const py::handle& exponents_in, const py::handle& theta_t_in,
   return std::move(flux);
 }
 
+// The chi2 polynomial's tables (starlabel._chi2_polynomial.Chi2Polynomial without its
+// monomials), checked: every index in range, every parent before its monomial.
+struct PolynomialArrays {
+  std::vector<py::array_t<std::int64_t>> arrays;
+  Chi2PolynomialTables tables;
+
+  PolynomialArrays(const py::tuple& in, index_t n_terms, index_t n_labels) {
+    if (in.size() != 6)
+      throw py::value_error("polynomial must be (parent, pair_monomial, grad_basis, "
+                            "grad_entries, hess_basis, hess_entries)");
+    auto parent = require<std::int64_t>(in[0], "parent", {ANY, 2});
+    const index_t n_monomials = parent.shape(0);
+    auto pair_monomial = require<std::int64_t>(in[1], "pair_monomial", {n_terms, n_terms});
+    auto grad_basis = require<std::int64_t>(in[2], "grad_basis", {ANY});
+    auto grad_entries = require<std::int64_t>(in[3], "grad_entries", {ANY, 4});
+    auto hess_basis = require<std::int64_t>(in[4], "hess_basis", {ANY});
+    auto hess_entries = require<std::int64_t>(in[5], "hess_entries", {ANY, 4});
+    if (n_monomials < 1 || parent.at(0, 0) != -1 || parent.at(0, 1) != -1)
+      throw py::value_error("parent: row 0 must be the constant, (-1, -1)");
+    for (index_t m = 1; m < n_monomials; ++m)
+      if (parent.at(m, 0) < 0 || parent.at(m, 0) >= m || parent.at(m, 1) < 0 ||
+          parent.at(m, 1) >= n_labels)
+        throw py::value_error("parent: each monomial needs an earlier parent and a label");
+    check_range(pair_monomial, 0, n_monomials, "pair_monomial");
+    if (pair_monomial.at(0, 0) != 0) throw py::value_error("pair_monomial[0, 0] must be 0");
+    check_range(grad_basis, 0, n_monomials, "grad_basis");
+    check_range(hess_basis, 0, n_monomials, "hess_basis");
+    check_entries(grad_entries, n_labels, grad_basis.shape(0), n_monomials, "grad_entries");
+    check_entries(hess_entries, n_labels * (n_labels + 1) / 2, hess_basis.shape(0), n_monomials,
+                  "hess_entries");
+    tables = {n_monomials,         grad_basis.shape(0),  grad_entries.shape(0),
+              hess_basis.shape(0), hess_entries.shape(0), parent.data(),
+              pair_monomial.data(), grad_basis.data(),    grad_entries.data(),
+              hess_basis.data(),   hess_entries.data()};
+    arrays = {parent, pair_monomial, grad_basis, grad_entries, hess_basis, hess_entries};
+  }
+
+  static void check_range(const py::array_t<std::int64_t>& a, std::int64_t lo, std::int64_t hi,
+                          const char* name) {
+    const std::int64_t* d = a.data();
+    for (py::ssize_t i = 0; i < a.size(); ++i)
+      if (d[i] < lo || d[i] >= hi)
+        throw py::value_error(std::string(name) + " holds an index out of range");
+  }
+
+  static void check_entries(const py::array_t<std::int64_t>& e, index_t n_rows, index_t n_columns,
+                            index_t n_monomials, const char* name) {
+    for (index_t i = 0; i < e.shape(0); ++i)
+      if (e.at(i, 0) < 0 || e.at(i, 0) >= n_rows || e.at(i, 1) < 0 || e.at(i, 1) >= n_columns ||
+          e.at(i, 2) < 0 || e.at(i, 2) >= n_monomials)
+        throw py::value_error(std::string(name) + " holds an index out of range");
+  }
+};
+
 py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
               const py::handle& s2_in, const py::handle& flux_in, const py::handle& ivar_in,
               const py::handle& initial_in, const py::handle& lower_in,
-              const py::handle& upper_in, int max_iter, bool quadratic_form, int n_threads) {
+              const py::handle& upper_in, int max_iter, const py::handle& polynomial_in,
+              int n_threads) {
   auto exponents = require<std::int32_t>(exponents_in, "exponents", {ANY, ANY});
   const index_t n_terms = exponents.shape(0), n_labels = exponents.shape(1);
   auto theta_t = require<double>(theta_t_in, "theta_t", {n_terms, ANY});
@@ -95,23 +154,33 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   auto upper = require_optional<double>(upper_in, "upper", {n_labels});
   if (max_iter < 1) throw py::value_error("max_iter must be >= 1");
   const Polynomial poly = bind::polynomial_from(exponents);
+  std::optional<PolynomialArrays> polynomial;
+  if (!polynomial_in.is_none()) {
+    if (!py::isinstance<py::tuple>(polynomial_in))
+      throw py::type_error("polynomial must be None or a tuple of arrays");
+    polynomial.emplace(py::reinterpret_borrow<py::tuple>(polynomial_in), n_terms, n_labels);
+  }
 
   bind::LMResultArrays result(n_spectra, n_labels);
   const LMOutputs out = result.outputs();
   LMOptions options;
   options.max_iter = max_iter;
-  // The Gram objective forms theta-row products once per batch for all its spectra: more
-  // spectra share them (17 labels, 1 thread: 16 -> 32 spectra, 12.8 -> 9.4 ms per spectrum).
-  // Its results do not depend on the batch (see CannonQuadraticObjective::begin_batch).
-  if (quadratic_form) options.batch = 32;
+  // The polynomial objective forms theta-row products once per batch for all its spectra:
+  // more spectra share them, but the batch's weights then outgrow the cache. Measured on 1000
+  // spectra, 8575 pixels, 2 threads: 17 labels (5985 monomials) 2.5-3.0 ms per spectrum in
+  // batches of 32, 2.3-2.4 in batches of 64; 3 labels (35 monomials) 0.09-0.10 against
+  // 0.11-0.12 ms. Its results do not depend on the batch (see
+  // CannonPolynomialObjective::begin_batch).
+  if (polynomial) options.batch = polynomial->tables.n_monomials > 1000 ? 64 : 32;
   const double* lo = bind::data_or_null(lower);
   const double* hi = bind::data_or_null(upper);
   Interrupt interrupt = bind::python_interrupt();
   {
     py::gil_scoped_release release;
-    if (quadratic_form) {
-      const CannonQuadraticObjective objective{poly, theta_t.data(), flux.data(), ivar.data(),
-                                               s2.data(), n_pixels, n_spectra};
+    if (polynomial) {
+      const CannonPolynomialObjective objective(poly, polynomial->tables, theta_t.data(),
+                                                flux.data(), ivar.data(), s2.data(), n_pixels,
+                                                n_spectra);
       fit_lm(objective, initial.data(), n_starts, lo, hi, options, n_threads, out, &interrupt);
     } else {
       CannonSpectrumModel model{poly, theta_t.data(), n_pixels, {}, {}};
@@ -138,5 +207,5 @@ void bind_cannon(py::module_& m) {
         py::arg("with_jacobian"), py::arg("n_threads"));
   m.def("cannon_fit", &fit, py::arg("exponents"), py::arg("theta_t"), py::arg("s2"),
         py::arg("flux"), py::arg("ivar"), py::arg("initial"), py::arg("lower"),
-        py::arg("upper"), py::arg("max_iter"), py::arg("quadratic_form"), py::arg("n_threads"));
+        py::arg("upper"), py::arg("max_iter"), py::arg("polynomial"), py::arg("n_threads"));
 }

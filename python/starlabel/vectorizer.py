@@ -173,23 +173,3 @@ def _check_label_names(label_names):
     if len(set(names)) != len(names):
         raise ValueError(f"label_names contains duplicates: {names}")
     return names
-
-
-def use_quadratic_form(exponents, n_starts):
-    """Whether a label fit should form its normal equations through the Gram matrix
-    A = theta^T W theta (see CannonQuadraticObjective in cannon_model.hpp).
-
-    Both backends decide the same way, by operation counts per pixel: A costs n_terms^2 / 2
-    once per spectrum and the residual pass at the anchor ~2 n_terms; per-pixel sums cost
-    n_terms per start and n_terms + (non-zero derivatives) + n_labels^2 / 2 per evaluation,
-    about 6 evaluations per fit. A is formed by matrix products, shared by a batch of 32
-    spectra, about three times as fast per operation: quadratic models on 8575 pixels, 1
-    thread, 160 spectra, measured 3 labels 0.14 against 0.98 ms per spectrum, 15 labels 5.2
-    against 10.3, 17 labels 7.9 against 10.8 (Gram against per-pixel; 2 threads: 2.8 against
-    4.8 and 6.0 against 6.0).
-    """
-    n_terms, n_labels = exponents.shape
-    n_deriv = int(np.count_nonzero(exponents))
-    gram = n_terms * (n_terms + 1) / 2 + 2 * n_terms
-    per_pixel = n_starts * n_terms + 6 * (n_terms + n_deriv + n_labels * (n_labels + 1) / 2)
-    return gram <= 3 * per_pixel

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <vector>
 
+#include <Eigen/Cholesky>
 #include <Eigen/Core>
+#include <Eigen/Eigenvalues>
 
 #include "common.hpp"
 #include "lm.hpp"
@@ -137,50 +139,115 @@ inline void cannon_predict(const CannonSpectrumModel& model, const double* x, in
   evaluate_spectra(model, x, n_stars, flux_out, jac_out, n_threads);
 }
 
-// The Cannon's normal equations through its Gram matrix. With A = theta^T W theta
-// (n_terms, n_terms) and D = dv/dx (n_terms, n_labels), J^T W J = D^T A D and
-// J^T W r = D^T theta^T W r: the per-pixel sums of PixelObjective<CannonSpectrumModel>
-// regrouped, so after A is formed once per spectrum (n_pixels * n_terms^2 / 2) an evaluation
-// costs O(n_terms^2 n_labels), independent of the number of pixels. Cheaper when n_terms is
-// small.
-// chi2 and theta^T W r come from one exact residual pass at an anchor v0 (chi2_0,
-// g0 = theta^T W r0) and, at v = v0 + dv, from the exact expansion
-//   chi2 = chi2_0 - 2 g0.dv + dv^T A dv,   theta^T W r = g0 - A dv.
-// Its terms are of the size of chi2_0, so it keeps all but ~log10(chi2_0 / chi2) digits;
-// the anchor moves (another residual pass) once chi2 falls below chi2_0 / 1000, so at least
-// ~12 digits remain. Expanding around v = 0 instead (chi2 = c - 2 b.v + v^T A v with
-// c = f^T W f) loses ~log10(c / chi2) ~ 2 log10(S/N) digits: that form only ranks the
-// starting points, before any anchor exists.
+// Index tables of chi2 as a polynomial in the labels, built by starlabel/_chi2_polynomial.py
+// (its docstring has the algebra) and checked by the binding. Row-major int64 arrays:
+//   parent        (n_monomials, 2)  (p, a): x^m = x^p * x_a, p < m; row 0 is the constant
+//   pair_monomial (n_terms, n_terms) the monomial of v_k v_l; (0, 0) is 0
+//   grad_basis    (n_grad_basis,)    monomials whose values the gradient needs
+//   grad_entries  (n_grad_entries, 4) (label a, basis column j, monomial m, factor):
+//                 d chi2 / dx_a += factor * c_m * x^grad_basis[j]
+//   hess_basis, hess_entries         the same for d2 chi2 / dx_a dx_b, row r numbering the
+//                 label pairs a <= b in row-major order
+struct Chi2PolynomialTables {
+  index_t n_monomials = 0, n_grad_basis = 0, n_grad_entries = 0, n_hess_basis = 0,
+          n_hess_entries = 0;
+  const std::int64_t* parent = nullptr;
+  const std::int64_t* pair_monomial = nullptr;
+  const std::int64_t* grad_basis = nullptr;
+  const std::int64_t* grad_entries = nullptr;
+  const std::int64_t* hess_basis = nullptr;
+  const std::int64_t* hess_entries = nullptr;
+};
+
+// h if its Cholesky factorization succeeds (or it is not finite: the fit reports that),
+// else h with its eigenvalues replaced by their magnitudes (at least 1e-12 of the largest):
+// a Newton Hessian made into a metric in which the LM step goes downhill.
+inline Eigen::MatrixXd positive_definite(const Eigen::MatrixXd& h) {
+  if (!h.allFinite()) return h;
+  const Eigen::LLT<Eigen::MatrixXd> llt(h);
+  if (llt.info() == Eigen::Success) return h;
+  const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eigen(h);
+  Eigen::VectorXd values = eigen.eigenvalues().cwiseAbs();
+  values = values.cwiseMax(1e-12 * values.maxCoeff());
+  return eigen.eigenvectors() * values.asDiagonal() * eigen.eigenvectors().transpose();
+}
+
+// Label fits on chi2 as a polynomial in the labels: chi2(x) = sum_m c_m x^m over the
+// monomials m of the products v_k v_l (see Chi2PolynomialTables). The coefficients of all
+// spectra of a batch come from one matrix product, (spectra, pixels) weights times
+// (pixels, monomials) sums of theta_k theta_l, which is 2.5x fewer operations than the Gram
+// matrices theta^T W theta (17 labels: 5985 monomials against 14706 pairs) and needs no
+// per-spectrum pass. After that an LM step costs O(n_monomials), independent of the pixels:
+// chi2 = c . x^m, and its gradient and Hessian are products of two per-spectrum matrices
+// (built once from c) with monomial values. The step uses the polynomial's Newton Hessian,
+// made positive definite where it is not (positive_definite below); the reported chi2 and
+// covariance come from an exact pass over the pixels at the solution (finish()).
+// chi2 is a sum of terms of the size of f^T W f, so it keeps ~16 - 2 log10(S/N) digits:
+// 12 at S/N 100, far below the LM's stopping threshold ftol = 1e-8.
 //
 //   theta_t  (n_terms, n_pixels) row-major (theta transposed, so products run along pixels),
 //            finite (0 at untrained pixels, whose s2 is inf)
 //   flux, ivar (n_spectra, n_pixels); s2 (n_pixels,)
-struct CannonQuadraticObjective {
+struct CannonPolynomialObjective {
+  using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
   const Polynomial& poly;
+  const Chi2PolynomialTables& tables;
   const double* theta_t;
   const double* flux;
   const double* ivar;
   const double* s2;
   index_t n_pixels, n_spectra_total;
+  // the pairs (k, l), l <= k, grouped by their monomial: pairs [pair_start[m], pair_start[m+1])
+  std::vector<index_t> pair_start, pair_k, pair_l;
+  // the Hessian entries of the terms themselves: d2 v_term / dx dx at packed row `row` is
+  // factor * x^hess_basis[column] (for finish())
+  struct TermCurvature {
+    index_t row, column, term;
+    double factor;
+  };
+  std::vector<TermCurvature> term_curvature;
 
-  using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   struct Batch {
-    std::vector<Eigen::MatrixXd> a;
-    std::vector<Eigen::VectorXd> b;
-    std::vector<double> c;
+    index_t s0 = 0;
+    std::vector<Eigen::VectorXd> coef;                    // per spectrum (n_monomials,)
+    std::vector<RowMatrix> grad_matrix, hess_matrix;      // per spectrum, see evaluate()
     std::vector<std::int64_t> n_used;
-    RowMatrix weights, clean_flux, weighted_flux;  // (batch, n_pixels)
-    RowMatrix theta_pairs;  // (pairs, pixels) products of theta rows on a block of pixels
-    std::vector<index_t> pair_k, pair_l;  // pair r is (k, l), l <= k
-    // per spectrum: the anchor (terms v0, exact chi2_0 and g0 = theta^T W r0), if set
-    std::vector<char> anchored;
-    std::vector<Eigen::VectorXd> anchor_terms, anchor_theta_wr;
-    std::vector<double> anchor_chi2;
-    Eigen::VectorXd terms, dv, a_product, theta_wr, resid, wresid;
-    Eigen::MatrixXd deriv, a_deriv;
-    std::vector<double> deriv_values, powers;
+    RowMatrix weights, weighted_flux, products, moments;
+    Eigen::VectorXd values, basis_values, packed;
+    Eigen::MatrixXd hess;
+    std::vector<double> terms, deriv, powers, resid;  // finish()
     std::vector<index_t> offsets;
   };
+
+  CannonPolynomialObjective(const Polynomial& poly_in, const Chi2PolynomialTables& tables_in,
+                            const double* theta_t_in, const double* flux_in,
+                            const double* ivar_in, const double* s2_in, index_t n_pixels_in,
+                            index_t n_spectra_in)
+      : poly(poly_in), tables(tables_in), theta_t(theta_t_in), flux(flux_in), ivar(ivar_in),
+        s2(s2_in), n_pixels(n_pixels_in), n_spectra_total(n_spectra_in) {
+    const index_t K = poly.n_terms, M = tables.n_monomials;
+    pair_start.assign(M + 1, 0);
+    for (index_t k = 0; k < K; ++k)
+      for (index_t l = 0; l <= k; ++l) ++pair_start[tables.pair_monomial[k * K + l] + 1];
+    for (index_t m = 0; m < M; ++m) pair_start[m + 1] += pair_start[m];
+    pair_k.resize(pair_start[M]);
+    pair_l.resize(pair_start[M]);
+    std::vector<index_t> next(pair_start.begin(), pair_start.end() - 1);
+    for (index_t k = 0; k < K; ++k)
+      for (index_t l = 0; l <= k; ++l) {
+        const index_t r = next[tables.pair_monomial[k * K + l]]++;
+        pair_k[r] = k;
+        pair_l[r] = l;
+      }
+    std::vector<index_t> monomial_term(M, -1);  // v_k is the monomial of v_k v_0
+    for (index_t k = 0; k < K; ++k) monomial_term[tables.pair_monomial[k * K]] = k;
+    for (index_t e = 0; e < tables.n_hess_entries; ++e) {
+      const std::int64_t* entry = tables.hess_entries + 4 * e;
+      const index_t term = monomial_term[entry[2]];
+      if (term >= 0) term_curvature.push_back({entry[0], entry[1], term, static_cast<double>(entry[3])});
+    }
+  }
 
   index_t n_params() const { return poly.n_labels; }
   index_t n_spectra() const { return n_spectra_total; }
@@ -188,146 +255,186 @@ struct CannonQuadraticObjective {
   static constexpr index_t product_rows = 16;
 
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
-    const index_t K = poly.n_terms, nbatch = s1 - s0, n_pairs = K * (K + 1) / 2;
+    batch.s0 = s0;
+    const index_t K = poly.n_terms, L = poly.n_labels, M = tables.n_monomials;
+    const index_t nbatch = s1 - s0;
     const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
     batch.n_used.assign(nbatch, 0);
-    batch.anchored.assign(nbatch, 0);
-    batch.anchor_terms.resize(nbatch);
-    batch.anchor_theta_wr.resize(nbatch);
-    batch.anchor_chi2.assign(nbatch, 0.0);
     // The matrix products below run on whole groups of product_rows spectra, the rows past
     // the batch zero: how Eigen's kernels sum a row depends on the row count, and a spectrum's
     // result must not depend on how many others share its batch (a survey fitted in pieces
     // equals the survey fitted whole).
     const index_t rows = (nbatch + product_rows - 1) / product_rows * product_rows;
     batch.weights.setZero(rows, n_pixels);
-    batch.clean_flux.resize(rows, n_pixels);
     batch.weighted_flux.setZero(rows, n_pixels);
+    std::vector<double> flux_energy(nbatch);  // f^T W f
     for (index_t i = 0; i < nbatch; ++i) {
       const double* f = flux + (s0 + i) * n_pixels;
       const double* iv = ivar + (s0 + i) * n_pixels;
       const double* extra = s2;  // local pointers: no reload per pixel
       double* weight = batch.weights.row(i).data();
-      double* clean_flux = batch.clean_flux.row(i).data();
       double* weighted_flux = batch.weighted_flux.row(i).data();
-      double used = 0.0;  // counted in double (exact below 2^53): an integer count keeps GCC scalar
-#pragma omp simd reduction(+ : used)
+      double used = 0.0, energy = 0.0;  // counted in double (exact below 2^53): an integer count keeps GCC scalar
+#pragma omp simd reduction(+ : used, energy)
       for (index_t p = 0; p < n_pixels; ++p) {
         const double inverse_variance = iv[p];
         const double w =
             inverse_variance > 0.0 ? inverse_variance / (1.0 + inverse_variance * extra[p]) : 0.0;
         const double clean = w > 0.0 ? f[p] : 0.0;  // ignored pixels may hold NaN
         weight[p] = w;
-        clean_flux[p] = clean;
         weighted_flux[p] = w * clean;
+        energy += w * clean * clean;
         used += w > 0.0 ? 1.0 : 0.0;
       }
       batch.n_used[i] = static_cast<std::int64_t>(used);
+      flux_energy[i] = energy;
     }
-    // A for all spectra of the batch by matrix products: (rows, block) weights times the
-    // (block, chunk) products theta_k theta_l (l <= k) of a chunk of pairs (k, l), for every
-    // block of pixels. The products are formed once per batch, one cache-sized piece
-    // (<= 512 KB) at a time; the output chunk (rows, chunk) stays in cache over the pixels.
-    constexpr index_t block = 256, pair_chunk = 256;
-    batch.pair_k.resize(n_pairs);
-    batch.pair_l.resize(n_pairs);
-    for (index_t k = 0, r = 0; k < K; ++k)
-      for (index_t l = 0; l <= k; ++l, ++r) {
-        batch.pair_k[r] = k;
-        batch.pair_l[r] = l;
-      }
-    RowMatrix& pairs = batch.theta_pairs;
-    pairs.resize(std::min(pair_chunk, n_pairs), block);
-    RowMatrix a_pairs(rows, n_pairs);
-    for (index_t r0 = 0; r0 < n_pairs; r0 += pair_chunk) {
-      const index_t nr = std::min(pair_chunk, n_pairs - r0);
-      auto a_chunk = a_pairs.middleCols(r0, nr);
-      a_chunk.setZero();
+    // The moments sum_p w_p sum_{(k,l) at m} theta_k theta_l for all spectra of the batch:
+    // (rows, block) weights times the (block, chunk) sums of theta-row products of a chunk of
+    // monomials, for every block of pixels. The sums are formed once per batch, one
+    // cache-sized piece (<= 512 KB) at a time; the output chunk (rows, chunk) stays in cache
+    // over the pixels.
+    constexpr index_t block = 256, chunk = 256;
+    RowMatrix& products = batch.products;
+    products.resize(std::min(chunk, M), block);
+    batch.moments.resize(rows, M);
+    for (index_t m0 = 0; m0 < M; m0 += chunk) {
+      const index_t nm = std::min(chunk, M - m0);
+      auto moments = batch.moments.middleCols(m0, nm);
+      moments.setZero();
       for (index_t p0 = 0; p0 < n_pixels; p0 += block) {
         const index_t nb = std::min(block, n_pixels - p0);
-        for (index_t r = 0; r < nr; ++r)
-          pairs.row(r).head(nb) = theta_map.row(batch.pair_k[r0 + r]).segment(p0, nb).cwiseProduct(
-              theta_map.row(batch.pair_l[r0 + r]).segment(p0, nb));
-        a_chunk.noalias() +=
-            batch.weights.middleCols(p0, nb) * pairs.topLeftCorner(nr, nb).transpose();
+        for (index_t m = m0; m < m0 + nm; ++m) {
+          double* out = products.row(m - m0).data();
+          std::fill(out, out + nb, 0.0);
+          for (index_t r = pair_start[m]; r < pair_start[m + 1]; ++r) {
+            const double* tk = theta_t + pair_k[r] * n_pixels + p0;
+            const double* tl = theta_t + pair_l[r] * n_pixels + p0;
+            const double twice = pair_k[r] == pair_l[r] ? 1.0 : 2.0;  // v_k v_l and v_l v_k
+            for (index_t j = 0; j < nb; ++j) out[j] += twice * tk[j] * tl[j];
+          }
+        }
+        moments.noalias() +=
+            batch.weights.middleCols(p0, nb) * products.topLeftCorner(nm, nb).transpose();
       }
     }
     const RowMatrix b_all = batch.weighted_flux * theta_map.transpose();  // (rows, K)
-    batch.a.resize(nbatch);
-    batch.b.resize(nbatch);
-    batch.c.resize(nbatch);
+    const index_t n_pairs = L * (L + 1) / 2;
+    batch.coef.resize(nbatch);
+    batch.grad_matrix.resize(nbatch);
+    batch.hess_matrix.resize(nbatch);
     for (index_t i = 0; i < nbatch; ++i) {
-      Eigen::MatrixXd& a = batch.a[i];
-      a.resize(K, K);
-      for (index_t k = 0, r = 0; k < K; ++k)
-        for (index_t l = 0; l <= k; ++l, ++r) a(k, l) = a(l, k) = a_pairs(i, r);
-      batch.b[i] = b_all.row(i).transpose();
-      batch.c[i] = batch.weighted_flux.row(i).dot(batch.clean_flux.row(i));
+      Eigen::VectorXd& coef = batch.coef[i];
+      coef = batch.moments.row(i).transpose();
+      for (index_t k = 0; k < K; ++k) coef[tables.pair_monomial[k * K]] -= 2.0 * b_all(i, k);
+      coef[0] += flux_energy[i];
+      scatter(tables.grad_entries, tables.n_grad_entries, coef, L, tables.n_grad_basis,
+              batch.grad_matrix[i]);
+      scatter(tables.hess_entries, tables.n_hess_entries, coef, n_pairs, tables.n_hess_basis,
+              batch.hess_matrix[i]);
     }
   }
 
+  // out (n_rows, n_columns) with factor * coef[m] added at (row, column) for each entry
+  static void scatter(const std::int64_t* entries, index_t n_entries, const Eigen::VectorXd& coef,
+                      index_t n_rows, index_t n_columns, RowMatrix& out) {
+    out.setZero(n_rows, n_columns);
+    for (index_t e = 0; e < n_entries; ++e) {
+      const std::int64_t* entry = entries + 4 * e;
+      out(entry[0], entry[1]) += static_cast<double>(entry[3]) * coef[entry[2]];
+    }
+  }
+
+  // chi2 of spectrum s0 + ids[i] at xs[i]; with the Jacobian also grad = -1/2 d chi2 / dx and
+  // hess = 1/2 d2 chi2 / dx2 made positive definite (the LM's J^T W r and J^T W J slots)
   void evaluate(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
                 bool with_jacobian, std::vector<NormalEquations>& out) const {
-    const index_t K = poly.n_terms, L = poly.n_labels;
+    const index_t L = poly.n_labels, M = tables.n_monomials;
     out.resize(ids.size());
-    batch.terms.resize(K);
-    batch.theta_wr.resize(K);
-    batch.deriv_values.resize(poly.n_deriv());
+    batch.values.resize(M);
+    double* values = batch.values.data();
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const index_t id = ids[i];
-      const Eigen::MatrixXd& a = batch.a[id];
-      poly.evaluate(xs[i], batch.terms.data(), with_jacobian ? batch.deriv_values.data() : nullptr,
-                    batch.powers, batch.offsets);
+      const double* x = xs[i];
+      values[0] = 1.0;
+      for (index_t m = 1; m < M; ++m)
+        values[m] = values[tables.parent[2 * m]] * x[tables.parent[2 * m + 1]];
+      out[i].chi2 = batch.coef[id].dot(batch.values);
       out[i].n_used = batch.n_used[id];
-      if (!batch.anchored[id] && !with_jacobian) {  // ranking starting points
-        batch.a_product.noalias() = a * batch.terms;
-        out[i].chi2 = batch.c[id] - 2.0 * batch.b[id].dot(batch.terms) +
-                      batch.terms.dot(batch.a_product);
-        continue;
-      }
-      bool exact = !batch.anchored[id];
-      if (!exact) {
-        batch.dv = batch.terms - batch.anchor_terms[id];
-        batch.a_product.noalias() = a * batch.dv;
-        out[i].chi2 = batch.anchor_chi2[id] - 2.0 * batch.anchor_theta_wr[id].dot(batch.dv) +
-                      batch.dv.dot(batch.a_product);
-        batch.theta_wr = batch.anchor_theta_wr[id] - batch.a_product;
-        exact = !(out[i].chi2 >= 1e-3 * batch.anchor_chi2[id]);  // also when NaN
-      }
-      if (exact) {
-        // residuals, chi2 and theta^T W r in one sweep over theta: both products use a block
-        // of theta while it is in cache (theta of a 17-label model is 12 MB)
-        constexpr index_t sweep = 512;
-        const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
-        batch.theta_wr.setZero(K);
-        batch.resid.resize(sweep);
-        batch.wresid.resize(sweep);
-        double chi2 = 0.0;
-        for (index_t p0 = 0; p0 < n_pixels; p0 += sweep) {
-          const index_t nb = std::min(sweep, n_pixels - p0);
-          const auto theta_block = theta_map.middleCols(p0, nb);
-          auto resid = batch.resid.head(nb);
-          auto wresid = batch.wresid.head(nb);
-          resid.noalias() = batch.clean_flux.row(id).segment(p0, nb).transpose() -
-                            theta_block.transpose() * batch.terms;
-          wresid = batch.weights.row(id).segment(p0, nb).transpose().cwiseProduct(resid);
-          chi2 += wresid.dot(resid);
-          batch.theta_wr.noalias() += theta_block * wresid;
-        }
-        out[i].chi2 = chi2;
-        batch.anchored[id] = 1;
-        batch.anchor_terms[id] = batch.terms;
-        batch.anchor_theta_wr[id] = batch.theta_wr;
-        batch.anchor_chi2[id] = out[i].chi2;
-      }
       if (!with_jacobian) continue;
-      batch.deriv.setZero(K, L);
-      for (index_t d = 0; d < poly.n_deriv(); ++d)
-        batch.deriv(poly.deriv_term[d], poly.deriv_label[d]) = batch.deriv_values[d];
-      out[i].grad.noalias() = batch.deriv.transpose() * batch.theta_wr;
-      batch.a_deriv.noalias() = a * batch.deriv;
-      out[i].hess.noalias() = batch.deriv.transpose() * batch.a_deriv;
+      gather(tables.grad_basis, tables.n_grad_basis, values, batch.basis_values);
+      out[i].grad.noalias() = -0.5 * (batch.grad_matrix[id] * batch.basis_values);
+      gather(tables.hess_basis, tables.n_hess_basis, values, batch.basis_values);
+      batch.packed.noalias() = 0.5 * (batch.hess_matrix[id] * batch.basis_values);
+      batch.hess.resize(L, L);
+      for (index_t a = 0, r = 0; a < L; ++a)
+        for (index_t b = a; b < L; ++b, ++r) batch.hess(a, b) = batch.hess(b, a) = batch.packed[r];
+      out[i].hess = positive_definite(batch.hess);
     }
+  }
+
+  // chi2 and the Gauss-Newton normal equations at the solutions. One sweep over the pixels
+  // gives the exact residuals' chi2 and g = theta^T W r; then J^T W r = D^T g and, since
+  // 1/2 d2 chi2 / dx_a dx_b = (J^T W J)_ab - sum_k g_k d2 v_k / dx_a dx_b, J^T W J is the
+  // polynomial's Hessian plus that sum (a few entries: only terms of degree >= 2 have one).
+  void finish(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
+              std::vector<NormalEquations>& out) const {
+    const index_t K = poly.n_terms, L = poly.n_labels, M = tables.n_monomials;
+    const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
+    out.resize(ids.size());
+    batch.terms.resize(K);
+    batch.deriv.resize(poly.n_deriv());
+    batch.values.resize(M);
+    double* values = batch.values.data();
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const index_t id = ids[i];
+      const double* x = xs[i];
+      poly.evaluate(x, batch.terms.data(), batch.deriv.data(), batch.powers, batch.offsets);
+      const Eigen::Map<const Eigen::VectorXd> terms(batch.terms.data(), K);
+      // residuals, chi2 and g in one sweep over theta: both products use a block of theta
+      // while it is in cache (theta of a 17-label model is 12 MB)
+      constexpr index_t sweep = 512;
+      const double* f = flux + (batch.s0 + id) * n_pixels;
+      const double* weight = batch.weights.row(id).data();
+      Eigen::VectorXd theta_wr = Eigen::VectorXd::Zero(K);
+      batch.resid.resize(sweep);
+      double chi2 = 0.0;
+      for (index_t p0 = 0; p0 < n_pixels; p0 += sweep) {
+        const index_t nb = std::min(sweep, n_pixels - p0);
+        const auto theta_block = theta_map.middleCols(p0, nb);
+        double* resid = batch.resid.data();
+        Eigen::Map<Eigen::VectorXd>(resid, nb).noalias() = theta_block.transpose() * terms;
+#pragma omp simd reduction(+ : chi2)
+        for (index_t j = 0; j < nb; ++j) {  // resid: model flux in, weighted residual out
+          const double r = weight[p0 + j] > 0.0 ? f[p0 + j] - resid[j] : 0.0;  // ignored pixels may hold NaN
+          resid[j] = weight[p0 + j] * r;
+          chi2 += resid[j] * r;
+        }
+        theta_wr.noalias() += theta_block * Eigen::Map<const Eigen::VectorXd>(resid, nb);
+      }
+      out[i].chi2 = chi2;
+      out[i].n_used = batch.n_used[id];
+      out[i].grad.setZero(L);
+      for (index_t d = 0; d < poly.n_deriv(); ++d)
+        out[i].grad[poly.deriv_label[d]] += batch.deriv[d] * theta_wr[poly.deriv_term[d]];
+      values[0] = 1.0;
+      for (index_t m = 1; m < M; ++m)
+        values[m] = values[tables.parent[2 * m]] * x[tables.parent[2 * m + 1]];
+      gather(tables.hess_basis, tables.n_hess_basis, values, batch.basis_values);
+      batch.packed.noalias() = 0.5 * (batch.hess_matrix[id] * batch.basis_values);
+      for (const TermCurvature& c : term_curvature)
+        batch.packed[c.row] += c.factor * theta_wr[c.term] * batch.basis_values[c.column];
+      Eigen::MatrixXd& hess = out[i].hess;
+      hess.resize(L, L);
+      for (index_t a = 0, r = 0; a < L; ++a)
+        for (index_t b = a; b < L; ++b, ++r) hess(a, b) = hess(b, a) = batch.packed[r];
+    }
+  }
+
+ private:
+  static void gather(const std::int64_t* basis, index_t n, const double* values, Eigen::VectorXd& out) {
+    out.resize(n);
+    for (index_t j = 0; j < n; ++j) out[j] = values[basis[j]];
   }
 };
 

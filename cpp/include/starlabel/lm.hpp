@@ -10,8 +10,12 @@
 //                 bool with_jacobian, std::vector<NormalEquations>& out) const;
 //        chi2 (and normal equations) of spectrum s0 + ids[i] at parameters xs[i]
 //
+// and, optionally, when its normal equations only approximate J^T W J (the Cannon's chi2
+// polynomial gives Newton's Hessian):
+//   void finish(Batch&, ids, xs, std::vector<NormalEquations>& out) const;
+//        chi2 and the Gauss-Newton normal equations at the solutions, for the outputs
 // PixelObjective below builds one from any per-pixel spectrum model (see its comment);
-// a model with cheaper closed forms (the Cannon's quadratic form) supplies its own.
+// a model with cheaper closed forms (the Cannon's chi2 polynomial) supplies its own.
 // Spectra are fitted in fixed batches; within a batch all spectra advance in lock step.
 // Each spectrum's arithmetic depends only on its own data, so results do not depend on the
 // number of threads.
@@ -75,6 +79,10 @@ struct evaluates_many : std::false_type {};
 template <class M>
 struct evaluates_many<M, std::void_t<typename M::ManyScratch>> : std::true_type {};
 struct NoScratch {};
+template <class O, class = void>
+struct has_finish : std::false_type {};
+template <class O>
+struct has_finish<O, std::void_t<decltype(&O::finish)>> : std::true_type {};
 template <class M, bool many>
 struct ManyScratchOf {
   using type = NoScratch;
@@ -135,13 +143,15 @@ struct PixelObjective {
     const index_t n_pixels = model.n_pixels;
     batch.s0 = s0;
     batch.sqrt_weights.resize((s1 - s0) * n_pixels);
-    for (index_t s = s0; s < s1; ++s)
-      for (index_t p = 0; p < n_pixels; ++p) {
-        const double iv = ivar[s * n_pixels + p];
-        const double ev = extra_variance ? extra_variance[p] : 0.0;
-        batch.sqrt_weights[(s - s0) * n_pixels + p] =
-            iv > 0.0 ? std::sqrt(iv / (1.0 + iv * ev)) : 0.0;
-      }
+    const std::vector<double> no_extra(extra_variance ? 0 : n_pixels, 0.0);
+    const double* extra = extra_variance ? extra_variance : no_extra.data();
+    for (index_t s = s0; s < s1; ++s) {
+      const double* iv = ivar + s * n_pixels;  // local pointers: vectorized, no reload
+      double* sqrt_weight = batch.sqrt_weights.data() + (s - s0) * n_pixels;
+#pragma omp simd
+      for (index_t p = 0; p < n_pixels; ++p)
+        sqrt_weight[p] = iv[p] > 0.0 ? std::sqrt(iv[p] / (1.0 + iv[p] * extra[p])) : 0.0;
+    }
   }
 
   void evaluate(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
@@ -468,6 +478,17 @@ void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
         }
       }
 
+      if constexpr (detail::has_finish<Objective>::value) {
+        ids.clear();
+        xs.clear();
+        for (index_t i = 0; i < nbatch; ++i)
+          if (status[i] == FIT_CONVERGED || status[i] == FIT_MAX_ITER) {
+            ids.push_back(i);
+            xs.push_back(x.data() + i * np);
+          }
+        objective.finish(scratch, ids, xs, evals_new);
+        for (std::size_t k = 0; k < ids.size(); ++k) std::swap(evals[ids[k]], evals_new[k]);
+      }
       for (index_t i = 0; i < nbatch; ++i) {
         const index_t s = s0 + i;
         std::copy_n(x.data() + i * np, np, out.params + s * np);

@@ -6,7 +6,8 @@ from .. import _validation as check
 from .._core import core
 from ..config import resolve_threads
 from ..result import LMSolution
-from ..vectorizer import design_matrix, use_quadratic_form
+from .._chi2_polynomial import chi2_polynomial, use_polynomial_form
+from ..vectorizer import design_matrix
 
 
 def _monomial_table(exponents, design):
@@ -89,7 +90,9 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
     untrained = ~np.all(np.isfinite(theta), axis=1)
     theta = np.where(untrained[:, None], 0.0, theta)
     s2 = np.where(untrained, np.inf, s2)
-    quadratic = use_quadratic_form(exponents, initial.shape[1])
+    polynomial = None
+    if use_polynomial_form(exponents, initial.shape[1]):
+        polynomial = chi2_polynomial(exponents)[1:]  # the core needs no exponents
     return LMSolution(*core.cannon_fit(exponents, np.ascontiguousarray(theta.T), s2, flux, ivar,
-                                       initial, lower, upper, max_iter, quadratic,
+                                       initial, lower, upper, max_iter, polynomial,
                                        resolve_threads(n_threads)))

@@ -11,7 +11,8 @@ from scipy.optimize import brentq
 from .. import _validation as check
 from ..result import LMSolution
 from ..status import PixelStatus
-from ..vectorizer import design_derivative, design_matrix, use_quadratic_form
+from .._chi2_polynomial import chi2_polynomial, use_polynomial_form
+from ..vectorizer import design_derivative, design_matrix
 from .lm import fit_one, pixel_objective
 
 RCOND_MIN = 1e-13     # as TrainOptions::rcond_min
@@ -128,39 +129,65 @@ def cannon_predict(exponents, theta, x, *, jacobian=False, n_threads=None):
     return flux, np.einsum("pk,nka->npa", theta, design_derivative(exponents, x))
 
 
-def quadratic_objective(exponents, theta, flux, weight):
-    """The normal equations through the Gram matrix A = theta^T W theta (see
-    CannonQuadraticObjective in cannon_model.hpp): J^T W J = D^T A D, J^T W r = D^T theta^T W r
-    with D = dv/dx. chi2 and theta^T W r come from an exact residual pass at an anchor v0 and
-    from chi2_0 - 2 g0.dv + dv^T A dv, g0 - A dv elsewhere (a new anchor once chi2 < chi2_0 /
-    1000); before the first anchor, chi2 for ranking starts from v^T A v - 2 b^T v + c."""
-    a = theta.T @ (weight[:, None] * theta)
-    b = theta.T @ (weight * flux)
-    c = float(np.sum(weight * flux**2))
+def polynomial_objective(tables, theta, flux, weight):
+    """chi2 of one spectrum as a polynomial in the labels (see starlabel._chi2_polynomial;
+    CannonPolynomialObjective in cannon_model.hpp), from its Gram matrix theta^T W theta.
+
+    LM steps use the polynomial's exact gradient and its Newton Hessian, made positive
+    definite where it is not (eigenvalues replaced by their magnitudes); the Hessian is
+    Gauss-Newton's J^T W J minus the residuals' curvature, equal to it where the fit is
+    perfect. Returns objective(x, with_jacobian) -> (chi2, n_used, hess, grad) in the LM's
+    convention (hess = 1/2 d2 chi2, grad = -1/2 d chi2).
+    """
+    n_labels = tables.monomials.shape[1]
+    n_monomials = len(tables.monomials)
+    k, l = np.triu_indices(theta.shape[1])
+    gram = theta.T @ (weight[:, None] * theta)
+    coef = np.bincount(tables.pair_monomial[k, l], weights=np.where(k == l, 1.0, 2.0) * gram[k, l],
+                       minlength=n_monomials)
+    coef[tables.pair_monomial[:, 0]] -= 2.0 * (theta.T @ (weight * flux))
+    coef[0] += np.sum(weight * flux**2)
+    n_pairs = n_labels * (n_labels + 1) // 2
+    g1 = _scatter(tables.grad_entries, coef, (n_labels, len(tables.grad_basis)))
+    g2 = _scatter(tables.hess_entries, coef, (n_pairs, len(tables.hess_basis)))
+    upper = np.triu_indices(n_labels)
     n_used = int(np.count_nonzero(weight))
-    anchor = {}
 
     def objective(x, with_jacobian):
-        v = design_matrix(exponents, x)[0]
-        if not anchor and not with_jacobian:
-            return c - 2 * b @ v + v @ a @ v, n_used, None, None
-        exact = not anchor
-        if anchor:
-            dv = v - anchor["v"]
-            chi2 = anchor["chi2"] - 2 * anchor["theta_wr"] @ dv + dv @ a @ dv
-            theta_wr = anchor["theta_wr"] - a @ dv
-            exact = not chi2 >= 1e-3 * anchor["chi2"]
-        if exact:
-            resid = np.where(weight > 0, flux - theta @ v, 0.0)
-            chi2 = float(np.sum(weight * resid**2))
-            theta_wr = theta.T @ (weight * resid)
-            anchor.update(v=v, chi2=chi2, theta_wr=theta_wr)
+        values = np.prod(x ** tables.monomials, axis=1)
+        chi2 = float(coef @ values)
         if not with_jacobian:
             return chi2, n_used, None, None
-        dv_dx = design_derivative(exponents, x)[0]
-        return chi2, n_used, dv_dx.T @ a @ dv_dx, dv_dx.T @ theta_wr
+        hess = np.zeros((n_labels, n_labels))
+        hess[upper] = 0.5 * (g2 @ values[tables.hess_basis])
+        hess = hess + np.triu(hess, 1).T
+        return chi2, n_used, positive_definite(hess), -0.5 * (g1 @ values[tables.grad_basis])
 
     return objective
+
+
+def _scatter(entries, coef, shape):
+    """The matrix with factor * coef[m] added at (row, column) for each entry."""
+    row, column, monomial, factor = entries.T
+    flat = np.bincount(row * shape[1] + column, weights=factor * coef[monomial],
+                       minlength=shape[0] * shape[1])
+    return flat.reshape(shape)
+
+
+def positive_definite(hess):
+    """hess if its Cholesky factorization succeeds (or it is not finite: the fit reports
+    that); else hess with its eigenvalues replaced by their magnitudes (at least 1e-12 of
+    the largest), a metric in which the LM step goes downhill."""
+    if not np.all(np.isfinite(hess)):
+        return hess
+    try:
+        np.linalg.cholesky(hess)
+        return hess
+    except np.linalg.LinAlgError:
+        values, vectors = np.linalg.eigh(hess)
+        values = np.abs(values)
+        values = np.maximum(values, 1e-12 * values.max())
+        return (vectors * values) @ vectors.T
 
 
 def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=None,
@@ -175,7 +202,7 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
     lower = np.full(n_labels, -np.inf) if lower is None else lower
     upper = np.full(n_labels, np.inf) if upper is None else upper
 
-    quadratic = use_quadratic_form(exponents, initial.shape[1])
+    tables = chi2_polynomial(exponents) if use_polynomial_form(exponents, initial.shape[1]) else None
 
     def model(x_one):
         v = design_matrix(exponents, x_one)[0]
@@ -187,11 +214,14 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
         with np.errstate(invalid="ignore"):  # 0 * inf where an ignored pixel is untrained
             weight = np.where(iv > 0, iv / (1.0 + iv * s2), 0.0)
         f = np.where(weight > 0, f, 0.0)
-        if quadratic:
-            objective = quadratic_objective(exponents, theta, f, weight)
+        exact = pixel_objective(model, f, weight)
+        if tables is None:
+            fits.append(fit_one(exact, starts, lower, upper, max_iter))
         else:
-            objective = pixel_objective(model, f, weight)
-        fits.append(fit_one(objective, starts, lower, upper, max_iter))
+            # chi2 and the covariance at the solution from the pixels
+            objective = polynomial_objective(tables, theta, f, weight)
+            fits.append(fit_one(objective, starts, lower, upper, max_iter,
+                                finish=lambda x, exact=exact: exact(x, True)))
     x, covariance, chi2, n_used, n_iter, status = zip(*fits)
     return LMSolution(np.array(x), np.array(covariance), np.array(chi2),
                       np.array(n_used, dtype=np.int64), np.array(n_iter, dtype=np.int32),

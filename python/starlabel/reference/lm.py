@@ -51,11 +51,12 @@ def inverse_spd(hess):
     return d[:, None] * np.linalg.inv(d[:, None] * hess * d[None, :]) * d[None, :]
 
 
-def fit_one(objective, starts, lower, upper, max_iter):
+def fit_one(objective, starts, lower, upper, max_iter, finish=None):
     """Fit one spectrum.
 
     objective(x, with_jacobian) -> (chi2, n_used, J^T W J, J^T W r); starts (n_starts,
-    n_params); lower, upper (n_params,) (may be infinite).
+    n_params); lower, upper (n_params,) (may be infinite); finish(x) or None: the same four at
+    the solution, for the reported chi2 and covariance, when objective's are approximations.
     Returns x, covariance, chi2, n_used, n_iter, status.
     """
     n_params = starts.shape[1]
@@ -112,6 +113,8 @@ def fit_one(objective, starts, lower, upper, max_iter):
             active = False
             status = FitStatus.MAX_ITER
     if status in (FitStatus.CONVERGED, FitStatus.MAX_ITER):
+        if finish is not None:
+            chi2, n_used, hess, grad = finish(x)
         covariance = inverse_spd(hess)
     else:
         covariance = np.full((n_params, n_params), np.nan)
