@@ -216,7 +216,7 @@ struct CannonPolynomialObjective {
     RowMatrix weights, weighted_flux, products, moments;
     Eigen::VectorXd values, basis_values, packed;
     Eigen::MatrixXd hess;
-    std::vector<double> terms, deriv, powers, resid;  // finish()
+    std::vector<double> powers;
     std::vector<index_t> offsets;
   };
 
@@ -380,50 +380,58 @@ struct CannonPolynomialObjective {
   void finish(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
               std::vector<NormalEquations>& out) const {
     const index_t K = poly.n_terms, L = poly.n_labels, M = tables.n_monomials;
+    const index_t n = static_cast<index_t>(ids.size());
     const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
-    out.resize(ids.size());
-    batch.terms.resize(K);
-    batch.deriv.resize(poly.n_deriv());
+    out.resize(n);
+    // all spectra's terms, then residuals, chi2 and g in one sweep over theta by matrix
+    // products on blocks of theta while in cache (theta of a 17-label model is 12 MB);
+    // zero rows pad the products as in begin_batch
+    const index_t rows = (n + product_rows - 1) / product_rows * product_rows;
+    RowMatrix terms = RowMatrix::Zero(rows, K), deriv(n, poly.n_deriv());
+    for (index_t i = 0; i < n; ++i)
+      poly.evaluate(xs[i], terms.row(i).data(), deriv.row(i).data(), batch.powers, batch.offsets);
+    constexpr index_t sweep = 512;
+    RowMatrix& resid = batch.products;  // (rows, sweep): model flux in, weighted residual out
+    resid.resize(rows, sweep);
+    RowMatrix theta_wr = RowMatrix::Zero(rows, K);
+    std::vector<double> chi2(n, 0.0);
+    for (index_t p0 = 0; p0 < n_pixels; p0 += sweep) {
+      const index_t nb = std::min(sweep, n_pixels - p0);
+      const auto theta_block = theta_map.middleCols(p0, nb);
+      auto block = resid.leftCols(nb);
+      block.noalias() = terms * theta_block;
+      for (index_t i = 0; i < n; ++i) {
+        const double* f = flux + (batch.s0 + ids[i]) * n_pixels + p0;
+        const double* weight = batch.weights.row(ids[i]).data() + p0;
+        double* r_out = resid.row(i).data();
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (index_t j = 0; j < nb; ++j) {
+          const double r = weight[j] > 0.0 ? f[j] - r_out[j] : 0.0;  // ignored pixels may hold NaN
+          r_out[j] = weight[j] * r;
+          sum += r_out[j] * r;
+        }
+        chi2[i] += sum;
+      }
+      theta_wr.noalias() += block * theta_block.transpose();
+    }
     batch.values.resize(M);
     double* values = batch.values.data();
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      const index_t id = ids[i];
+    for (index_t i = 0; i < n; ++i) {
       const double* x = xs[i];
-      poly.evaluate(x, batch.terms.data(), batch.deriv.data(), batch.powers, batch.offsets);
-      const Eigen::Map<const Eigen::VectorXd> terms(batch.terms.data(), K);
-      // residuals, chi2 and g in one sweep over theta: both products use a block of theta
-      // while it is in cache (theta of a 17-label model is 12 MB)
-      constexpr index_t sweep = 512;
-      const double* f = flux + (batch.s0 + id) * n_pixels;
-      const double* weight = batch.weights.row(id).data();
-      Eigen::VectorXd theta_wr = Eigen::VectorXd::Zero(K);
-      batch.resid.resize(sweep);
-      double chi2 = 0.0;
-      for (index_t p0 = 0; p0 < n_pixels; p0 += sweep) {
-        const index_t nb = std::min(sweep, n_pixels - p0);
-        const auto theta_block = theta_map.middleCols(p0, nb);
-        double* resid = batch.resid.data();
-        Eigen::Map<Eigen::VectorXd>(resid, nb).noalias() = theta_block.transpose() * terms;
-#pragma omp simd reduction(+ : chi2)
-        for (index_t j = 0; j < nb; ++j) {  // resid: model flux in, weighted residual out
-          const double r = weight[p0 + j] > 0.0 ? f[p0 + j] - resid[j] : 0.0;  // ignored pixels may hold NaN
-          resid[j] = weight[p0 + j] * r;
-          chi2 += resid[j] * r;
-        }
-        theta_wr.noalias() += theta_block * Eigen::Map<const Eigen::VectorXd>(resid, nb);
-      }
-      out[i].chi2 = chi2;
-      out[i].n_used = batch.n_used[id];
+      const auto g = theta_wr.row(i);
+      out[i].chi2 = chi2[i];
+      out[i].n_used = batch.n_used[ids[i]];
       out[i].grad.setZero(L);
       for (index_t d = 0; d < poly.n_deriv(); ++d)
-        out[i].grad[poly.deriv_label[d]] += batch.deriv[d] * theta_wr[poly.deriv_term[d]];
+        out[i].grad[poly.deriv_label[d]] += deriv(i, d) * g[poly.deriv_term[d]];
       values[0] = 1.0;
       for (index_t m = 1; m < M; ++m)
         values[m] = values[tables.parent[2 * m]] * x[tables.parent[2 * m + 1]];
       gather(tables.hess_basis, tables.n_hess_basis, values, batch.basis_values);
-      batch.packed.noalias() = 0.5 * (batch.hess_matrix[id] * batch.basis_values);
+      batch.packed.noalias() = 0.5 * (batch.hess_matrix[ids[i]] * batch.basis_values);
       for (const TermCurvature& c : term_curvature)
-        batch.packed[c.row] += c.factor * theta_wr[c.term] * batch.basis_values[c.column];
+        batch.packed[c.row] += c.factor * g[c.term] * batch.basis_values[c.column];
       Eigen::MatrixXd& hess = out[i].hess;
       hess.resize(L, L);
       for (index_t a = 0, r = 0; a < L; ++a)
