@@ -145,7 +145,9 @@ def use_polynomial_form(exponents, n_starts):
     polynomial's coefficients cost n_monomials (formed by matrix products shared by a batch
     of spectra, about three times as fast per operation) plus one exact pass at the solution;
     per-pixel sums cost n_terms per start and n_terms + (non-zero derivatives) +
-    n_labels^2 / 2 per evaluation, about 6 evaluations per fit.
+    n_labels^2 / 2 per evaluation, about 6 evaluations per fit. Quadratic models on 8575
+    pixels, 192 spectra, 1 thread, polynomial against per-pixel: 8 labels 0.6 against 2.3 ms
+    per spectrum, 13 labels 1.9 against 6.5, 17 labels 5.8 against 11.7-13.2.
     """
     n_terms, n_labels = exponents.shape
     n_monomials = _monomial_count(exponents.shape, exponents.astype(np.int64).tobytes())
