@@ -152,9 +152,15 @@ def polynomial_objective(tables, theta, flux, weight):
     g2 = _scatter(tables.hess_entries, coef, (n_pairs, len(tables.hess_basis)))
     upper = np.triu_indices(n_labels)
     n_used = int(np.count_nonzero(weight))
+    # x^m = x^parent * x_label, degree by degree (a parent has one degree less), as the core
+    degree = tables.monomials.sum(axis=1)
+    levels = [np.flatnonzero(degree == d) for d in range(1, degree.max() + 1)]
 
     def objective(x, with_jacobian):
-        values = np.prod(x ** tables.monomials, axis=1)
+        values = np.ones(n_monomials)
+        for level in levels:
+            parent, label = tables.parent[level].T
+            values[level] = values[parent] * x[label]
         chi2 = float(coef @ values)
         if not with_jacobian:
             return chi2, n_used, None, None
