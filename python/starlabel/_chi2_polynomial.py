@@ -82,12 +82,13 @@ def _derivative_table(monomials, used, lowered_by):
     divides, the column of m / lowering in a basis, and the derivative's integer factor.
     Returns basis (rows of monomials) and entries (n, 4)."""
     rows, ms, targets, factors = [], [], [], []
+    powers = monomials[used]
     for row, lowering in enumerate(lowered_by):
-        powers = monomials[used]
-        divides = np.all(powers >= lowering, axis=1)
+        labels = np.flatnonzero(lowering)
+        divides = np.all(powers[:, labels] >= lowering[labels], axis=1)
         # d^k x^e / dx_a^k = e (e - 1) ... (e - k + 1) x^(e - k)
         factor = np.ones(divides.sum(), dtype=np.int64)
-        for a in np.flatnonzero(lowering):
+        for a in labels:
             for step in range(lowering[a]):
                 factor *= powers[divides, a] - step
         rows.append(np.full(divides.sum(), row))
