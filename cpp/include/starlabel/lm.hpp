@@ -321,17 +321,13 @@ void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::atomic<bool> failed{false};
 
-#pragma omp parallel num_threads(resolve_threads(n_threads))
-  {
-  // One per thread, reused by its batches: begin_batch() and evaluate() set everything a
-  // batch reads, and fresh buffers (tens of MB for a 17-label Cannon) cost page faults.
-  typename Objective::Batch scratch;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(n_threads))
   for (index_t batch = 0; batch < n_batches; ++batch) {
     if (failed || interrupted(interrupt)) continue;
     try {  // an exception must not leave an OpenMP loop body
       const index_t s0 = batch * opt.batch, s1 = std::min(s0 + opt.batch, n_spectra);
       const index_t nbatch = s1 - s0;
+      typename Objective::Batch scratch;
       objective.begin_batch(s0, s1, scratch);
       std::vector<detail::NormalEquations> evals, trials, evals_new;
       std::vector<index_t> ids;
@@ -510,7 +506,6 @@ void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
     } catch (...) {
       failed = true;
     }
-  }
   }
   if (failed) throw std::bad_alloc();
 }
