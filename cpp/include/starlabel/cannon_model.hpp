@@ -264,7 +264,7 @@ struct CannonPolynomialObjective {
     // the batch zero: how Eigen's kernels sum a row depends on the row count, and a spectrum's
     // result must not depend on how many others share its batch (a survey fitted in pieces
     // equals the survey fitted whole).
-    const index_t rows = (nbatch + product_rows - 1) / product_rows * product_rows;
+    const index_t rows = padded_rows(nbatch);
     batch.weights.setZero(rows, n_pixels);
     batch.weighted_flux.setZero(rows, n_pixels);
     std::vector<double> flux_energy(nbatch);  // f^T W f
@@ -351,26 +351,17 @@ struct CannonPolynomialObjective {
   // hess = 1/2 d2 chi2 / dx2 made positive definite (the LM's J^T W r and J^T W J slots)
   void evaluate(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
                 bool with_jacobian, std::vector<NormalEquations>& out) const {
-    const index_t L = poly.n_labels, M = tables.n_monomials;
     out.resize(ids.size());
-    batch.values.resize(M);
-    double* values = batch.values.data();
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const index_t id = ids[i];
-      const double* x = xs[i];
-      values[0] = 1.0;
-      for (index_t m = 1; m < M; ++m)
-        values[m] = values[tables.parent[2 * m]] * x[tables.parent[2 * m + 1]];
+      monomial_values(xs[i], batch.values);
       out[i].chi2 = batch.coef[id].dot(batch.values);
       out[i].n_used = batch.n_used[id];
       if (!with_jacobian) continue;
-      gather(tables.grad_basis, tables.n_grad_basis, values, batch.basis_values);
+      gather(tables.grad_basis, tables.n_grad_basis, batch.values, batch.basis_values);
       out[i].grad.noalias() = -0.5 * (batch.grad_matrix[id] * batch.basis_values);
-      gather(tables.hess_basis, tables.n_hess_basis, values, batch.basis_values);
-      batch.packed.noalias() = 0.5 * (batch.hess_matrix[id] * batch.basis_values);
-      batch.hess.resize(L, L);
-      for (index_t a = 0, r = 0; a < L; ++a)
-        for (index_t b = a; b < L; ++b, ++r) batch.hess(a, b) = batch.hess(b, a) = batch.packed[r];
+      half_hessian(batch, id);
+      unpack(batch.packed, batch.hess);
       out[i].hess = positive_definite(batch.hess);
     }
   }
@@ -381,14 +372,14 @@ struct CannonPolynomialObjective {
   // polynomial's Hessian plus that sum (a few entries: only terms of degree >= 2 have one).
   void finish(Batch& batch, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
               std::vector<NormalEquations>& out) const {
-    const index_t K = poly.n_terms, L = poly.n_labels, M = tables.n_monomials;
+    const index_t K = poly.n_terms, L = poly.n_labels;
     const index_t n = static_cast<index_t>(ids.size());
     const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
     out.resize(n);
     // all spectra's terms, then residuals, chi2 and g in one sweep over theta by matrix
     // products on blocks of theta while in cache (theta of a 17-label model is 12 MB);
     // zero rows pad the products as in begin_batch
-    const index_t rows = (n + product_rows - 1) / product_rows * product_rows;
+    const index_t rows = padded_rows(n);
     RowMatrix terms = RowMatrix::Zero(rows, K), deriv(n, poly.n_deriv());
     for (index_t i = 0; i < n; ++i)
       poly.evaluate(xs[i], terms.row(i).data(), deriv.row(i).data(), batch.powers, batch.offsets);
@@ -417,32 +408,50 @@ struct CannonPolynomialObjective {
       }
       theta_wr.noalias() += block * theta_block.transpose();
     }
-    batch.values.resize(M);
-    double* values = batch.values.data();
     for (index_t i = 0; i < n; ++i) {
-      const double* x = xs[i];
       const auto g = theta_wr.row(i);
       out[i].chi2 = chi2[i];
       out[i].n_used = batch.n_used[ids[i]];
       out[i].grad.setZero(L);
       for (index_t d = 0; d < poly.n_deriv(); ++d)
         out[i].grad[poly.deriv_label[d]] += deriv(i, d) * g[poly.deriv_term[d]];
-      values[0] = 1.0;
-      for (index_t m = 1; m < M; ++m)
-        values[m] = values[tables.parent[2 * m]] * x[tables.parent[2 * m + 1]];
-      gather(tables.hess_basis, tables.n_hess_basis, values, batch.basis_values);
-      batch.packed.noalias() = 0.5 * (batch.hess_matrix[ids[i]] * batch.basis_values);
+      monomial_values(xs[i], batch.values);
+      half_hessian(batch, ids[i]);
       for (const TermCurvature& c : term_curvature)
         batch.packed[c.row] += c.factor * g[c.term] * batch.basis_values[c.column];
-      Eigen::MatrixXd& hess = out[i].hess;
-      hess.resize(L, L);
-      for (index_t a = 0, r = 0; a < L; ++a)
-        for (index_t b = a; b < L; ++b, ++r) hess(a, b) = hess(b, a) = batch.packed[r];
+      unpack(batch.packed, out[i].hess);
     }
   }
 
  private:
-  static void gather(const std::int64_t* basis, index_t n, const double* values, Eigen::VectorXd& out) {
+  // spectra padded to whole groups of product_rows (see begin_batch)
+  static index_t padded_rows(index_t n) { return (n + product_rows - 1) / product_rows * product_rows; }
+
+  // values (n_monomials,) = x^m, each monomial its parent times one label
+  void monomial_values(const double* x, Eigen::VectorXd& values) const {
+    values.resize(tables.n_monomials);
+    values[0] = 1.0;
+    for (index_t m = 1; m < tables.n_monomials; ++m)
+      values[m] = values[tables.parent[2 * m]] * x[tables.parent[2 * m + 1]];
+  }
+
+  // batch.packed = 1/2 d2 chi2 / dx_a dx_b (a <= b, row-major) of spectrum `id` at the
+  // monomial values in batch.values; batch.basis_values keeps the Hessian basis' values
+  void half_hessian(Batch& batch, index_t id) const {
+    gather(tables.hess_basis, tables.n_hess_basis, batch.values, batch.basis_values);
+    batch.packed.noalias() = 0.5 * (batch.hess_matrix[id] * batch.basis_values);
+  }
+
+  // the symmetric (n_labels, n_labels) matrix of a packed upper triangle
+  void unpack(const Eigen::VectorXd& packed, Eigen::MatrixXd& out) const {
+    const index_t L = poly.n_labels;
+    out.resize(L, L);
+    for (index_t a = 0, r = 0; a < L; ++a)
+      for (index_t b = a; b < L; ++b, ++r) out(a, b) = out(b, a) = packed[r];
+  }
+
+  static void gather(const std::int64_t* basis, index_t n, const Eigen::VectorXd& values,
+                     Eigen::VectorXd& out) {
     out.resize(n);
     for (index_t j = 0; j < n; ++j) out[j] = values[basis[j]];
   }
