@@ -167,6 +167,23 @@ def test_iteration_limit_is_reported(isa_core):
     np.testing.assert_allclose(a.x, b.x, atol=1e-9)
 
 
+def test_polynomial_fit_does_not_depend_on_threads_or_batches(monkeypatch):
+    # Above 1000 monomials (10 labels, quadratic: 1001) the core sizes its batches by the
+    # spectra per thread: 40 spectra are one batch of 48 rows on 1 thread, two of 32 on 2;
+    # fitted in two pieces they are batches of 32 and 32. Every result must be the same.
+    monkeypatch.setattr(fast.cannon, "use_polynomial_form", lambda *_: True)
+    exponents, theta, s2, flux, ivar, _ = fit_problem(10, 2, 40, seed=41, n_pixels=120)
+    starts = np.random.default_rng(41).uniform(-1, 1, (40, 2, 10))
+    one = fast.cannon_fit(exponents, theta, s2, flux, ivar, starts, n_threads=1)
+    two = fast.cannon_fit(exponents, theta, s2, flux, ivar, starts, n_threads=2)
+    first, rest = (fast.cannon_fit(exponents, theta, s2, flux[part], ivar[part], starts[part],
+                                   n_threads=1) for part in (slice(0, 17), slice(17, 40)))
+    assert np.all(one.status == FitStatus.CONVERGED)
+    for a, b, c, d in zip(one, two, first, rest):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, np.concatenate([c, d]))
+
+
 def test_one_and_two_threads_give_identical_results():
     exponents, x, flux, ivar = random_problem(300, 3, 200, 2, seed=40)
     one = fast.cannon_train(exponents, x, flux, ivar, n_threads=1)

@@ -2,6 +2,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -165,13 +166,26 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   const LMOutputs out = result.outputs();
   LMOptions options;
   options.max_iter = max_iter;
-  // The polynomial objective forms theta-row products once per batch for all its spectra:
-  // more spectra share them, but the batch's weights then outgrow the cache. Measured on 1000
-  // spectra, 8575 pixels, 2 threads: 17 labels (5985 monomials) 2.5-3.0 ms per spectrum in
-  // batches of 32, 2.3-2.4 in batches of 64; 3 labels (35 monomials) 0.09-0.10 against
-  // 0.11-0.12 ms. Its results do not depend on the batch (see
-  // CannonPolynomialObjective::begin_batch).
-  if (polynomial) options.batch = polynomial->tables.n_monomials > 1000 ? 64 : 32;
+  // The polynomial objective forms the theta-row products (the same for every batch) once per
+  // batch, so large models want large batches, each thread getting at least one. Measured on
+  // 1000 spectra, 8575 pixels, 2 threads, alternating:
+  // - 17 labels (5985 monomials): 2.3-2.5 ms per spectrum in batches of 64 against 2.5-3.0 in
+  //   batches of 32; 2.31-2.65 in batches of 256 against 2.65-3.19 in batches of 64 (4 pairs),
+  //   for a peak memory of 567 against 339 MB (the per-spectrum gradient and Hessian matrices,
+  //   364 KB each);
+  // - 3 labels (35 monomials): 0.09-0.10 in batches of 32 against 0.11-0.12 ms in batches of 64.
+  // Its results do not depend on the batch (see CannonPolynomialObjective::begin_batch), so
+  // the thread count may set it.
+  if (polynomial) {
+    if (polynomial->tables.n_monomials > 1000) {
+      const index_t threads = resolve_threads(n_threads);
+      const index_t rows = CannonPolynomialObjective::product_rows;  // batches are padded to these
+      const index_t per_thread = (n_spectra + threads - 1) / threads;
+      options.batch = std::clamp<index_t>((per_thread + rows - 1) / rows * rows, rows, 256);
+    } else {
+      options.batch = 32;
+    }
+  }
   const double* lo = bind::data_or_null(lower);
   const double* hi = bind::data_or_null(upper);
   Interrupt interrupt = bind::python_interrupt();
