@@ -78,9 +78,12 @@ def fast_extras(entry):
         return [f"pixels {counts(m['pixel_status'])}", f"{m['n_terms']} terms, {m['n_monomials']} monomials"]
     if entry["area"] == "l1":
         return [f"pixels {counts(m['pixel_status'])}", f"zero theta {m['zero_fraction']:.1%}"]
-    return [f"converged {m['converged_fraction']:.1%}", f"median iterations {m['median_n_iter']:g}",
-            f"median reduced chi2 {m['median_reduced_chi2']:.3g}",
-            f"status {counts(m['fit_status'])}"]
+    extras = [f"converged {m['converged_fraction']:.1%}", f"median iterations {m['median_n_iter']:g}",
+              f"median reduced chi2 {m['median_reduced_chi2']:.3g}",
+              f"status {counts(m['fit_status'])}"]
+    if "first_call_seconds" in m:  # files written before it was recorded lack it
+        extras.append(f"first call (1 spectrum, untimed above) {seconds(m['first_call_seconds'])}")
+    return extras
 
 
 def reference_extras(entry):
