@@ -169,8 +169,8 @@ def test_iteration_limit_is_reported(isa_core):
 
 def test_polynomial_fit_does_not_depend_on_threads_or_batches(monkeypatch):
     # Above 1000 monomials (10 labels, quadratic: 1001) the core sizes its batches by the
-    # spectra per thread: 40 spectra are one batch of 48 rows on 1 thread, two of 32 on 2;
-    # fitted in two pieces they are batches of 32 and 32. Every result must be the same.
+    # spectra per thread: 40 spectra are one batch (48 rows) on 1 thread, batches of 32 and 8
+    # on 2; fitted in two pieces, 17 and 23, one batch each. Every result must be the same.
     monkeypatch.setattr(fast.cannon, "use_polynomial_form", lambda *_: True)
     exponents, theta, s2, flux, ivar, _ = fit_problem(10, 2, 40, seed=41, n_pixels=120)
     starts = np.random.default_rng(41).uniform(-1, 1, (40, 2, 10))
