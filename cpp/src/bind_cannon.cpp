@@ -179,9 +179,9 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
   if (polynomial) {
     if (polynomial->tables.n_monomials > 1000) {
       const index_t threads = resolve_threads(n_threads);
-      const index_t rows = CannonPolynomialObjective::product_rows;  // batches are padded to these
       const index_t per_thread = (n_spectra + threads - 1) / threads;
-      options.batch = std::clamp<index_t>((per_thread + rows - 1) / rows * rows, rows, 256);
+      options.batch = std::clamp<index_t>(CannonPolynomialObjective::padded_rows(per_thread),
+                                          CannonPolynomialObjective::product_rows, 256);
     } else {
       options.batch = 32;
     }

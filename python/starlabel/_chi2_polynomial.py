@@ -104,7 +104,8 @@ def _derivative_table(monomials, used, lowered_by):
 
 def chi2_polynomial(exponents):
     """Chi2Polynomial of a vectorizer's exponents (n_terms, n_labels), term 0 the constant.
-    Cached: a 17-label quadratic model takes ~0.12 s, and a survey fits in many calls."""
+    Cached: a 17-label quadratic model takes 0.12-0.26 s (measured in different machine
+    states), and a survey fits in many calls."""
     return _tables(exponents.shape, exponents.astype(np.int64).tobytes())
 
 

@@ -253,6 +253,10 @@ struct CannonPolynomialObjective {
   index_t n_spectra() const { return n_spectra_total; }
 
   static constexpr index_t product_rows = 16;
+  // spectra padded to whole groups of product_rows (see begin_batch)
+  static index_t padded_rows(index_t n) {
+    return (n + product_rows - 1) / product_rows * product_rows;
+  }
 
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
     batch.s0 = s0;
@@ -424,9 +428,6 @@ struct CannonPolynomialObjective {
   }
 
  private:
-  // spectra padded to whole groups of product_rows (see begin_batch)
-  static index_t padded_rows(index_t n) { return (n + product_rows - 1) / product_rows * product_rows; }
-
   // values (n_monomials,) = x^m, each monomial its parent times one label
   void monomial_values(const double* x, Eigen::VectorXd& values) const {
     values.resize(tables.n_monomials);
