@@ -10,6 +10,7 @@
 #include <Eigen/Eigenvalues>
 
 #include "common.hpp"
+#include "gemm.hpp"
 #include "lm.hpp"
 #include "polynomial.hpp"
 
@@ -70,7 +71,7 @@ struct CannonSpectrumModel {
     for (index_t i = 0; i < n; ++i)
       scratch.terms.row(i) = Eigen::Map<const Eigen::RowVectorXd>(states[i].terms.data(), K);
     const Eigen::Map<const RowMatrix, 0, Strided> theta_block(theta_t + p0, K, nb, Strided(n_pixels));
-    Eigen::Map<RowMatrix>(flux_out, n, nb).noalias() = scratch.terms * theta_block;
+    assign_product(Eigen::Map<RowMatrix>(flux_out, n, nb), scratch.terms, theta_block);
     if (jac_out == nullptr) return;
     for (index_t a = 0; a < np; ++a) {
       const auto& ds = label_derivs[a];
@@ -85,7 +86,7 @@ struct CannonSpectrumModel {
         for (index_t r = 0; r < m; ++r) scratch.deriv(i, r) = states[i].deriv[ds[r]];
       const Eigen::Map<const RowMatrix, 0, Strided> rows(theta_by_label[a].data() + p0, m, nb,
                                                          Strided(n_pixels));
-      jac_a.noalias() = scratch.deriv * rows;
+      assign_product(jac_a, scratch.deriv, rows);
     }
   }
 
@@ -320,8 +321,8 @@ struct CannonPolynomialObjective {
             for (index_t j = 0; j < nb; ++j) out[j] += twice * tk[j] * tl[j];
           }
         }
-        moments.noalias() +=
-            batch.weights.middleCols(p0, nb) * products.topLeftCorner(nm, nb).transpose();
+        add_product(moments, batch.weights.middleCols(p0, nb),
+                    products.topLeftCorner(nm, nb).transpose());
       }
     }
     const RowMatrix b_all = batch.weighted_flux * theta_map.transpose();  // (rows, K)

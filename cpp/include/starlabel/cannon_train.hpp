@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "gemm.hpp"
 
 namespace starlabel {
 
@@ -242,8 +243,8 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             wflux(n, j) = w(n, j) * flux(n, pj);
           }
         }
-        moments.noalias() = w.transpose() * monomials;   // (na, M)
-        rhs.noalias() = wflux.transpose() * design;       // (na, K)
+        assign_product(moments, w.transpose(), monomials);  // (na, M)
+        assign_product(rhs, wflux.transpose(), design);      // (na, K)
 
         // theta at the current s2
         coef.setZero();

@@ -33,6 +33,24 @@ class Buffer {
   std::unique_ptr<T[]> data_;
 };
 
+// Uninitialized storage that only grows: at_least(n) returns room for n values, reallocating
+// (contents lost) only when n exceeds what it holds.
+template <class T>
+class GrowingBuffer {
+ public:
+  T* at_least(index_t n) {
+    if (n > size_) {
+      data_ = Buffer<T>(n);
+      size_ = n;
+    }
+    return data_.data();
+  }
+
+ private:
+  Buffer<T> data_;
+  index_t size_ = 0;
+};
+
 // Outcome of one spectrum's label fit. Mirrored by starlabel.status.FitStatus.
 enum FitStatus : std::int8_t {
   FIT_CONVERGED = 0,       // relative chi2 decrease (or step) below tolerance

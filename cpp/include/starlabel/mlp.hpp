@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "gemm.hpp"
 
 namespace starlabel {
 
@@ -169,6 +170,16 @@ struct MLPBlocking {
   index_t chunk_tiles = 8;    // star tiles whose hidden layers are held at once
 };
 
+// mlp_forward's buffers, one set per calling thread, kept between calls: an LM fit calls it
+// every iteration, and buffers of megabytes allocated per call are fresh pages to fault in
+// wherever glibc returns freed memory at once (Dask workers: MALLOC_TRIM_THRESHOLD_). Their
+// size is bounded by the blocking's chunk, not by the number of stars.
+template <class T>
+struct ForwardScratch {
+  GrowingBuffer<T> hidden, mcat, scratch;
+  GrowingBuffer<float> mcat_f32, scratch_f32;
+};
+
 // Forward pass (and optionally the Jacobian) for n_stars input vectors.
 //   x        (n_stars, n_in)
 //   out      (n_stars, n_out)
@@ -202,30 +213,30 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
       n_threads, layer_flops(net.sizes, n_stars) * (want_jac ? double(n_in) : 1.0));
 
   // Shared per chunk: the last hidden layer (chunk, H) and M side by side (H, n_in * chunk).
-  // (Buffers, not vectors: every element is written before it is read, and zeroing them was
-  // 4% of a label fit's time.)
-  Buffer<T> hidden(chunk * H);
-  Buffer<T> mcat(want_jac ? H * n_in * chunk : 0);
-  Buffer<float> mcat_f32(jac_f32 ? H * n_in * chunk : 0);
   // Per thread: two activation buffers, a derivative buffer, two M buffers, a J tile (in
-  // float32 instead when J is).
+  // float32 instead when J is). Kept by the calling thread from call to call (see
+  // ForwardScratch); every element is written before it is read.
   const index_t act_size = sb * W, m_size = want_jac ? W * n_in * sb : 0;
   const index_t jt_size = want_jac ? pb * n_in * sb : 0;
   const index_t per_thread = 3 * act_size + 2 * m_size + (jac_f32 ? 0 : jt_size);
-  Buffer<T> scratch(per_thread * nt);
-  Buffer<float> scratch_f32(jac_f32 ? jt_size * nt : 0);
+  thread_local ForwardScratch<T> kept;
+  T* hidden = kept.hidden.at_least(chunk * H);
+  T* mcat = kept.mcat.at_least(want_jac ? H * n_in * chunk : 0);
+  float* mcat_f32 = kept.mcat_f32.at_least(jac_f32 ? H * n_in * chunk : 0);
+  T* scratch = kept.scratch.at_least(per_thread * nt);
+  float* scratch_f32 = kept.scratch_f32.at_least(jac_f32 ? jt_size * nt : 0);
   std::atomic<bool> failed{false};
 
 #pragma omp parallel num_threads(nt)
   {
     const int tid = thread_id();
-    T* buf0 = scratch.data() + per_thread * tid;
+    T* buf0 = scratch + per_thread * tid;
     T* buf1 = buf0 + act_size;
     T* dbuf = buf1 + act_size;
     T* m0 = dbuf + act_size;
     T* m1 = m0 + m_size;
     T* jt = m1 + m_size;
-    float* jt_f32 = jac_f32 ? scratch_f32.data() + jt_size * tid : nullptr;
+    float* jt_f32 = jac_f32 ? scratch_f32 + jt_size * tid : nullptr;
     for (index_t c0 = 0; c0 < n_stars; c0 += chunk) {
       const index_t nc = std::min(chunk, n_stars - c0), n_sub = n_blocks(nc, sb);
       const index_t mld = n_in * nc;  // leading dimension of mcat in this chunk
@@ -242,23 +253,23 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
           T* m_nxt = m1;
           for (int l = 0; l + 1 < L; ++l) {
             const index_t wo = net.sizes[l + 1];
-            T* z = (l + 2 == L) ? hidden.data() + (s0 - c0) * H : nxt;
-            map(z, ns, wo, wo).noalias() = cmap(a, ns, width, width) *
-                                           cmap(net.weights[l], wo, width, width).transpose();
+            T* z = (l + 2 == L) ? hidden + (s0 - c0) * H : nxt;
+            assign_product(map(z, ns, wo, wo), cmap(a, ns, width, width),
+                           cmap(net.weights[l], wo, width, width).transpose());
             bias_activation(z, wo, ns, wo, net.biases[l], net.activation, net.slope,
                             want_jac ? dbuf : nullptr, wo);
             if (want_jac) {
               // M_new (wo, n_in * ns): star s in columns [s n_in, (s + 1) n_in)
               const bool last = l + 2 == L;
-              T* mdst = last ? mcat.data() + (s0 - c0) * n_in : m_nxt;
+              T* mdst = last ? mcat + (s0 - c0) * n_in : m_nxt;
               const index_t ld = last ? mld : n_in * ns;
               auto mnew = map(mdst, wo, n_in * ns, ld);
               if (l == 0) {
                 auto w0 = cmap(net.weights[0], wo, n_in, n_in);
                 for (index_t s = 0; s < ns; ++s) mnew.middleCols(s * n_in, n_in) = w0;
               } else {
-                mnew.noalias() = cmap(net.weights[l], wo, width, width) *
-                                 cmap(m_cur, width, n_in * ns, n_in * ns);
+                assign_product(mnew, cmap(net.weights[l], wo, width, width),
+                               cmap(m_cur, width, n_in * ns, n_in * ns));
               }
               for (index_t h = 0; h < wo; ++h) {
                 T* row = mdst + h * ld;
@@ -274,17 +285,17 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
             std::swap(cur, nxt);
           }
           if (L == 1) {  // no hidden layer: the "last hidden layer" is x itself, M = identity
-            map(hidden.data() + (s0 - c0) * H, ns, H, H) = cmap(x + s0 * n_in, ns, n_in, n_in);
+            map(hidden + (s0 - c0) * H, ns, H, H) = cmap(x + s0 * n_in, ns, n_in, n_in);
             if (want_jac) {
-              auto m = map(mcat.data() + (s0 - c0) * n_in, n_in, n_in * ns, mld);
+              auto m = map(mcat + (s0 - c0) * n_in, n_in, n_in * ns, mld);
               m.setZero();
               for (index_t s = 0; s < ns; ++s)
                 m.middleCols(s * n_in, n_in).setIdentity();
             }
           }
           if (jac_f32)  // this tile's columns of M, rounded once for every output block
-            map(mcat_f32.data() + (s0 - c0) * n_in, H, n_in * ns, mld) =
-                cmap(mcat.data() + (s0 - c0) * n_in, H, n_in * ns, mld).template cast<float>();
+            map(mcat_f32 + (s0 - c0) * n_in, H, n_in * ns, mld) =
+                cmap(mcat + (s0 - c0) * n_in, H, n_in * ns, mld).template cast<float>();
         } catch (...) {
           failed = true;
         }
@@ -299,8 +310,8 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
           const index_t sub = t / n_pb, p0 = (t % n_pb) * pb, np = std::min(pb, n_out - p0);
           const index_t s0 = c0 + sub * sb, ns = std::min(sb, n_stars - s0);
           auto o = map(out + s0 * n_out + p0, ns, np, n_out);
-          o.noalias() = cmap(hidden.data() + (s0 - c0) * H, ns, H, H) *
-                        cmap(wl + p0 * H, np, H, H).transpose();
+          assign_product(o, cmap(hidden + (s0 - c0) * H, ns, H, H),
+                         cmap(wl + p0 * H, np, H, H).transpose());
           for (index_t s = 0; s < ns; ++s) {
             T* row = out + (s0 + s) * n_out + p0;
             for (index_t p = 0; p < np; ++p) row[p] += bl[p0 + p];
@@ -315,13 +326,12 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
             }
           };
           if (jac_f32) {
-            map(jt_f32, np, nk, nk).noalias() =
-                cmap(net.last_weights_f32 + p0 * H, np, H, H) *
-                cmap(mcat_f32.data() + (s0 - c0) * n_in, H, nk, mld);
+            assign_product(map(jt_f32, np, nk, nk), cmap(net.last_weights_f32 + p0 * H, np, H, H),
+                           cmap(mcat_f32 + (s0 - c0) * n_in, H, nk, mld));
             scatter(jt_f32);
           } else {
-            map(jt, np, nk, nk).noalias() =
-                cmap(wl + p0 * H, np, H, H) * cmap(mcat.data() + (s0 - c0) * n_in, H, nk, mld);
+            assign_product(map(jt, np, nk, nk), cmap(wl + p0 * H, np, H, H),
+                           cmap(mcat + (s0 - c0) * n_in, H, nk, mld));
             scatter(jt);
           }
         } catch (...) {
@@ -465,9 +475,9 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
       try {
         const index_t s0 = (t / n_ob) * tb.star_block, ns = std::min(tb.star_block, B - s0);
         const index_t o0 = (t % n_ob) * tb.out_block, no = std::min(tb.out_block, wo - o0);
-        map(dst + s0 * wo + o0, ns, no, wo).noalias() =
-            cmap(ws.acts[l].data() + s0 * wi, ns, wi, wi) *
-            cmap(net.weights[l] + o0 * wi, no, wi, wi).transpose();
+        assign_product(map(dst + s0 * wo + o0, ns, no, wo),
+                       cmap(ws.acts[l].data() + s0 * wi, ns, wi, wi),
+                       cmap(net.weights[l] + o0 * wi, no, wi, wi).transpose());
         if (!last) {
           bias_activation(dst + s0 * wo + o0, wo, ns, no, net.biases[l] + o0, net.activation,
                           net.slope, ws.derivs[l + 1].data() + s0 * wo + o0, wo);
@@ -506,8 +516,9 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
       try {
         const index_t o0 = (t / n_ib) * tb.grad_block, no = std::min(tb.grad_block, wo - o0);
         const index_t i0 = (t % n_ib) * tb.in_block, ni = std::min(tb.in_block, wi - i0);
-        map(grads.weights[l] + o0 * wi + i0, no, ni, wi).noalias() =
-            cmap(delta + o0, B, no, wo).transpose() * cmap(ws.acts[l].data() + i0, B, ni, wi);
+        assign_product(map(grads.weights[l] + o0 * wi + i0, no, ni, wi),
+                       cmap(delta + o0, B, no, wo).transpose(),
+                       cmap(ws.acts[l].data() + i0, B, ni, wi));
         if (i0 == 0) {
           T* gb = grads.biases[l] + o0;
           std::fill(gb, gb + no, T(0));
@@ -529,8 +540,8 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
       try {
         const index_t s0 = (t / n_ib2) * tb.star_block, ns = std::min(tb.star_block, B - s0);
         const index_t i0 = (t % n_ib2) * tb.in_block, ni = std::min(tb.in_block, wi - i0);
-        auto dst = map(spare + s0 * wi + i0, ns, ni, wi);
-        dst.noalias() = cmap(delta + s0 * wo, ns, wo, wo) * cmap(net.weights[l] + i0, wo, ni, wi);
+        assign_product(map(spare + s0 * wi + i0, ns, ni, wi), cmap(delta + s0 * wo, ns, wo, wo),
+                       cmap(net.weights[l] + i0, wo, ni, wi));
         const T* dv = ws.derivs[l].data();
         for (index_t s = s0; s < s0 + ns; ++s) {
           T* row = spare + s * wi;
