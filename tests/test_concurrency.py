@@ -1,8 +1,8 @@
 """Threads and Ctrl-C.
 
 - The same model used from several Python threads at once (the bindings release the GIL)
-  gives exactly the serial results: kernels keep no state between calls and their results do
-  not depend on the thread count.
+  gives exactly the serial results: kernels keep nothing between calls but per-thread scratch
+  buffers, and their results do not depend on the thread count.
 - A KeyboardInterrupt (SIGINT) during a long compiled call is honoured within a second: the
   kernels poll Python's signal handlers through starlabel::Interrupt (common.hpp) and stop.
 """
