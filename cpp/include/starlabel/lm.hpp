@@ -6,6 +6,8 @@
 //   index_t n_spectra() const;
 //   struct Batch;                      per-thread scratch and per-batch precomputations
 //   void begin_batch(index_t s0, index_t s1, Batch&) const;   spectra [s0, s1)
+//        a thread reuses one Batch for all its batches: begin_batch and evaluate must set
+//        whatever they read (buffers keep their capacity from batch to batch)
 //   void evaluate(Batch&, const std::vector<index_t>& ids, const std::vector<const double*>& xs,
 //                 bool with_jacobian, std::vector<NormalEquations>& out) const;
 //        chi2 (and normal equations) of spectrum s0 + ids[i] at parameters xs[i]
@@ -321,190 +323,196 @@ void fit_lm(const Objective& objective, const double* initial, index_t n_starts,
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::atomic<bool> failed{false};
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(n_threads))
-  for (index_t batch = 0; batch < n_batches; ++batch) {
-    if (failed || interrupted(interrupt)) continue;
-    try {  // an exception must not leave an OpenMP loop body
-      const index_t s0 = batch * opt.batch, s1 = std::min(s0 + opt.batch, n_spectra);
-      const index_t nbatch = s1 - s0;
-      typename Objective::Batch scratch;
-      objective.begin_batch(s0, s1, scratch);
-      std::vector<detail::NormalEquations> evals, trials, evals_new;
-      std::vector<index_t> ids;
-      std::vector<const double*> xs;
+#pragma omp parallel num_threads(resolve_threads(n_threads))
+  {
+    // One Batch per thread, kept from batch to batch: a Cannon batch's buffers are ~150 MB at
+    // 17 labels, fresh pages to fault in for every batch where freed memory goes straight back
+    // to the system (Dask workers: MALLOC_TRIM_THRESHOLD_).
+    typename Objective::Batch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (index_t batch = 0; batch < n_batches; ++batch) {
+      if (failed || interrupted(interrupt)) continue;
+      try {  // an exception must not leave an OpenMP loop body
+        const index_t s0 = batch * opt.batch, s1 = std::min(s0 + opt.batch, n_spectra);
+        const index_t nbatch = s1 - s0;
+        objective.begin_batch(s0, s1, scratch);
+        std::vector<detail::NormalEquations> evals, trials, evals_new;
+        std::vector<index_t> ids;
+        std::vector<const double*> xs;
 
-      auto clamp_into = [&](double* x) {
-        for (index_t a = 0; a < np; ++a) {
-          if (lower) x[a] = std::max(x[a], lower[a]);
-          if (upper) x[a] = std::min(x[a], upper[a]);
-        }
-      };
-
-      // Starting point: the lowest finite chi2 among the starts.
-      std::vector<double> x(nbatch * np), x_trial(nbatch * np);
-      std::vector<double> starts(initial + s0 * n_starts * np, initial + s1 * n_starts * np);
-      for (index_t i = 0; i < nbatch * n_starts; ++i) clamp_into(starts.data() + i * np);
-      std::vector<index_t> best(nbatch, 0);
-      if (n_starts > 1) {
-        for (index_t i = 0; i < nbatch; ++i)
-          for (index_t j = 0; j < n_starts; ++j) {
-            ids.push_back(i);
-            xs.push_back(starts.data() + (i * n_starts + j) * np);
-          }
-        objective.evaluate(scratch, ids, xs, false, evals);
-        for (index_t i = 0; i < nbatch; ++i) {
-          double best_chi2 = std::numeric_limits<double>::infinity();
-          for (index_t j = 0; j < n_starts; ++j) {
-            const double c = evals[i * n_starts + j].chi2;
-            if (std::isfinite(c) && c < best_chi2) {
-              best_chi2 = c;
-              best[i] = j;
-            }
-          }
-        }
-      }
-      for (index_t i = 0; i < nbatch; ++i)
-        std::copy_n(starts.data() + (i * n_starts + best[i]) * np, np, x.data() + i * np);
-
-      ids.clear();
-      xs.clear();
-      for (index_t i = 0; i < nbatch; ++i) {
-        ids.push_back(i);
-        xs.push_back(x.data() + i * np);
-      }
-      objective.evaluate(scratch, ids, xs, true, evals);
-
-      std::vector<double> lambda(nbatch, opt.lambda_init), nu(nbatch, 2.0), predicted(nbatch, 0.0);
-      std::vector<std::int32_t> n_iter(nbatch, 0);
-      std::vector<std::int8_t> status(nbatch, FIT_CONVERGED);
-      std::vector<char> active(nbatch, 0);
-      for (index_t i = 0; i < nbatch; ++i) {
-        if (evals[i].n_used < np) status[i] = FIT_NO_PIXELS;
-        else if (!std::isfinite(evals[i].chi2) || !evals[i].hess.allFinite()) status[i] = FIT_NON_FINITE;
-        else active[i] = evals[i].chi2 > 0.0;  // a perfect fit needs no step
-      }
-
-      std::vector<index_t> trial_slot, accepted, accepted_ids;
-      std::vector<const double*> accepted_xs;
-      // a batch of emulator fits can take seconds: look for an interrupt every iteration
-      while (std::find(active.begin(), active.end(), 1) != active.end() &&
-             !interrupted(interrupt)) {
-        ids.clear();
-        xs.clear();
-        trial_slot.clear();
-        for (index_t i = 0; i < nbatch; ++i) {
-          if (!active[i]) continue;
-          const detail::NormalEquations& e = evals[i];
-          // A parameter on a bound whose gradient points out of the box is held there: its
-          // row and column leave the step's system (else clipping stalls the fit).
-          Eigen::MatrixXd hess = e.hess;
-          Eigen::VectorXd grad = e.grad;
-          const double* xi = x.data() + i * np;
+        auto clamp_into = [&](double* x) {
           for (index_t a = 0; a < np; ++a) {
-            const bool held = (lower && xi[a] <= lower[a] && grad[a] < 0.0) ||
-                              (upper && xi[a] >= upper[a] && grad[a] > 0.0);
-            if (!held) continue;
-            hess.row(a).setZero();
-            hess.col(a).setZero();
-            hess(a, a) = 1.0;
-            grad[a] = 0.0;
+            if (lower) x[a] = std::max(x[a], lower[a]);
+            if (upper) x[a] = std::min(x[a], upper[a]);
           }
-          // Converged when even the undamped Gauss-Newton step (the Newton decrement
-          // g^T H^-1 g) would lower chi2 by no more than ftol * chi2. Deciding this before
-          // stepping keeps the decision away from rounding in a tiny chi2 difference.
-          const double decrement = grad.dot(detail::inverse_spd(hess) * grad);
-          if (decrement <= opt.ftol * e.chi2) {
-            active[i] = 0;
-            continue;
-          }
-          const double max_diag = e.hess.diagonal().maxCoeff();
-          Eigen::MatrixXd damped = hess;
-          for (index_t a = 0; a < np; ++a)
-            damped(a, a) += lambda[i] * std::max(hess(a, a), 1e-12 * max_diag);
-          Eigen::LLT<Eigen::MatrixXd> llt(damped);
-          Eigen::VectorXd step = Eigen::VectorXd::Zero(np);
-          if (llt.info() == Eigen::Success) step = llt.solve(grad);
-          double* xt = x_trial.data() + i * np;
-          for (index_t a = 0; a < np; ++a) xt[a] = x[i * np + a] + step[a];
-          clamp_into(xt);
-          // chi2 decrease the linear model predicts for the (clamped) step
-          for (index_t a = 0; a < np; ++a) step[a] = xt[a] - x[i * np + a];
-          predicted[i] = 2.0 * grad.dot(step) - step.dot(hess * step);
-          ++n_iter[i];
-          ids.push_back(i);
-          xs.push_back(xt);
-          trial_slot.push_back(i);
-        }
-        objective.evaluate(scratch, ids, xs, !opt.jacobian_after_accept, trials);
-        if (opt.jacobian_after_accept) {
-          accepted.clear();
-          accepted_ids.clear();
-          accepted_xs.clear();
-          for (std::size_t t = 0; t < trial_slot.size(); ++t)
-            if (std::isfinite(trials[t].chi2) && trials[t].chi2 < evals[trial_slot[t]].chi2) {
-              accepted.push_back(static_cast<index_t>(t));
-              accepted_ids.push_back(ids[t]);
-              accepted_xs.push_back(xs[t]);
-            }
-          objective.evaluate(scratch, accepted_ids, accepted_xs, true, evals_new);
-          for (std::size_t k = 0; k < accepted.size(); ++k) std::swap(trials[accepted[k]], evals_new[k]);
-        }
-        for (std::size_t t = 0; t < trial_slot.size(); ++t) {
-          const index_t i = trial_slot[t];
-          detail::NormalEquations& trial = trials[t];
-          if (std::isfinite(trial.chi2) && trial.chi2 < evals[i].chi2 && trial.hess.allFinite()) {
-            double moved = 0.0;
-            for (index_t a = 0; a < np; ++a)
-              moved = std::max(moved, std::abs(x_trial[i * np + a] - x[i * np + a]));
-            const double decrease = evals[i].chi2 - trial.chi2;
-            std::copy_n(x_trial.data() + i * np, np, x.data() + i * np);
-            std::swap(evals[i], trial);
-            // Nielsen's update: shrink the damping by how well the linear model predicted
-            // the decrease (gain ratio rho); grow it geometrically over successive rejections
-            const double rho = predicted[i] > 0.0 ? decrease / predicted[i] : 0.0;
-            const double r = 2.0 * rho - 1.0;
-            lambda[i] = std::max(lambda[i] * std::max(1.0 / 3.0, 1.0 - r * r * r), 1e-12);
-            nu[i] = 2.0;
-            if (decrease <= opt.ftol * evals[i].chi2 || moved <= opt.xtol) active[i] = 0;
-          } else {
-            lambda[i] *= nu[i];
-            nu[i] *= 2.0;
-            if (lambda[i] > opt.lambda_max) active[i] = 0;
-          }
-          if (active[i] && n_iter[i] >= opt.max_iter) {
-            active[i] = 0;
-            status[i] = FIT_MAX_ITER;
-          }
-        }
-      }
+        };
 
-      if constexpr (detail::has_finish<Objective>::value) {
+        // Starting point: the lowest finite chi2 among the starts.
+        std::vector<double> x(nbatch * np), x_trial(nbatch * np);
+        std::vector<double> starts(initial + s0 * n_starts * np, initial + s1 * n_starts * np);
+        for (index_t i = 0; i < nbatch * n_starts; ++i) clamp_into(starts.data() + i * np);
+        std::vector<index_t> best(nbatch, 0);
+        if (n_starts > 1) {
+          for (index_t i = 0; i < nbatch; ++i)
+            for (index_t j = 0; j < n_starts; ++j) {
+              ids.push_back(i);
+              xs.push_back(starts.data() + (i * n_starts + j) * np);
+            }
+          objective.evaluate(scratch, ids, xs, false, evals);
+          for (index_t i = 0; i < nbatch; ++i) {
+            double best_chi2 = std::numeric_limits<double>::infinity();
+            for (index_t j = 0; j < n_starts; ++j) {
+              const double c = evals[i * n_starts + j].chi2;
+              if (std::isfinite(c) && c < best_chi2) {
+                best_chi2 = c;
+                best[i] = j;
+              }
+            }
+          }
+        }
+        for (index_t i = 0; i < nbatch; ++i)
+          std::copy_n(starts.data() + (i * n_starts + best[i]) * np, np, x.data() + i * np);
+
         ids.clear();
         xs.clear();
-        for (index_t i = 0; i < nbatch; ++i)
-          if (status[i] == FIT_CONVERGED || status[i] == FIT_MAX_ITER) {
-            ids.push_back(i);
-            xs.push_back(x.data() + i * np);
-          }
-        objective.finish(scratch, ids, xs, evals_new);
-        for (std::size_t k = 0; k < ids.size(); ++k) std::swap(evals[ids[k]], evals_new[k]);
-      }
-      for (index_t i = 0; i < nbatch; ++i) {
-        const index_t s = s0 + i;
-        std::copy_n(x.data() + i * np, np, out.params + s * np);
-        out.chi2[s] = evals[i].chi2;
-        out.n_used[s] = evals[i].n_used;
-        out.n_iter[s] = n_iter[i];
-        out.status[s] = status[i];
-        double* cov = out.covariance + s * np * np;
-        if (status[i] == FIT_CONVERGED || status[i] == FIT_MAX_ITER) {
-          Eigen::Map<Eigen::MatrixXd>(cov, np, np) = detail::inverse_spd(evals[i].hess);
-        } else {
-          std::fill(cov, cov + np * np, nan);
+        for (index_t i = 0; i < nbatch; ++i) {
+          ids.push_back(i);
+          xs.push_back(x.data() + i * np);
         }
+        objective.evaluate(scratch, ids, xs, true, evals);
+
+        std::vector<double> lambda(nbatch, opt.lambda_init), nu(nbatch, 2.0), predicted(nbatch, 0.0);
+        std::vector<std::int32_t> n_iter(nbatch, 0);
+        std::vector<std::int8_t> status(nbatch, FIT_CONVERGED);
+        std::vector<char> active(nbatch, 0);
+        for (index_t i = 0; i < nbatch; ++i) {
+          if (evals[i].n_used < np) status[i] = FIT_NO_PIXELS;
+          else if (!std::isfinite(evals[i].chi2) || !evals[i].hess.allFinite()) status[i] = FIT_NON_FINITE;
+          else active[i] = evals[i].chi2 > 0.0;  // a perfect fit needs no step
+        }
+
+        std::vector<index_t> trial_slot, accepted, accepted_ids;
+        std::vector<const double*> accepted_xs;
+        // a batch of emulator fits can take seconds: look for an interrupt every iteration
+        while (std::find(active.begin(), active.end(), 1) != active.end() &&
+               !interrupted(interrupt)) {
+          ids.clear();
+          xs.clear();
+          trial_slot.clear();
+          for (index_t i = 0; i < nbatch; ++i) {
+            if (!active[i]) continue;
+            const detail::NormalEquations& e = evals[i];
+            // A parameter on a bound whose gradient points out of the box is held there: its
+            // row and column leave the step's system (else clipping stalls the fit).
+            Eigen::MatrixXd hess = e.hess;
+            Eigen::VectorXd grad = e.grad;
+            const double* xi = x.data() + i * np;
+            for (index_t a = 0; a < np; ++a) {
+              const bool held = (lower && xi[a] <= lower[a] && grad[a] < 0.0) ||
+                                (upper && xi[a] >= upper[a] && grad[a] > 0.0);
+              if (!held) continue;
+              hess.row(a).setZero();
+              hess.col(a).setZero();
+              hess(a, a) = 1.0;
+              grad[a] = 0.0;
+            }
+            // Converged when even the undamped Gauss-Newton step (the Newton decrement
+            // g^T H^-1 g) would lower chi2 by no more than ftol * chi2. Deciding this before
+            // stepping keeps the decision away from rounding in a tiny chi2 difference.
+            const double decrement = grad.dot(detail::inverse_spd(hess) * grad);
+            if (decrement <= opt.ftol * e.chi2) {
+              active[i] = 0;
+              continue;
+            }
+            const double max_diag = e.hess.diagonal().maxCoeff();
+            Eigen::MatrixXd damped = hess;
+            for (index_t a = 0; a < np; ++a)
+              damped(a, a) += lambda[i] * std::max(hess(a, a), 1e-12 * max_diag);
+            Eigen::LLT<Eigen::MatrixXd> llt(damped);
+            Eigen::VectorXd step = Eigen::VectorXd::Zero(np);
+            if (llt.info() == Eigen::Success) step = llt.solve(grad);
+            double* xt = x_trial.data() + i * np;
+            for (index_t a = 0; a < np; ++a) xt[a] = x[i * np + a] + step[a];
+            clamp_into(xt);
+            // chi2 decrease the linear model predicts for the (clamped) step
+            for (index_t a = 0; a < np; ++a) step[a] = xt[a] - x[i * np + a];
+            predicted[i] = 2.0 * grad.dot(step) - step.dot(hess * step);
+            ++n_iter[i];
+            ids.push_back(i);
+            xs.push_back(xt);
+            trial_slot.push_back(i);
+          }
+          objective.evaluate(scratch, ids, xs, !opt.jacobian_after_accept, trials);
+          if (opt.jacobian_after_accept) {
+            accepted.clear();
+            accepted_ids.clear();
+            accepted_xs.clear();
+            for (std::size_t t = 0; t < trial_slot.size(); ++t)
+              if (std::isfinite(trials[t].chi2) && trials[t].chi2 < evals[trial_slot[t]].chi2) {
+                accepted.push_back(static_cast<index_t>(t));
+                accepted_ids.push_back(ids[t]);
+                accepted_xs.push_back(xs[t]);
+              }
+            objective.evaluate(scratch, accepted_ids, accepted_xs, true, evals_new);
+            for (std::size_t k = 0; k < accepted.size(); ++k) std::swap(trials[accepted[k]], evals_new[k]);
+          }
+          for (std::size_t t = 0; t < trial_slot.size(); ++t) {
+            const index_t i = trial_slot[t];
+            detail::NormalEquations& trial = trials[t];
+            if (std::isfinite(trial.chi2) && trial.chi2 < evals[i].chi2 && trial.hess.allFinite()) {
+              double moved = 0.0;
+              for (index_t a = 0; a < np; ++a)
+                moved = std::max(moved, std::abs(x_trial[i * np + a] - x[i * np + a]));
+              const double decrease = evals[i].chi2 - trial.chi2;
+              std::copy_n(x_trial.data() + i * np, np, x.data() + i * np);
+              std::swap(evals[i], trial);
+              // Nielsen's update: shrink the damping by how well the linear model predicted
+              // the decrease (gain ratio rho); grow it geometrically over successive rejections
+              const double rho = predicted[i] > 0.0 ? decrease / predicted[i] : 0.0;
+              const double r = 2.0 * rho - 1.0;
+              lambda[i] = std::max(lambda[i] * std::max(1.0 / 3.0, 1.0 - r * r * r), 1e-12);
+              nu[i] = 2.0;
+              if (decrease <= opt.ftol * evals[i].chi2 || moved <= opt.xtol) active[i] = 0;
+            } else {
+              lambda[i] *= nu[i];
+              nu[i] *= 2.0;
+              if (lambda[i] > opt.lambda_max) active[i] = 0;
+            }
+            if (active[i] && n_iter[i] >= opt.max_iter) {
+              active[i] = 0;
+              status[i] = FIT_MAX_ITER;
+            }
+          }
+        }
+
+        if constexpr (detail::has_finish<Objective>::value) {
+          ids.clear();
+          xs.clear();
+          for (index_t i = 0; i < nbatch; ++i)
+            if (status[i] == FIT_CONVERGED || status[i] == FIT_MAX_ITER) {
+              ids.push_back(i);
+              xs.push_back(x.data() + i * np);
+            }
+          objective.finish(scratch, ids, xs, evals_new);
+          for (std::size_t k = 0; k < ids.size(); ++k) std::swap(evals[ids[k]], evals_new[k]);
+        }
+        for (index_t i = 0; i < nbatch; ++i) {
+          const index_t s = s0 + i;
+          std::copy_n(x.data() + i * np, np, out.params + s * np);
+          out.chi2[s] = evals[i].chi2;
+          out.n_used[s] = evals[i].n_used;
+          out.n_iter[s] = n_iter[i];
+          out.status[s] = status[i];
+          double* cov = out.covariance + s * np * np;
+          if (status[i] == FIT_CONVERGED || status[i] == FIT_MAX_ITER) {
+            Eigen::Map<Eigen::MatrixXd>(cov, np, np) = detail::inverse_spd(evals[i].hess);
+          } else {
+            std::fill(cov, cov + np * np, nan);
+          }
+        }
+      } catch (...) {
+        failed = true;
       }
-    } catch (...) {
-      failed = true;
     }
   }
   if (failed) throw std::bad_alloc();
