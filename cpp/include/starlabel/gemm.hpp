@@ -24,7 +24,9 @@
 namespace starlabel {
 namespace gemm_detail {
 
-// Eigen's blocking object with buffers that only grow and are never freed between products.
+// Eigen's blocking object with buffers that only grow and are never freed between products:
+// a thread keeps the blocks of the largest product it has run (at most a few MB), as long as
+// it lives.
 template <class T>
 class KeptBlocking : public Eigen::internal::level3_blocking<T, T> {
  public:
@@ -33,7 +35,8 @@ class KeptBlocking : public Eigen::internal::level3_blocking<T, T> {
     this->m_mc = row_major_dst ? cols : rows;
     this->m_nc = row_major_dst ? rows : cols;
     this->m_kc = depth;
-    Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, this->m_nc, index_t(1));
+    Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, this->m_nc,
+                                                          index_t(1));
     const std::size_t size_a = this->m_mc * this->m_kc, size_b = this->m_kc * this->m_nc;
     if (block_a_.size() < size_a) block_a_.resize(size_a);
     if (block_b_.size() < size_b) block_b_.resize(size_b);
@@ -46,10 +49,6 @@ class KeptBlocking : public Eigen::internal::level3_blocking<T, T> {
   std::vector<T, Eigen::aligned_allocator<T>> block_a_, block_b_;
 };
 
-}  // namespace gemm_detail
-
-namespace gemm_detail {
-
 // dst (+)= lhs * rhs as Eigen's `dst.noalias() = lhs * rhs` (or `+=`) computes it
 template <bool accumulate, class Dst, class Lhs, class Rhs>
 void product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
@@ -61,7 +60,7 @@ void product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
   static_assert(!LhsTraits::NeedToConjugate && !RhsTraits::NeedToConjugate);
   const index_t rows = dst.rows(), cols = dst.cols(), depth = lhs.cols();
   // where Eigen itself would not run its GEMM, let it do what it does
-  if (rows == 1 || cols == 1 || depth == 0 ||
+  if (rows <= 1 || cols <= 1 || depth == 0 ||
       depth + rows + cols < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
     if constexpr (accumulate)
       dst.noalias() += lhs * rhs;
