@@ -49,6 +49,14 @@ class KeptBlocking : public Eigen::internal::level3_blocking<T, T> {
   std::vector<T, Eigen::aligned_allocator<T>> block_a_, block_b_;
 };
 
+// One per thread and scalar type, shared by every call site: a thread runs one product at a
+// time, and one set of blocks sized for the largest is all it needs.
+template <class T>
+KeptBlocking<T>& thread_blocking() {
+  thread_local KeptBlocking<T> blocking;
+  return blocking;
+}
+
 // dst (+)= lhs * rhs as Eigen's `dst.noalias() = lhs * rhs` (or `+=`) computes it
 template <bool accumulate, class Dst, class Lhs, class Rhs>
 void product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
@@ -77,7 +85,7 @@ void product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
       index_t, T, (A::Flags & Eigen::RowMajorBit) ? Eigen::RowMajor : Eigen::ColMajor, false, T,
       (B::Flags & Eigen::RowMajorBit) ? Eigen::RowMajor : Eigen::ColMajor, false,
       dst_row_major ? Eigen::RowMajor : Eigen::ColMajor, D::InnerStrideAtCompileTime>;
-  thread_local KeptBlocking<T> blocking;
+  KeptBlocking<T>& blocking = thread_blocking<T>();
   blocking.prepare(rows, cols, depth, dst_row_major);
   if constexpr (!accumulate) dst.setZero();
   Gemm::run(rows, cols, depth, a.data(), a.outerStride(), b.data(), b.outerStride(), dst.data(),
