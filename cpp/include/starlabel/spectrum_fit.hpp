@@ -299,10 +299,14 @@ struct ShiftedSpectrumModel {
     const double* coef = nullptr;  // continuum coefficients inside the parameter vector
     double inv_doppler = 1.0, dlnw_dv = 0.0;
   };
+  // LM alternates between all of a batch's trial steps and the accepted ones: the buffers only
+  // grow, and are never zeroed (every value is written before it is read; zeroing was tens of
+  // MB per step)
   struct Workspace {
-    std::vector<double> labels, flux, jac;  // (n, n_labels), (n, n_model), (n, n_model, n_labels)
-    std::vector<double> broad_flux, broad_jac;  // the same, broadened
-    std::vector<double> dflux_dsigma, dflux_dvsini;  // (n, n_model) each, when fitted
+    // (n, n_labels), (n, n_model), (n, n_model, n_labels)
+    GrowingBuffer<double> labels, flux, jac;
+    GrowingBuffer<double> broad_flux, broad_jac;  // the same, broadened
+    GrowingBuffer<double> dflux_dsigma, dflux_dvsini;  // (n, n_model) each, when fitted
     spectrum_detail::FittedKernel fitted;             // one item's kernel
   };
 
@@ -314,23 +318,20 @@ struct ShiftedSpectrumModel {
   void prepare(const std::vector<const double*>& xs, const std::vector<index_t>& rows,
                bool with_jacobian, Workspace& ws, std::vector<State>& states) const {
     const index_t n = static_cast<index_t>(xs.size()), L = layout.n_labels, M = layout.n_model;
-    // LM alternates between all of a batch's trial steps and the accepted ones: buffers only
-    // grow, as resizing up zeroes what is about to be overwritten (tens of MB per step).
-    auto grow = [](std::vector<double>& v, index_t size) {
-      if (static_cast<index_t>(v.size()) < size) v.resize(size);
-    };
-    grow(ws.labels, n * L);
-    grow(ws.flux, n * M);
-    if (with_jacobian) grow(ws.jac, n * M * L);
-    for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, ws.labels.data() + i * L);
-    emulator.spectra(ws.labels.data(), n, ws.flux.data(), with_jacobian ? ws.jac.data() : nullptr);
-    const double* flux = ws.flux.data();
-    const double* jac = ws.jac.data();
+    double* labels = ws.labels.at_least(n * L);
+    double* emulated_flux = ws.flux.at_least(n * M);
+    double* emulated_jac = with_jacobian ? ws.jac.at_least(n * M * L) : nullptr;
+    for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, labels + i * L);
+    emulator.spectra(labels, n, emulated_flux, emulated_jac);
+    const double* flux = emulated_flux;
+    const double* jac = emulated_jac;
+    double* dflux_dsigma = nullptr;
+    double* dflux_dvsini = nullptr;
+    if (with_jacobian && layout.fit_sigma) dflux_dsigma = ws.dflux_dsigma.at_least(n * M);
+    if (with_jacobian && layout.fit_vsini) dflux_dvsini = ws.dflux_dvsini.at_least(n * M);
     if (layout.broadens()) {
-      grow(ws.broad_flux, n * M);
-      if (with_jacobian) grow(ws.broad_jac, n * M * L);
-      if (layout.fit_sigma && with_jacobian) grow(ws.dflux_dsigma, n * M);
-      if (layout.fit_vsini && with_jacobian) grow(ws.dflux_dvsini, n * M);
+      double* broad_flux = ws.broad_flux.at_least(n * M);
+      double* broad_jac = with_jacobian ? ws.broad_jac.at_least(n * M * L) : nullptr;
       for (index_t i = 0; i < n; ++i) {
         const double* kernel = layout.kernels ? layout.kernels + rows[i] * layout.kernel_stride : nullptr;
         index_t n_taps = layout.n_taps;
@@ -340,29 +341,29 @@ struct ShiftedSpectrumModel {
                                    layout.fit_vsini ? xs[i][layout.vsini_index()] : 0.0);
           kernel = ws.fitted.kernel.data();
         }
-        double* broad = ws.broad_flux.data() + i * M;
+        double* broad = broad_flux + i * M;
         spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad);
         if (!with_jacobian) continue;
         spectrum_detail::broaden_columns(layout, kernel, n_taps, jac + i * M * L, L,
-                                         ws.broad_jac.data() + i * M * L);
+                                         broad_jac + i * M * L);
         // each width's derivative: one more pass over the flux column (recomputes `broad`)
         if (layout.fit_sigma)
           spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad,
-                                           ws.fitted.dsigma.data(), ws.dflux_dsigma.data() + i * M);
+                                           ws.fitted.dsigma.data(), dflux_dsigma + i * M);
         if (layout.fit_vsini)
           spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad,
-                                           ws.fitted.dvsini.data(), ws.dflux_dvsini.data() + i * M);
+                                           ws.fitted.dvsini.data(), dflux_dvsini + i * M);
       }
-      flux = ws.broad_flux.data();
-      jac = ws.broad_jac.data();
+      flux = broad_flux;
+      jac = broad_jac;
     }
     states.resize(n);
     for (index_t i = 0; i < n; ++i) {
       State& state = states[i];
       state.flux = flux + i * M;
       state.jac = with_jacobian ? jac + i * M * L : nullptr;
-      state.dflux_dsigma = layout.fit_sigma && with_jacobian ? ws.dflux_dsigma.data() + i * M : nullptr;
-      state.dflux_dvsini = layout.fit_vsini && with_jacobian ? ws.dflux_dvsini.data() + i * M : nullptr;
+      state.dflux_dsigma = dflux_dsigma ? dflux_dsigma + i * M : nullptr;
+      state.dflux_dvsini = dflux_dvsini ? dflux_dvsini + i * M : nullptr;
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
                                state.dlnw_dv);
       state.coef = xs[i] + layout.coef_index();  // xs outlive the evaluation (lm.hpp keeps them)
