@@ -196,6 +196,15 @@ RNG = np.random.default_rng(1)
 W = [RNG.normal(size=(5, 2)), RNG.normal(size=(3, 5))]
 B = [np.zeros(5), np.zeros(3)]
 X = RNG.normal(size=(4, 2))
+
+
+def one_bad(array, index, value):
+    """A copy of array with one element replaced."""
+    array = array.copy()
+    array[index] = value
+    return array
+
+
 CASES = {
     "NaN input": (dict(x=np.array([[np.nan, 0.0]])), ValueError, "x contains NaN"),
     "wrong input width": (dict(x=np.zeros((4, 3))), ValueError, "x must have 2 columns"),
@@ -204,6 +213,15 @@ CASES = {
     "mixed dtypes": (dict(weights=[W[0], W[1].astype(np.float32)]), TypeError, "share one dtype"),
     "integer weights": (dict(weights=[np.ones((5, 2), int), W[1]]), TypeError, "float32 or float64"),
     "NaN weight": (dict(weights=[np.full((5, 2), np.nan), W[1]]), ValueError, "weights\\[0\\] contains NaN"),
+    # the fast backend checks the network only when its forward pass meets a non-finite value:
+    # one bad parameter anywhere, also where a saturating activation hides it
+    "one inf weight, sigmoid": (dict(weights=[W[0], one_bad(W[1], (2, 4), np.inf)], activation="sigmoid"),
+                                ValueError, "weights\\[1\\] contains NaN or inf"),
+    "one -inf hidden weight, tanh": (dict(weights=[one_bad(W[0], (1, 1), -np.inf), W[1]], activation="tanh"),
+                                     ValueError, "weights\\[0\\] contains NaN or inf"),
+    "NaN output bias": (dict(biases=[B[0], one_bad(B[1], (2,), np.nan)]), ValueError, "biases\\[1\\] contains NaN"),
+    "inf hidden bias, sigmoid": (dict(biases=[one_bad(B[0], (3,), np.inf), B[1]], activation="sigmoid"),
+                                 ValueError, "biases\\[0\\] contains NaN or inf"),
     "unknown activation": (dict(activation="gelu"), ValueError, "activation must be one of"),
     "layer count": (dict(biases=[B[0]]), ValueError, "weights has 2 layers but biases has 1"),
     "no layers": (dict(weights=[], biases=[]), ValueError, "at least one layer"),
@@ -220,6 +238,18 @@ def test_forward_rejects_bad_input(backend, case):
     args.update(changes)
     with pytest.raises(error, match=message):
         backend.mlp_forward(args.pop("weights"), args.pop("biases"), args.pop("x"), **args)
+
+
+def test_forward_overflow_of_a_finite_network_is_not_an_error():
+    """A finite network whose outputs overflow float32 gives inf, as NumPy does, and no
+    false complaint about its parameters (the fast backend looks at them only then)."""
+    weights = [w.astype(np.float32) * 1e25 for w in W]
+    biases = [b.astype(np.float32) for b in B]
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = reference.mlp_forward(weights, biases, X)
+    assert not np.all(np.isfinite(expected))
+    np.testing.assert_array_equal(np.isfinite(fast.mlp_forward(weights, biases, X)),
+                                  np.isfinite(expected))
 
 
 TRAIN_CASES = {

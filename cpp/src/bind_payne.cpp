@@ -48,8 +48,9 @@ MLPGradients<T> like_network(const bind::NetworkArrays<T>& net, const py::list& 
   return out;
 }
 
+// Returns (out, jac or None, whether every pre-activation and output is finite).
 template <class T>
-py::object forward_t(const py::list& w, const py::list& b, const py::handle& x_in, int activation,
+py::tuple forward_t(const py::list& w, const py::list& b, const py::handle& x_in, int activation,
                      double slope, bool with_jacobian, int n_threads) {
   bind::NetworkArrays<T> arrays(w, b);
   const MLP<T> net = arrays.view(bind::activation_from(activation), slope);
@@ -58,17 +59,18 @@ py::object forward_t(const py::list& w, const py::list& b, const py::handle& x_i
   py::array_t<T> out({n_stars, n_out});
   py::array_t<T> jac = with_jacobian ? py::array_t<T>({n_stars, n_out, n_in}) : py::array_t<T>();
   Interrupt interrupt = bind::python_interrupt();
+  bool finite;
   {
     py::gil_scoped_release release;
-    mlp_forward(net, x.data(), n_stars, out.mutable_data(),
-                with_jacobian ? jac.mutable_data() : nullptr, n_threads, MLPBlocking(), &interrupt);
+    finite = mlp_forward(net, x.data(), n_stars, out.mutable_data(),
+                         with_jacobian ? jac.mutable_data() : nullptr, n_threads, MLPBlocking(),
+                         &interrupt);
   }
   bind::raise_if_interrupted(interrupt);
-  if (with_jacobian) return py::make_tuple(out, jac);
-  return std::move(out);
+  return py::make_tuple(out, with_jacobian ? py::object(jac) : py::none(), finite);
 }
 
-py::object forward(const py::list& w, const py::list& b, const py::handle& x, int activation,
+py::tuple forward(const py::list& w, const py::list& b, const py::handle& x, int activation,
                    double slope, bool with_jacobian, int n_threads) {
   if (w.size() == 0) throw py::value_error("weights must hold at least one layer");
   if (is_float32(w[0], "weights[0]"))

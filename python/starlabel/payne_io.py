@@ -32,12 +32,14 @@ def _float_dtype(name, array):
     return array.dtype
 
 
-def network(weights, biases, *, writable=False):
+def network(weights, biases, *, writable=False, finite=True):
     """Check an MLP's weights (out x in) and biases; returns (weights, biases, dtype).
 
     With ``writable`` the arrays are updated in place by training, so they must already be
     C-contiguous, writeable and of one float dtype (nothing is converted); otherwise they are
-    returned as C-contiguous arrays of the first weight's dtype.
+    returned as C-contiguous arrays of the first weight's dtype. ``finite=False`` leaves out
+    the check for NaN and inf, a pass over every parameter, for a caller that learns from the
+    compiled forward pass whether it needs one.
     """
     if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
         raise TypeError("weights and biases must be lists of arrays (one per layer)")
@@ -62,7 +64,7 @@ def network(weights, biases, *, writable=False):
             if writable and (not array.flags.c_contiguous or not array.flags.writeable
                              or not isinstance(value, np.ndarray)):
                 raise TypeError(f"{name} must be a writeable C-contiguous array (trained in place)")
-            if not np.all(np.isfinite(array)):
+            if finite and not np.all(np.isfinite(array)):
                 raise ValueError(f"{name} contains NaN or inf")
         w = w if writable else np.ascontiguousarray(w)
         b = b if writable else np.ascontiguousarray(b)

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <new>
 #include <stdexcept>
 #include <type_traits>
@@ -64,10 +65,14 @@ inline T sigmoid(T z) {
 }
 
 // z (rows x cols, leading dimension ld) <- g(z + bias); deriv (same layout, ld_d) <- g'(z + bias)
-// when not null. One switch per tile, a tight loop per activation.
+// when not null. One switch per tile, a tight loop per activation. Returns whether every
+// z + bias is finite: a NaN or inf weight, bias or input makes its unit's pre-activation
+// non-finite for every star, even where a saturating activation (sigmoid, tanh) would hide it.
 template <class T>
-void bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias, Activation act,
+bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias, Activation act,
                      T slope, T* deriv, index_t ld_d) {
+  constexpr T largest = std::numeric_limits<T>::max();
+  int bad = 0;  // an integer OR: the loops still vectorize without reassociating floats
   for (index_t r = 0; r < rows; ++r) {
     T* zr = z + r * ld;
     T* dr = deriv ? deriv + r * ld_d : nullptr;
@@ -77,6 +82,7 @@ void bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
         const T s = act == ACT_RELU ? T(0) : slope;
         for (index_t c = 0; c < cols; ++c) {
           const T v = zr[c] + bias[c];
+          bad |= !(std::abs(v) <= largest);
           zr[c] = v > T(0) ? v : s * v;
           if (dr) dr[c] = v > T(0) ? T(1) : s;
         }
@@ -84,14 +90,18 @@ void bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
       }
       case ACT_SIGMOID:
         for (index_t c = 0; c < cols; ++c) {
-          const T a = sigmoid(zr[c] + bias[c]);
+          const T v = zr[c] + bias[c];
+          bad |= !(std::abs(v) <= largest);
+          const T a = sigmoid(v);
           zr[c] = a;
           if (dr) dr[c] = a * (T(1) - a);
         }
         break;
       case ACT_TANH:
         for (index_t c = 0; c < cols; ++c) {
-          const T a = std::tanh(zr[c] + bias[c]);
+          const T v = zr[c] + bias[c];
+          bad |= !(std::abs(v) <= largest);
+          const T a = std::tanh(v);
           zr[c] = a;
           if (dr) dr[c] = T(1) - a * a;
         }
@@ -99,6 +109,7 @@ void bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
       case ACT_SOFTPLUS:
         for (index_t c = 0; c < cols; ++c) {
           const T v = zr[c] + bias[c];
+          bad |= !(std::abs(v) <= largest);
           zr[c] = std::max(v, T(0)) + std::log1p(std::exp(-std::abs(v)));
           if (dr) dr[c] = sigmoid(v);
         }
@@ -107,6 +118,7 @@ void bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
       default:
         for (index_t c = 0; c < cols; ++c) {
           const T v = zr[c] + bias[c];
+          bad |= !(std::abs(v) <= largest);
           const T s = sigmoid(v);
           zr[c] = v * s;
           if (dr) dr[c] = s * (T(1) + v * (T(1) - s));
@@ -114,6 +126,7 @@ void bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
         break;
     }
   }
+  return !bad;
 }
 
 inline index_t n_blocks(index_t n, index_t block) { return (n + block - 1) / block; }
@@ -189,12 +202,16 @@ struct ForwardScratch {
 // side for the tile's stars), then the last layer runs on (star tile x output block) tiles:
 // out = A W^T + b and J = W M, one GEMM each (J in float32 when net.last_weights_f32 is set).
 // interrupt (or null): when it fires, the remaining tiles are skipped (out is incomplete).
+// Returns whether every hidden pre-activation and every output is finite (checked in passes
+// that touch them anyway). False when a weight or bias is NaN or inf, so a caller can check
+// the network only then instead of reading all of it on every call; also when a value
+// overflowed.
 template <class T>
-void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_out,
+bool mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_out,
                  int n_threads, const MLPBlocking& blocking = MLPBlocking(),
                  Interrupt* interrupt = nullptr) {
   using namespace mlp_detail;
-  if (n_stars <= 0) return;
+  if (n_stars <= 0) return true;
   const int L = net.n_layers();
   const index_t n_in = net.n_in(), n_out = net.n_out(), H = net.sizes[L - 1];
   // widest layer held in the per-tile buffers: the inputs and hidden layers, never the output
@@ -225,10 +242,11 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
   float* mcat_f32 = kept.mcat_f32.at_least(jac_f32 ? H * n_in * chunk : 0);
   T* scratch = kept.scratch.at_least(per_thread * nt);
   float* scratch_f32 = kept.scratch_f32.at_least(jac_f32 ? jt_size * nt : 0);
-  std::atomic<bool> failed{false};
+  std::atomic<bool> failed{false}, non_finite{false};
 
 #pragma omp parallel num_threads(nt)
   {
+    bool finite = true;
     const int tid = thread_id();
     T* buf0 = scratch + per_thread * tid;
     T* buf1 = buf0 + act_size;
@@ -256,8 +274,8 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
             T* z = (l + 2 == L) ? hidden + (s0 - c0) * H : nxt;
             assign_product(map(z, ns, wo, wo), cmap(a, ns, width, width),
                            cmap(net.weights[l], wo, width, width).transpose());
-            bias_activation(z, wo, ns, wo, net.biases[l], net.activation, net.slope,
-                            want_jac ? dbuf : nullptr, wo);
+            finite &= bias_activation(z, wo, ns, wo, net.biases[l], net.activation, net.slope,
+                                      want_jac ? dbuf : nullptr, wo);
             if (want_jac) {
               // M_new (wo, n_in * ns): star s in columns [s n_in, (s + 1) n_in)
               const bool last = l + 2 == L;
@@ -312,10 +330,15 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
           auto o = map(out + s0 * n_out + p0, ns, np, n_out);
           assign_product(o, cmap(hidden + (s0 - c0) * H, ns, H, H),
                          cmap(wl + p0 * H, np, H, H).transpose());
+          int bad = 0;
           for (index_t s = 0; s < ns; ++s) {
             T* row = out + (s0 + s) * n_out + p0;
-            for (index_t p = 0; p < np; ++p) row[p] += bl[p0 + p];
+            for (index_t p = 0; p < np; ++p) {
+              row[p] += bl[p0 + p];
+              bad |= !(std::abs(row[p]) <= std::numeric_limits<T>::max());
+            }
           }
+          finite &= !bad;
           if (!want_jac) continue;
           const index_t nk = n_in * ns;
           auto scatter = [&](const auto* tile) {  // tile (np, nk) -> each star's (np, n_in)
@@ -339,8 +362,10 @@ void mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
         }
       }
     }
+    if (!finite) non_finite = true;
   }
   if (failed) throw std::bad_alloc();
+  return !non_finite;
 }
 
 // ---------------------------------------------------------------------------------------
