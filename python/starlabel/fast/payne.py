@@ -17,9 +17,9 @@ def mlp_forward(weights, biases, x, *, activation="leaky_relu", slope=0.01, jaco
     d out / d x as (n_stars, n_out, n_in).
     """
     check.threads(n_threads)
-    # Reading every parameter for NaN on each call would cost ~7% of a batch of 256 with The
-    # Payne's network. A NaN or inf parameter always makes a pre-activation or output
-    # non-finite (x is finite and not empty), which the core reports: check only then.
+    # Reading every parameter for NaN on each call cost 0.6-1.1 ms with The Payne's network
+    # here, 7-18% of a batch of 256. A NaN or inf parameter always makes a pre-activation or
+    # output non-finite (x is finite and not empty), which the core reports: check only then.
     weights, biases, dtype = check.network(weights, biases, finite=False)
     code, slope = check.activation(activation, slope)
     x = check.inputs(x, weights[0].shape[1], dtype)
