@@ -64,6 +64,13 @@ inline T sigmoid(T z) {
   return T(1) / (T(1) + std::exp(-z));
 }
 
+// false for NaN and +-inf; a comparison rather than std::isfinite, so that the loops that
+// use it still vectorize
+template <class T>
+inline bool is_finite_value(T v) {
+  return std::abs(v) <= std::numeric_limits<T>::max();
+}
+
 // z (rows x cols, leading dimension ld) <- g(z + bias); deriv (same layout, ld_d) <- g'(z + bias)
 // when not null. One switch per tile, a tight loop per activation. Returns whether every
 // z + bias is finite: a NaN or inf weight, bias or input makes its unit's pre-activation
@@ -71,7 +78,6 @@ inline T sigmoid(T z) {
 template <class T>
 bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias, Activation act,
                      T slope, T* deriv, index_t ld_d) {
-  constexpr T largest = std::numeric_limits<T>::max();
   int bad = 0;  // an integer OR: the loops still vectorize without reassociating floats
   for (index_t r = 0; r < rows; ++r) {
     T* zr = z + r * ld;
@@ -82,7 +88,7 @@ bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
         const T s = act == ACT_RELU ? T(0) : slope;
         for (index_t c = 0; c < cols; ++c) {
           const T v = zr[c] + bias[c];
-          bad |= !(std::abs(v) <= largest);
+          bad |= !is_finite_value(v);
           zr[c] = v > T(0) ? v : s * v;
           if (dr) dr[c] = v > T(0) ? T(1) : s;
         }
@@ -91,7 +97,7 @@ bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
       case ACT_SIGMOID:
         for (index_t c = 0; c < cols; ++c) {
           const T v = zr[c] + bias[c];
-          bad |= !(std::abs(v) <= largest);
+          bad |= !is_finite_value(v);
           const T a = sigmoid(v);
           zr[c] = a;
           if (dr) dr[c] = a * (T(1) - a);
@@ -100,7 +106,7 @@ bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
       case ACT_TANH:
         for (index_t c = 0; c < cols; ++c) {
           const T v = zr[c] + bias[c];
-          bad |= !(std::abs(v) <= largest);
+          bad |= !is_finite_value(v);
           const T a = std::tanh(v);
           zr[c] = a;
           if (dr) dr[c] = T(1) - a * a;
@@ -109,7 +115,7 @@ bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
       case ACT_SOFTPLUS:
         for (index_t c = 0; c < cols; ++c) {
           const T v = zr[c] + bias[c];
-          bad |= !(std::abs(v) <= largest);
+          bad |= !is_finite_value(v);
           zr[c] = std::max(v, T(0)) + std::log1p(std::exp(-std::abs(v)));
           if (dr) dr[c] = sigmoid(v);
         }
@@ -118,7 +124,7 @@ bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
       default:
         for (index_t c = 0; c < cols; ++c) {
           const T v = zr[c] + bias[c];
-          bad |= !(std::abs(v) <= largest);
+          bad |= !is_finite_value(v);
           const T s = sigmoid(v);
           zr[c] = v * s;
           if (dr) dr[c] = s * (T(1) + v * (T(1) - s));
@@ -335,7 +341,7 @@ bool mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
             T* row = out + (s0 + s) * n_out + p0;
             for (index_t p = 0; p < np; ++p) {
               row[p] += bl[p0 + p];
-              bad |= !(std::abs(row[p]) <= std::numeric_limits<T>::max());
+              bad |= !is_finite_value(row[p]);
             }
           }
           finite &= !bad;
