@@ -41,6 +41,9 @@ SHAPES = [  # (sizes, n_stars)
     ((4, 16, 12, 9, 33), 6),    # three hidden layers
     ((25, 40, 40, 600), 130),   # > one forward star tile (128), > one pixel block (512)
     ((3, 10, 10, 70), 700),     # > one Jacobian chunk (8 tiles of 85 stars)
+    # >= 4 star tiles: the last layer is packed ahead, in blocks of 512 outputs (here a full one
+    # and one of 18) and, at a depth of 1000, in two depth panels
+    ((4, 20, 1000, 530), 520),
 ]
 
 
@@ -152,6 +155,9 @@ def test_one_and_two_threads_give_identical_results(dtype):
     two = fast.mlp_forward(weights, biases, x, jacobian=True, n_threads=2)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
+    many = rng.uniform(-0.5, 0.5, (600, 5))  # enough star tiles to pack the last layer ahead
+    np.testing.assert_array_equal(fast.mlp_forward(weights, biases, many, n_threads=1),
+                                  fast.mlp_forward(weights, biases, many, n_threads=2))
     g1 = fast.mlp_gradients(weights, biases, x, target, n_threads=1)
     g2 = fast.mlp_gradients(weights, biases, x, target, n_threads=2)
     assert g1[0] == g2[0]
