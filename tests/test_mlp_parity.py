@@ -80,7 +80,12 @@ def test_every_activation_matches_reference(isa_core, activation, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("sizes,batch", [((3, 8, 5), 1), ((5, 7), 4), ((4, 70, 600, 30), 150)])
+@pytest.mark.parametrize("sizes,batch", [
+    ((3, 8, 5), 1), ((5, 7), 4), ((4, 70, 600, 30), 150),
+    # >= 4 tiles of 64 rows: the last layer is packed ahead, as W (blocks of 512 outputs: two
+    # full, one of 76) and as W^T (1100 deep: two depth panels)
+    ((6, 40, 1100), 300),
+])
 def test_gradients_match_reference(isa_core, sizes, batch, dtype):
     weights, biases = random_network(sizes, dtype, seed=5)
     rng = np.random.default_rng(6)
@@ -127,6 +132,28 @@ def test_training_epochs_match_reference(isa_core, optimizer, loss, dtype):
     for a, b in zip(wf + bf + sf["m_weights"] + sf["v_biases"], wr + br + sr["m_weights"] + sr["v_biases"]):
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.max(np.abs(b)))
     assert not np.array_equal(wf[0], weights[0])  # the weights did move
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_training_steps_with_packed_weights_match_reference(isa_core, dtype):
+    """Batches of >= 4 star tiles, where each step packs the last layer ahead: every step must
+    pack the weights the previous step left, not stale ones."""
+    weights, biases = random_network((3, 16, 16, 40), dtype, seed=9)
+    rng = np.random.default_rng(10)
+    x = rng.uniform(-0.5, 0.5, (520, 3))
+    target = np.sin(x @ rng.normal(size=(3, 40)))
+    nets = {}
+    for name, backend in (("fast", fast), ("reference", reference)):
+        w, b = copy_net(weights, biases)
+        state = backend.new_optimizer_state(w, b)
+        losses = backend.mlp_train_epoch(w, b, state, x, target, np.arange(520), batch_size=260,
+                                         learning_rate=1e-2, optimizer="adam")
+        nets[name] = (w, b, losses)
+    (wf, bf, lf), (wr, br, lr) = nets["fast"], nets["reference"]
+    tol = RTOL[dtype] * (10 if dtype == np.float32 else 1)  # as in the test above
+    np.testing.assert_allclose(lf, lr, rtol=tol)
+    for a, b in zip(wf + bf, wr + br):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.max(np.abs(b)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])

@@ -94,104 +94,96 @@ void product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
 
 }  // namespace gemm_detail
 
-// A matrix W (rows, depth) packed once as the left-hand operand of Eigen's GEMM kernel, for
-// products x W^T that use the same W many times: a network's last layer, for every star tile
-// of a forward pass and every iteration of an LM fit. A product packs that operand each time:
-// 11% of a 1024-star forward pass's samples, and ~17 MB copied per LM trial step in double.
+// A matrix A (rows, depth) packed once as the left-hand operand of Eigen's GEMM kernel, for
+// products x A^T that use the same A many times: a network's last layer, for every star tile
+// of a forward pass or a training step. A product packs that operand each time: at 1024
+// stars, 11% of a forward pass's samples, and in a training step at batch 512, 12% (the
+// forward and the backward pass each pack the last layer once per 64-star tile).
 //
-// W is packed in blocks of `block` rows; the products use one block each. Within a block the
-// order and cache blocking (kc, mc) are those Eigen's sequential GEMM uses for a product of
-// that block with `cols` columns, so results are the same, bit for bit, as Eigen's product.
-template <class T>
-class PackedRows {
+// A is stored in w with leading dimension ld: A(i, k) = w[i ld + k] (Order = RowMajor: a
+// weight matrix W (out, in), A = W) or w[k ld + i] (ColMajor: A = W^T). It is packed in blocks
+// of `block` rows and a product uses one block. Within a block the panels, their order and
+// the cache blocking (kc, mc) are those of Eigen's sequential GEMM for a product of that
+// block with `cols` columns, so results are those of Eigen's product, bit for bit.
+template <class T, int Order>
+class PackedMatrix {
  public:
-  // Room for W (rows, depth) in blocks of `block` rows, for products with up to
-  // about `cols` columns (sets the cache blocking only).
+  // Room and the panel table for A (rows, depth) in blocks of `block` rows, for products with
+  // about `cols` columns (sets the cache blocking only). Keeps its memory from call to call.
   void reset(index_t rows, index_t depth, index_t block, index_t cols) {
-    rows_ = rows;
-    depth_ = depth;
     block_ = block;
-    kc_ = depth;
-    mc_ = block;
-    index_t nc = cols;
-    Eigen::internal::computeProductBlockingSizes<T, T, 1>(kc_, mc_, nc, index_t(1));
-    block_stride_ = 0;
-    for_each_panel(block, [&](index_t, index_t, index_t mc, index_t kc, index_t offset) {
-      block_stride_ = offset + padded(mc * kc);
-    });
-    const std::size_t size = std::size_t(block_stride_) * ((rows + block - 1) / block);
-    if (data_.size() < size) data_.resize(size);
+    index_t kc = depth, mc = std::min(block, rows), nc = cols;
+    Eigen::internal::computeProductBlockingSizes<T, T, 1>(kc, mc, nc, index_t(1));
+    panels_.clear();
+    first_.clear();
+    index_t offset = 0;
+    for (index_t r0 = 0; r0 < rows; r0 += block) {
+      first_.push_back(static_cast<index_t>(panels_.size()));
+      const index_t n = std::min(block, rows - r0);
+      for (index_t i2 = 0; i2 < n; i2 += mc)  // row panels, then depth panels, as Eigen
+        for (index_t k2 = 0; k2 < depth; k2 += kc) {
+          const Panel panel{r0 + i2, k2, std::min(mc, n - i2), std::min(kc, depth - k2), offset};
+          panels_.push_back(panel);
+          offset += padded(panel.rows * panel.depth);
+        }
+    }
+    first_.push_back(static_cast<index_t>(panels_.size()));
+    if (data_.size() < std::size_t(offset)) data_.resize(offset);
   }
 
-  // Pack rows [r0, r0 + min(block, rows - r0)) of W (row-major, leading dimension ld); r0 a
-  // multiple of block. Blocks are independent, so threads may pack different blocks at once.
-  void pack(const T* w, index_t ld, index_t r0) {
-    using Mapper = Eigen::internal::const_blas_data_mapper<T, index_t, Eigen::RowMajor>;
+  // Pack panel p of A from w (leading dimension ld). Panels are independent: threads may pack
+  // different ones at once.
+  index_t n_panels() const { return static_cast<index_t>(panels_.size()); }
+  void pack_panel(const T* w, index_t ld, index_t p) {
+    using Mapper = Eigen::internal::const_blas_data_mapper<T, index_t, Order>;
     Eigen::internal::gemm_pack_lhs<T, index_t, Mapper, Traits::mr, Traits::LhsProgress,
-                                   typename Traits::LhsPacket4Packing, Eigen::RowMajor>
+                                   typename Traits::LhsPacket4Packing, Order>
         pack_lhs;
-    const Mapper lhs(w + r0 * ld, ld);
-    T* dst = data_.data() + (r0 / block_) * block_stride_;
-    for_each_panel(std::min(block_, rows_ - r0),
-                   [&](index_t i2, index_t k2, index_t mc, index_t kc, index_t offset) {
-                     pack_lhs(dst + offset, lhs.getSubMapper(i2, k2), kc, mc);
-                   });
+    const Panel& panel = panels_[p];
+    pack_lhs(data_.data() + panel.offset, Mapper(w, ld).getSubMapper(panel.row, panel.k),
+             panel.depth, panel.rows);
   }
 
-  // dst (cols, n) += x (cols, depth) * W[r0 : r0 + n]^T, n = min(block, rows - r0); dst and x
-  // row-major with leading dimensions ld_dst and ld_x; r0 a multiple of block.
+  // dst (cols, n) += x (cols, depth) * A[r0 : r0 + n]^T, the block of rows starting at r0 (a
+  // multiple of block); dst and x row-major with leading dimensions ld_dst and ld_x.
   void add_product(T* dst, index_t ld_dst, const T* x, index_t ld_x, index_t cols,
                    index_t r0) const {
     using namespace Eigen::internal;
     using RhsMapper = const_blas_data_mapper<T, index_t, Eigen::ColMajor>;
     using ResMapper = blas_data_mapper<T, index_t, Eigen::ColMajor, Eigen::Unaligned, 1>;
     if (cols <= 0) return;
-    // Eigen's view of a row-major product: dst^T (n, cols) = W_block (n, depth) * x^T
+    // Eigen's view of a row-major product: dst^T (n, cols) = A_block (n, depth) * x^T
     const RhsMapper rhs(x, ld_x);
     const ResMapper res(dst, ld_dst);
     gemm_pack_rhs<T, index_t, RhsMapper, Traits::nr, Eigen::ColMajor> pack_rhs;
     gebp_kernel<T, T, index_t, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
     thread_local std::vector<T, Eigen::aligned_allocator<T>> packed_x;
-    if (packed_x.size() < std::size_t(kc_ * cols)) packed_x.resize(kc_ * cols);
-    const T* block = data_.data() + (r0 / block_) * block_stride_;
-    index_t packed_k2 = -1;
-    for_each_panel(std::min(block_, rows_ - r0),
-                   [&](index_t i2, index_t k2, index_t mc, index_t kc, index_t offset) {
-                     if (k2 != packed_k2) {  // a single depth panel is packed once
-                       pack_rhs(packed_x.data(), rhs.getSubMapper(k2, 0), kc, cols);
-                       packed_k2 = k2;
-                     }
-                     gebp(res.getSubMapper(i2, 0), block + offset, packed_x.data(), mc, kc,
-                          cols, T(1));
-                   });
-  }
-
-  index_t rows() const { return rows_; }
-  index_t depth() const { return depth_; }
-  index_t block() const { return block_; }
-
- private:
-  using Traits = Eigen::internal::gebp_traits<T, T>;
-  static constexpr index_t kAlign = 64 / sizeof(T);  // each panel starts on a 64-byte line
-  static index_t padded(index_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-  // visit(i2, k2, mc, kc, offset) for the (mc x kc) panels of a block of n rows, in the order
-  // of Eigen's sequential GEMM (row panels, then depth panels), offset within the block
-  template <class Visit>
-  void for_each_panel(index_t n, Visit&& visit) const {
-    index_t offset = 0;
-    for (index_t i2 = 0; i2 < n; i2 += mc_) {
-      const index_t mc = std::min(mc_, n - i2);
-      for (index_t k2 = 0; k2 < depth_; k2 += kc_) {
-        const index_t kc = std::min(kc_, depth_ - k2);
-        visit(i2, k2, mc, kc, offset);
-        offset += padded(mc * kc);
+    const index_t b = r0 / block_;
+    index_t packed_k = -1;
+    for (index_t p = first_[b]; p < first_[b + 1]; ++p) {
+      const Panel& panel = panels_[p];
+      if (panel.k != packed_k) {  // with a single depth panel, x is packed once
+        if (packed_x.size() < std::size_t(panel.depth * cols)) packed_x.resize(panel.depth * cols);
+        pack_rhs(packed_x.data(), rhs.getSubMapper(panel.k, 0), panel.depth, cols);
+        packed_k = panel.k;
       }
+      gebp(res.getSubMapper(panel.row - r0, 0), data_.data() + panel.offset, packed_x.data(),
+           panel.rows, panel.depth, cols, T(1));
     }
   }
 
+ private:
+  using Traits = Eigen::internal::gebp_traits<T, T>;
+  static constexpr index_t kAlign = 64 / sizeof(T);  // panels start on 64-byte lines: Eigen
+  static index_t padded(index_t n) { return (n + kAlign - 1) / kAlign * kAlign; }  // stores packets aligned
+
+  struct Panel {
+    index_t row, k, rows, depth, offset;  // A[row : row + rows, k : k + depth] at data_ + offset
+  };
+  std::vector<Panel> panels_;
+  std::vector<index_t> first_;  // first panel of each block, then the number of panels
   std::vector<T, Eigen::aligned_allocator<T>> data_;
-  index_t rows_ = 0, depth_ = 0, block_ = 1, kc_ = 1, mc_ = 1, block_stride_ = 0;
+  index_t block_ = 1;
 };
 
 // dst (rows, cols) = lhs (rows, depth) * rhs (depth, cols); dst a writable Eigen::Map, Matrix
