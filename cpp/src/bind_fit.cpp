@@ -34,6 +34,9 @@ namespace {
 // emulator runs the batch as one matrix product), so starlabel.distributed cuts work on
 // multiples of it to reproduce a local fit bit for bit: exported as FIT_SPECTRA_BATCH.
 constexpr index_t FIT_SPECTRA_BATCH = 32;
+// Outputs per tile of an emulator's last layer in a fit: the J tile (256 x 32 stars x n_labels
+// floats) stays in L2.
+constexpr index_t FIT_PIXEL_BLOCK = 256;
 
 // An emulator for ShiftedSpectrumModel from a batched kernel called with one thread (the
 // fit's own OpenMP loop owns the threads).
@@ -54,9 +57,10 @@ py::object item(const py::dict& spec, const char* key) {
   return spec[key];
 }
 
-// Build the emulator described by `spec` and call visit(emulator).
+// Build the emulator described by `spec` and call visit(emulator). reused: it will be evaluated
+// many times (an LM fit), so an MLP's last layer is packed for its products once, here.
 template <class Visitor>
-void with_emulator(const py::dict& spec, Visitor&& visit) {
+void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
   const std::string kind = py::str(item(spec, "kind"));
   if (kind == "perpixel") {
     auto w0 = require<double>(item(spec, "w0"), "w0", {ANY, ANY, ANY});
@@ -79,11 +83,19 @@ void with_emulator(const py::dict& spec, Visitor&& visit) {
       last_f32 = require<float>(last, "last_weights_f32", {net.sizes[L], net.sizes[L - 1]});
       net.last_weights_f32 = last_f32->data();
     }
+    PackedMatrix<double, Eigen::RowMajor> packed;  // 17 MB for The Payne's network
+    if (reused) {
+      const index_t L = net.n_layers(), H = net.sizes[L - 1];
+      py::gil_scoped_release release;
+      packed.reset(net.n_out(), H, FIT_PIXEL_BLOCK, FIT_SPECTRA_BATCH);
+      for (index_t p = 0; p < packed.n_panels(); ++p) packed.pack_panel(net.weights[L - 1], H, p);
+      net.packed_last = &packed;
+    }
     const MLP<double>* netp = &net;
     visit(make_emulator([netp](const double* x, index_t n, double* f, double* j) {
       MLPBlocking blocking;
       blocking.jac_columns = n * netp->n_in();  // one star tile: the weights stream once per batch
-      blocking.pixel_block = 256;  // the J tile (256 x 32 stars x n_labels floats) stays in L2
+      blocking.pixel_block = FIT_PIXEL_BLOCK;
       mlp_forward(*netp, x, n, f, j, 1, blocking);
     }, net.n_in(), net.n_out()));
   } else if (kind == "cannon") {
@@ -195,7 +207,7 @@ py::object spectrum_model(const py::dict& spec, const py::handle& mw, const py::
                           const py::handle& kernel_segments, const py::handle& fit_sigma,
                           const py::handle& fit_vsini, int n_threads) {
   py::object result;
-  with_emulator(spec, [&](const auto& emu) {
+  with_emulator(spec, false, [&](const auto& emu) {
     const index_t np = emu.n_labels + (fit_rv ? 1 : 0) + (fit_sigma.is_none() ? 0 : 1) +
                        (fit_vsini.is_none() ? 0 : 1) + n_segments * n_coef;
     auto params = require<double>(params_in, "params", {ANY, np});
@@ -227,7 +239,7 @@ py::tuple fit(const py::dict& spec, const py::handle& mw, const py::handle& ow,
               const py::handle& kernels, const py::handle& kernel_segments,
               const py::handle& fit_sigma, const py::handle& fit_vsini, int n_threads) {
   py::tuple result;
-  with_emulator(spec, [&](const auto& emu) {
+  with_emulator(spec, true, [&](const auto& emu) {
     auto flux = require<double>(flux_in, "flux", {ANY, ANY});
     const index_t n_spectra = flux.shape(0);
     const Layout layout(mw, ow, seg, co, n_segments, n_coef, fit_rv, emu.n_labels, kernels,

@@ -134,6 +134,7 @@ class PackedMatrix {
   // Pack panel p of A from w (leading dimension ld). Panels are independent: threads may pack
   // different ones at once.
   index_t n_panels() const { return static_cast<index_t>(panels_.size()); }
+  index_t block() const { return block_; }
   void pack_panel(const T* w, index_t ld, index_t p) {
     using Mapper = Eigen::internal::const_blas_data_mapper<T, index_t, Order>;
     Eigen::internal::gemm_pack_lhs<T, index_t, Mapper, Traits::mr, Traits::LhsProgress,
@@ -174,8 +175,9 @@ class PackedMatrix {
 
  private:
   using Traits = Eigen::internal::gebp_traits<T, T>;
-  static constexpr index_t kAlign = 64 / sizeof(T);  // panels start on 64-byte lines: Eigen
-  static index_t padded(index_t n) { return (n + kAlign - 1) / kAlign * kAlign; }  // stores packets aligned
+  // every panel starts on a 64-byte line: Eigen's packing stores whole aligned packets
+  static constexpr index_t kAlign = 64 / sizeof(T);
+  static index_t padded(index_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
   struct Panel {
     index_t row, k, rows, depth, offset;  // A[row : row + rows, k : k + depth] at data_ + offset

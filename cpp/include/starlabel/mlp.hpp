@@ -182,6 +182,9 @@ struct MLP {
   // in double. Label fitting with a float32 network uses it: J only steers the steps and
   // sets the covariance, where float32's ~1e-6 relative error is far below what matters.
   const float* last_weights_f32 = nullptr;
+  // Optional: the last layer's weights packed once by a caller that evaluates the network
+  // many times (an LM fit), in blocks that then set mlp_forward's pixel block.
+  const PackedMatrix<T, Eigen::RowMajor>* packed_last = nullptr;
 
   int n_layers() const { return static_cast<int>(weights.size()); }
   index_t n_in() const { return sizes.front(); }
@@ -239,7 +242,7 @@ bool mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
                                                 : blocking.star_block);
   // a call with few stars (one LM batch) allocates for those stars only
   const index_t chunk = std::min(sb * blocking.chunk_tiles, n_blocks(n_stars, sb) * sb);
-  const index_t pb = blocking.pixel_block;
+  const index_t pb = net.packed_last ? net.packed_last->block() : blocking.pixel_block;
   const index_t n_pb = n_blocks(n_out, pb);
   const int nt = useful_threads(
       n_threads, layer_flops(net.sizes, n_stars) * (want_jac ? double(n_in) : 1.0));
@@ -258,16 +261,18 @@ bool mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
   T* scratch = kept.scratch.at_least(per_thread * nt);
   float* scratch_f32 = kept.scratch_f32.at_least(jac_f32 ? jt_size * nt : 0);
   // the calling thread's buffer (`kept` is thread-local: named here, not in the parallel region)
-  PackedMatrix<T, Eigen::RowMajor>* packed = pack_ahead(n_stars, sb) ? &kept.last : nullptr;
-  if (packed) packed->reset(n_out, H, pb, sb);
+  PackedMatrix<T, Eigen::RowMajor>* to_pack =
+      !net.packed_last && pack_ahead(n_stars, sb) ? &kept.last : nullptr;
+  if (to_pack) to_pack->reset(n_out, H, pb, sb);
+  const PackedMatrix<T, Eigen::RowMajor>* packed = net.packed_last ? net.packed_last : to_pack;
   std::atomic<bool> failed{false}, non_finite{false};
 
 #pragma omp parallel num_threads(nt)
   {
-    if (packed) {  // once per call, rather than once per star tile and pixel block
+    if (to_pack) {  // once per call, rather than once per star tile and pixel block
 #pragma omp for schedule(static)
-      for (index_t p = 0; p < packed->n_panels(); ++p)
-        packed->pack_panel(net.weights[L - 1], H, p);
+      for (index_t p = 0; p < to_pack->n_panels(); ++p)
+        to_pack->pack_panel(net.weights[L - 1], H, p);
     }
     bool finite = true;
     const int tid = thread_id();
