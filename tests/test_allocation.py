@@ -53,6 +53,7 @@ def test_a_repeated_fit_barely_faults_in_memory_under_dasks_malloc_setting(tmp_p
     assert run.returncode == 0, run.stderr
     faults, trial_steps = map(int, run.stdout.split())
     assert trial_steps > 50  # enough iterations for per-iteration allocations to show
-    # Measured: ~3 faults per trial step with the kept buffers (the result arrays, Python);
-    # ~230 when each product allocated its own (one ~600 KB packed block is 150 pages).
-    assert faults < 20 * trial_steps, (faults, trial_steps)
+    # Measured: 1.1-1.2 faults per trial step with the kept buffers (the result arrays,
+    # Python); ~230 when each product allocated its own (one ~600 KB packed block is 150
+    # pages); 5.3 when the fit's packed last layer (4.8 MB here) was allocated per call.
+    assert faults < 3 * trial_steps, (faults, trial_steps)

@@ -83,7 +83,9 @@ void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
       last_f32 = require<float>(last, "last_weights_f32", {net.sizes[L], net.sizes[L - 1]});
       net.last_weights_f32 = last_f32->data();
     }
-    PackedMatrix<double, Eigen::RowMajor> packed;  // 17 MB for The Payne's network
+    // 17 MB for The Payne's network; kept by the calling thread, as the core's other
+    // buffers, so that a call does not fault in fresh pages for it (Dask workers)
+    thread_local PackedMatrix<double, Eigen::RowMajor> packed;
     if (reused) {
       const index_t L = net.n_layers(), H = net.sizes[L - 1];
       py::gil_scoped_release release;
