@@ -103,6 +103,23 @@ def copy_net(weights, biases):
     return [w.copy() for w in weights], [b.copy() for b in biases]
 
 
+def train_with_both_backends(weights, biases, train):
+    """{"fast": ..., "reference": ...}: (weights, biases, optimizer state, losses) after
+    train(backend, weights, biases, state) -> losses, each backend from copies of the network."""
+    nets = {}
+    for name, backend in (("fast", fast), ("reference", reference)):
+        w, b = copy_net(weights, biases)
+        state = backend.new_optimizer_state(w, b)
+        nets[name] = (w, b, state, train(backend, w, b, state))
+    return nets
+
+
+def training_tolerance(dtype):
+    # a few steps of an adaptive optimizer amplify the per-step rounding differences a little
+    # (m / sqrt(v) of tiny gradients): float32 gets 10x the single-pass tolerance.
+    return RTOL[dtype] * (10 if dtype == np.float32 else 1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("loss", ["l1", "l2"])
@@ -111,10 +128,8 @@ def test_training_epochs_match_reference(isa_core, optimizer, loss, dtype):
     rng = np.random.default_rng(8)
     x = rng.uniform(-0.5, 0.5, (90, 3))
     target = np.sin(x @ rng.normal(size=(3, 40)))
-    nets = {}
-    for name, backend in (("fast", fast), ("reference", reference)):
-        w, b = copy_net(weights, biases)
-        state = backend.new_optimizer_state(w, b)
+
+    def train(backend, w, b, state):
         losses = []
         for epoch in range(2):  # 2 epochs x 4 batches (the last one of 18 rows)
             order = np.random.default_rng(epoch).permutation(90)
@@ -122,12 +137,12 @@ def test_training_epochs_match_reference(isa_core, optimizer, loss, dtype):
                 w, b, state, x, target, order, batch_size=24, learning_rate=[1e-2, 5e-3, 2e-3, 1e-3],
                 optimizer=optimizer, weight_decay=0.01, loss=loss,
                 pixel_weights=np.linspace(0.5, 1.5, 40)))
-        nets[name] = (w, b, state, np.concatenate(losses))
+        return np.concatenate(losses)
+
+    nets = train_with_both_backends(weights, biases, train)
     (wf, bf, sf, lf), (wr, br, sr, lr) = nets["fast"], nets["reference"]
     assert sf["step"] == sr["step"] == 8
-    # 8 steps of an adaptive optimizer amplify the per-step rounding differences a little
-    # (m / sqrt(v) of tiny gradients): float32 gets 10x the single-pass tolerance.
-    tol = RTOL[dtype] * (10 if dtype == np.float32 else 1)
+    tol = training_tolerance(dtype)
     np.testing.assert_allclose(lf, lr, rtol=tol)
     for a, b in zip(wf + bf + sf["m_weights"] + sf["v_biases"], wr + br + sr["m_weights"] + sr["v_biases"]):
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.max(np.abs(b)))
@@ -142,15 +157,12 @@ def test_training_steps_with_packed_weights_match_reference(isa_core, dtype):
     rng = np.random.default_rng(10)
     x = rng.uniform(-0.5, 0.5, (520, 3))
     target = np.sin(x @ rng.normal(size=(3, 40)))
-    nets = {}
-    for name, backend in (("fast", fast), ("reference", reference)):
-        w, b = copy_net(weights, biases)
-        state = backend.new_optimizer_state(w, b)
-        losses = backend.mlp_train_epoch(w, b, state, x, target, np.arange(520), batch_size=260,
-                                         learning_rate=1e-2, optimizer="adam")
-        nets[name] = (w, b, losses)
-    (wf, bf, lf), (wr, br, lr) = nets["fast"], nets["reference"]
-    tol = RTOL[dtype] * (10 if dtype == np.float32 else 1)  # as in the test above
+    nets = train_with_both_backends(weights, biases, lambda backend, w, b, state:
+                                    backend.mlp_train_epoch(w, b, state, x, target,
+                                                            np.arange(520), batch_size=260,
+                                                            learning_rate=1e-2, optimizer="adam"))
+    (wf, bf, _, lf), (wr, br, _, lr) = nets["fast"], nets["reference"]
+    tol = training_tolerance(dtype)
     np.testing.assert_allclose(lf, lr, rtol=tol)
     for a, b in zip(wf + bf, wr + br):
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.max(np.abs(b)))

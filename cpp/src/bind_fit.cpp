@@ -90,7 +90,7 @@ void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
       const index_t L = net.n_layers(), H = net.sizes[L - 1];
       py::gil_scoped_release release;
       packed.reset(net.n_out(), H, FIT_PIXEL_BLOCK, FIT_SPECTRA_BATCH);
-      for (index_t p = 0; p < packed.n_panels(); ++p) packed.pack_panel(net.weights[L - 1], H, p);
+      packed.pack(net.weights[L - 1], H);
       net.packed_last = &packed;
     }
     const MLP<double>* netp = &net;

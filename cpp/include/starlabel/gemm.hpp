@@ -135,6 +135,9 @@ class PackedMatrix {
   // different ones at once.
   index_t n_panels() const { return static_cast<index_t>(panels_.size()); }
   index_t block() const { return block_; }
+  void pack(const T* w, index_t ld) {  // every panel, on the calling thread
+    for (index_t p = 0; p < n_panels(); ++p) pack_panel(w, ld, p);
+  }
   void pack_panel(const T* w, index_t ld, index_t p) {
     using Mapper = Eigen::internal::const_blas_data_mapper<T, index_t, Order>;
     Eigen::internal::gemm_pack_lhs<T, index_t, Mapper, Traits::mr, Traits::LhsProgress,
