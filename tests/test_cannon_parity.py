@@ -84,6 +84,17 @@ def test_fixed_s2_and_censoring_match_reference(isa_core):
     assert np.all(out_fast[0][~mask] == 0.0)
 
 
+@pytest.mark.parametrize("regularization", [0.0, 0.1, 3.0])
+def test_restarted_s2_search_matches_reference(isa_core, non_convex_pixels, regularization):
+    # pixels 0 and 1 restart from a lower value of the objective above their local minimum at
+    # s2 = 0 (from above and from below the lower minimum); 3.0 zeroes the slope term
+    exponents, x, flux, ivar = non_convex_pixels
+    out_fast = fast.cannon_train(exponents, x, flux, ivar, regularization=regularization)
+    out_ref = reference.cannon_train(exponents, x, flux, ivar, regularization=regularization)
+    assert_training_matches(out_fast, out_ref)
+    assert np.all(out_fast[1][:2] > 1.0) and out_fast[1][2] == 0.0
+
+
 @pytest.mark.parametrize("regularization", [1e3, 1e5])
 def test_l1_training_matches_reference(isa_core, regularization):
     exponents, x, flux, ivar = random_problem(100, 3, 6, 2, seed=8)

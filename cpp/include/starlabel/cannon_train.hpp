@@ -17,6 +17,11 @@
 // over the active terms A, so a bracketed Newton iteration (on (noise + s2)^2 g, which is
 // nearly linear) finds the root to full precision in a handful of Gram evaluations;
 // s2 = 0 when g(0) <= 0.
+//
+// The profile objective need not be convex in s2: a few very precise stars can hold a local
+// minimum at s2 = 0 while the many imprecise ones give a lower one further out (ivar spanning
+// decades within a pixel). So every local minimum found is checked against an upper bound of
+// the objective above it (ProfileCheck), and the search restarts where that bound is lower.
 #pragma once
 
 #include <Eigen/Cholesky>
@@ -49,6 +54,7 @@ struct TrainOptions {
   double regularization = 0.0;
   double s2_rtol = 1e-12;      // relative precision of s2
   int s2_max_iter = 100;
+  int s2_max_restarts = 3;     // searches restarted from a lower value above a local minimum
   double l1_tol = 1e-12;       // coordinate descent stops when no scaled coefficient moves more
   int l1_max_sweeps = 20000;
   double rcond_min = 1e-13;    // reciprocal condition number below which a pixel is singular
@@ -136,6 +142,65 @@ inline bool solve_lasso(const ScaledGram& gram, const Eigen::VectorXd& b, const 
   return false;
 }
 
+// Is there a lower value of the profile objective F above a local minimum s2_found?
+// Holding theta at theta(s2_found) gives an upper bound of F that is F itself at s2_found:
+//   F(s) - F(s2_found) <= G(s) - F(s2_found) = sum_n [(w_n(s) - w_n(s2_found)) r_n^2 + ln t_n],
+//   t_n = w_n(s2_found) / w_n(s) = (1 + ivar_n s) / (1 + ivar_n s2_found) >= 1  (s > s2_found).
+// It is evaluated on a grid from the largest r_n^2 (above which every term of G grows) down in
+// factors of 4, and can only prove that a lower value exists, never that none does. The logs
+// are taken of products of 8 ratios 1/t_n <= 1 (only underflow can spoil a product, and then
+// the ratios are logged one by one).
+struct ProfileCheck {
+  static constexpr int n_grid = 12;
+  static constexpr double tolerance = 1e-8;  // per star: a bound must be below -tolerance * n_used
+  Eigen::ArrayXd one_found, wr2_found, inv_ratio;
+
+  // The grid s2 with the most negative bound, or NaN when no bound is below -tolerance.
+  //   ivar, resid (n_stars,): a pixel's ivar (0 ignores a star) and residuals at s2_found
+  double lower_point(const double* ivar, const double* resid, index_t n_stars, double s2_found) {
+    const Eigen::Map<const Eigen::ArrayXd> iv(ivar, n_stars), r(resid, n_stars);
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const double top = (iv > 0.0).select(r.square(), 0.0).maxCoeff();
+    if (!(top > 0.0 && top < std::numeric_limits<double>::infinity())) return nan;
+    one_found = 1.0 + iv * s2_found;
+    wr2_found = iv * r.square() / one_found;
+    const index_t n8 = n_stars / 8;
+    double lowest = -tolerance * static_cast<double>((iv > 0.0).count()), s2_lower = nan;
+    for (int k = 0; k < n_grid; ++k) {
+      const double s2 = s2_found + std::ldexp(top, -2 * k);
+      inv_ratio = one_found / (1.0 + iv * s2);  // 1 / t_n = w_n(s) / w_n(s2_found)
+      // ln t >= 1 - 1/t gives a lower bound of the bound without logs: most grid points
+      // (all of them in a survey's pixels) stop here
+      if (((wr2_found - 1.0) * (inv_ratio - 1.0)).sum() >= lowest) continue;
+      const Eigen::Map<const Eigen::ArrayXXd> q(inv_ratio.data(), n8, 8);
+      double log_sum = -(q.col(0) * q.col(1) * q.col(2) * q.col(3) * q.col(4) * q.col(5) *
+                         q.col(6) * q.col(7)).log().sum() -
+                       inv_ratio.tail(n_stars - 8 * n8).log().sum();
+      if (!std::isfinite(log_sum)) log_sum = -inv_ratio.log().sum();
+      const double bound = (wr2_found * (inv_ratio - 1.0)).sum() + log_sum;
+      if (bound < lowest) {
+        lowest = bound;
+        s2_lower = s2;
+      }
+    }
+    return s2_lower;
+  }
+};
+
+// F(s2) = sum_n [w_n r_n^2 - ln w_n] + regularization * sum_k' |theta_k| at theta = theta(s2).
+inline double profile_value(const double* ivar, const double* resid, index_t n_stars, double s2,
+                            const Eigen::VectorXd& theta, const std::vector<index_t>& terms,
+                            const std::uint8_t* penalized, double regularization) {
+  double value = 0.0;
+  for (index_t n = 0; n < n_stars; ++n)
+    if (ivar[n] > 0.0)
+      value += ivar[n] / (1.0 + ivar[n] * s2) * resid[n] * resid[n] + std::log1p(ivar[n] * s2) -
+               std::log(ivar[n]);
+  for (std::size_t i = 0; i < terms.size(); ++i)
+    if (penalized[terms[i]]) value += regularization * std::abs(theta[i]);
+  return value;
+}
+
 // Where one pixel stands in the search for its s2.
 struct PixelSearch {
   index_t pixel = 0;                 // index within the block
@@ -146,6 +211,22 @@ struct PixelSearch {
   std::int8_t status = PIXEL_OK;
   std::vector<index_t> free_terms;   // terms not censored at this pixel
   Eigen::VectorXd theta;             // over free_terms
+
+  // After ProfileCheck found a lower value at s2 above the local minimum `best_*`:
+  //   RESTART  s2 is that point; its g says on which side of it a lower minimum lies;
+  //   SEEK     F(hi) < F(floor) and g(hi) < 0, so F falls somewhere in (floor, hi): bisect
+  //            for a point with g > 0, which with hi brackets a lower minimum.
+  enum Phase : std::int8_t { SEARCH, RESTART, SEEK } phase = SEARCH;
+  int restarts = 0;
+  double floor = 0.0, f_hi = 0.0;
+  double best_s2 = 0.0, best_f = 0.0;
+  Eigen::VectorXd best_theta;
+
+  void keep_best() {
+    s2 = best_s2;
+    theta = best_theta;
+    done = true;
+  }
 };
 
 }  // namespace detail
@@ -180,6 +261,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
   const index_t most = std::min(opt.pixel_block, P);
   std::vector<double> flux_store, ivar_store, w_store, wflux_store, resid_store, w2resid_store,
       moments_store, rhs_store, coef_store, c_store;
+  detail::ProfileCheck check;
 #pragma omp for schedule(dynamic, 1) nowait
   for (index_t block = 0; block < n_blocks; ++block) {
     struct Done {  // counted however the block ends
@@ -276,6 +358,10 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
           detail::PixelSearch& ps = *live[j];
           ++ps.n_eval;
           if (!solved[j] || !ps.theta.allFinite()) {
+            if (ps.restarts > 0) {  // far out in s2: the local minimum found stands
+              ps.keep_best();
+              continue;
+            }
             ps.status = PIXEL_SINGULAR;
             ps.done = true;
             continue;
@@ -284,26 +370,60 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             ps.done = true;
             continue;
           }
+          const double* pixel_ivar = &ivar(0, ps.pixel);
           double g = 0.0, gp = 0.0, sum_r2 = 0.0, sum_ivar = 0.0;
           index_t n_used = 0;
           for (index_t n = 0; n < N; ++n) {
             const double wn = w(n, j), r = resid(n, j);
             g += wn * wn * r * r - wn;
             gp += wn * wn - 2.0 * wn * wn * wn * r * r;
-            if (ivar(n, ps.pixel) > 0.0) {
+            if (pixel_ivar[n] > 0.0) {
               sum_r2 += r * r;
-              sum_ivar += ivar(n, ps.pixel);
+              sum_ivar += pixel_ivar[n];
               ++n_used;
             }
           }
           if (!std::isfinite(g)) {  // w r^2 overflows (absurd flux scales): no usable likelihood
+            if (ps.restarts > 0) {
+              ps.keep_best();
+              continue;
+            }
             ps.status = PIXEL_SINGULAR;
             ps.done = true;
             continue;
           }
+          // F, needed only once a restart compares minima
+          const double f = ps.restarts > 0
+              ? detail::profile_value(pixel_ivar, &resid(0, j), N, ps.s2, ps.theta, ps.free_terms,
+                                      data.penalized, opt.regularization)
+              : nan;
+          // A local minimum at ps.s2: keep it (or the better earlier one), or restart above it.
+          const auto finish = [&] {
+            if (ps.restarts > 0 && !(f < ps.best_f)) {
+              ps.keep_best();
+              return;
+            }
+            if (ps.restarts < opt.s2_max_restarts) {
+              const double s2_lower = check.lower_point(pixel_ivar, &resid(0, j), N, ps.s2);
+              if (!std::isnan(s2_lower)) {
+                ps.best_f = ps.restarts > 0
+                    ? f
+                    : detail::profile_value(pixel_ivar, &resid(0, j), N, ps.s2, ps.theta,
+                                            ps.free_terms, data.penalized, opt.regularization);
+                ps.best_s2 = ps.s2;
+                ps.best_theta = ps.theta;
+                ++ps.restarts;
+                ps.phase = detail::PixelSearch::RESTART;
+                ps.s2 = s2_lower;
+                return;
+              }
+            }
+            ps.done = true;
+          };
           if (ps.n_eval == 1) {  // at s2 = 0
+            ps.noise = static_cast<double>(n_used) / sum_ivar;
             if (g <= 0.0) {
-              ps.done = true;
+              finish();
               continue;
             }
             ps.guess = sum_r2 / static_cast<double>(n_used);
@@ -312,13 +432,33 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
               ps.done = true;
               continue;
             }
-            ps.noise = static_cast<double>(n_used) / sum_ivar;
-          } else if (g > 0.0) {
+          } else if (g == 0.0) {
+            finish();
+            continue;
+          } else if (ps.phase == detail::PixelSearch::SEARCH) {
+            (g > 0.0 ? ps.lo : ps.hi) = ps.s2;
+          } else if (g > 0.0) {  // a lower minimum lies above: bracket it as usual
             ps.lo = ps.s2;
-          } else if (g < 0.0) {
-            ps.hi = ps.s2;
-          } else {
-            ps.done = true;
+            if (ps.phase == detail::PixelSearch::RESTART)
+              ps.hi = std::numeric_limits<double>::infinity();
+            ps.phase = detail::PixelSearch::SEARCH;
+          } else {  // g < 0 at RESTART or SEEK: bisect (floor, hi) for a point with g > 0
+            if (ps.phase == detail::PixelSearch::RESTART) {
+              ps.floor = ps.best_s2;
+              ps.hi = ps.s2;
+              ps.f_hi = f;
+              ps.phase = detail::PixelSearch::SEEK;
+            } else if (f > ps.f_hi) {
+              ps.floor = ps.s2;
+            } else {
+              ps.hi = ps.s2;
+              ps.f_hi = f;
+            }
+            if (ps.hi - ps.floor <= opt.s2_rtol * ps.hi || ps.n_eval >= opt.s2_max_iter) {
+              ps.keep_best();
+            } else {
+              ps.s2 = 0.5 * (ps.floor + ps.hi);
+            }
             continue;
           }
           // The envelope term 2 c^T G_A^{-1} c over the active terms, needed only for a Newton
@@ -345,7 +485,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
           // that this very evaluation set, and bisecting instead crawled back to the root
           // (a 17-label pixel took 41 evaluations, each a pass over its whole block).
           if (std::abs(newton - ps.s2) <= opt.s2_rtol * std::max(newton, ps.s2)) {
-            ps.done = true;
+            finish();
             continue;
           }
           double next = newton;
@@ -356,10 +496,14 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
           }
           if (std::abs(next - ps.s2) <= opt.s2_rtol * std::max(next, ps.s2) ||
               (std::isfinite(ps.hi) && ps.hi - ps.lo <= opt.s2_rtol * ps.hi)) {
-            ps.done = true;
+            finish();
           } else if (ps.n_eval >= opt.s2_max_iter) {
-            ps.status = PIXEL_NOT_CONVERGED;
-            ps.done = true;
+            if (ps.restarts > 0) {
+              ps.keep_best();
+            } else {
+              ps.status = PIXEL_NOT_CONVERGED;
+              ps.done = true;
+            }
           } else {
             ps.s2 = next;
           }

@@ -2,7 +2,9 @@
 
 Training works pixel by pixel: theta by weighted normal equations with Jacobi scaling (or
 by coordinate descent with an L1 penalty), s2 by Brent's method on the derivative of the
-profile objective (the compiled core uses a Newton iteration on the same function).
+profile objective (the compiled core uses a Newton iteration on the same function). Every
+local minimum of s2 is checked for a lower value of the objective above it, as in the core's
+ProfileCheck, and the search restarts from there.
 """
 
 import numpy as np
@@ -19,6 +21,9 @@ RCOND_MIN = 1e-13     # as TrainOptions::rcond_min
 S2_RTOL = 1e-12
 L1_TOL = 1e-12        # as TrainOptions::l1_tol
 L1_MAX_SWEEPS = 20000
+S2_MAX_RESTARTS = 3   # as TrainOptions::s2_max_restarts
+CHECK_GRID = 4.0 ** -np.arange(12)   # as ProfileCheck: multiples of the largest r^2
+CHECK_TOLERANCE = 1e-8
 
 
 def _solve_theta(design, weight, flux, regularization, penalized, warm):
@@ -54,6 +59,77 @@ def _solve_theta(design, weight, flux, regularization, penalized, warm):
     return d * u, True, False
 
 
+def _lower_point(iv, resid, s2_found):
+    """An s2 above the local minimum s2_found where the profile objective F is provably lower.
+
+    Holding theta at theta(s2_found) bounds F from above by G(s) = sum [w(s) r^2 - ln w(s)],
+    which equals F at s2_found; G is evaluated on CHECK_GRID times the largest r^2 (above which
+    G only grows). Returns the grid point with the lowest G when that is below
+    F(s2_found) - CHECK_TOLERANCE * n_used, else None.
+    """
+    used = iv > 0
+    iv, r2 = iv[used], resid[used] ** 2
+    if not 0 < r2.max() < np.inf:
+        return None
+    grid = s2_found + r2.max() * CHECK_GRID
+    ratio = (1.0 + iv[:, None] * grid) / (1.0 + iv[:, None] * s2_found)   # w(s2_found) / w(s)
+    bounds = (np.sum((iv * r2)[:, None] / (1.0 + iv[:, None] * grid), axis=0)
+              - np.sum(iv * r2 / (1.0 + iv * s2_found)) + np.sum(np.log(ratio), axis=0))
+    k = int(np.argmin(bounds))
+    return grid[k] if bounds[k] < -CHECK_TOLERANCE * used.sum() else None
+
+
+def _lower_minimum(objective, s2_start, s2_floor, f_floor):
+    """A local minimum of F reached from s2_start, where F(s2_start) < f_floor = F(s2_floor).
+
+    objective(s2) -> (g, F), g = -dF/ds2. Where F falls at s2_start the minimum is above it;
+    where it rises, F must fall somewhere in (s2_floor, s2_start), and bisection keeps such an
+    interval until it finds a point where F falls. Returns None when that fails.
+    """
+    g, f = objective(s2_start)
+    if g == 0:
+        return s2_start
+    if g > 0:
+        hi = 4.0 * s2_start
+        while objective(hi)[0] > 0:
+            hi *= 4.0
+        return brentq(lambda s: objective(s)[0], s2_start, hi, xtol=1e-300, rtol=S2_RTOL)
+    floor, hi, f_hi = s2_floor, s2_start, f
+    while hi - floor > S2_RTOL * hi:
+        mid = 0.5 * (floor + hi)
+        g, f = objective(mid)
+        if g == 0:
+            return mid
+        if g > 0:
+            return brentq(lambda s: objective(s)[0], mid, hi, xtol=1e-300, rtol=S2_RTOL)
+        if f > f_hi:
+            floor = mid
+        else:
+            hi, f_hi = mid, f
+    return None
+
+
+def _lowest_minimum(objective, value, state, iv, s2_found):
+    """The lowest local minimum of F found by restarting, at most S2_MAX_RESTARTS times, from
+    a provably lower value above the local minimum s2_found (whose theta and residuals are in
+    state); theta(s2) of the result is left in state."""
+    for _ in range(S2_MAX_RESTARTS):
+        s2_lower = _lower_point(iv, state["resid"], s2_found)
+        if s2_lower is None:
+            break
+        theta_found, f_found = state["theta"].copy(), value(s2_found)
+        try:
+            s2_new = _lower_minimum(objective, s2_lower, s2_found, f_found)
+        except np.linalg.LinAlgError:   # far out in s2: the minimum found stands
+            s2_new = None
+        f_new = np.inf if s2_new is None else objective(s2_new)[1]
+        if not f_new < f_found:
+            state["theta"] = theta_found
+            break
+        s2_found, f_found = s2_new, f_new
+    return s2_found
+
+
 def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None, s2=None,
                  n_threads=None):
     """Train every pixel of a Cannon model; see starlabel.fast.cannon_train."""
@@ -84,11 +160,21 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
             if not ok or not np.all(np.isfinite(solution)):
                 raise np.linalg.LinAlgError
             state["theta"] = solution
-            resid = f - v @ solution
+            resid = state["resid"] = f - v @ solution
             g = np.sum(weight**2 * resid**2 - weight)
             if fixed_s2 is None and not np.isfinite(g):   # absurd flux scales overflow w r^2
                 raise np.linalg.LinAlgError
             return g, resid
+
+        def value(s2_value):
+            """F at s2_value from the theta and residuals in state (those of s2_value)."""
+            weight = iv[used] / (1.0 + iv[used] * s2_value)
+            penalty = regularization * np.sum(np.abs(state["theta"][penalized[free]]))
+            return np.sum(weight * state["resid"][used] ** 2 - np.log(weight)) + penalty
+
+        def objective(s2_value):
+            """(g, F) at s2_value; theta(s2_value) and its residuals are left in state."""
+            return evaluate(s2_value)[0], value(s2_value)
 
         try:
             if fixed_s2 is not None:
@@ -105,6 +191,7 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
                         hi *= 4.0
                     s2_value = brentq(lambda s: evaluate(s)[0], 0.0, hi, xtol=1e-300, rtol=S2_RTOL)
                     evaluate(s2_value)  # theta at the root
+                s2_value = _lowest_minimum(objective, value, state, iv, s2_value)
         except np.linalg.LinAlgError:
             status[p] = PixelStatus.SINGULAR
             continue
