@@ -348,11 +348,13 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
           for (std::size_t i = 0; i < ps.free_terms.size(); ++i) coef(j, ps.free_terms[i]) = ps.theta[i];
         }
 
-        // residuals, g(s2) and g'(s2)
-        for (index_t j = 0; j < na; ++j) resid.col(j) = flux.col(live[j]->pixel);
-        resid.noalias() -= design * coef.transpose();
-        w2resid = w.cwiseProduct(w).cwiseProduct(resid);
-        c.noalias() = w2resid.transpose() * design;       // (na, K)
+        // residuals, g(s2) and g'(s2): only the search for s2 needs them
+        if (!fixed_s2) {
+          for (index_t j = 0; j < na; ++j) resid.col(j) = flux.col(live[j]->pixel);
+          resid.noalias() -= design * coef.transpose();
+          w2resid = w.cwiseProduct(w).cwiseProduct(resid);
+          c.noalias() = w2resid.transpose() * design;     // (na, K)
+        }
 
         for (index_t j = 0; j < na; ++j) {
           detail::PixelSearch& ps = *live[j];
