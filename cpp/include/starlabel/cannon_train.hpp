@@ -368,6 +368,11 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             ps.done = true;
             continue;
           }
+          if (ps.restarts > 0 && ps.status == PIXEL_NOT_CONVERGED) {  // L1 failed on the way:
+            ps.status = PIXEL_OK;                                     // the minimum found stands
+            ps.keep_best();
+            continue;
+          }
           if (fixed_s2 || ps.status != PIXEL_OK) {
             ps.done = true;
             continue;

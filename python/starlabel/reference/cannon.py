@@ -109,22 +109,34 @@ def _lower_minimum(objective, s2_start, s2_floor, f_floor):
     return None
 
 
+class _Abandoned(Exception):
+    """A restart's L1 solve did not converge."""
+
+
 def _lowest_minimum(objective, value, state, iv, s2_found):
     """The lowest local minimum of F found by restarting, at most S2_MAX_RESTARTS times, from
     a provably lower value above the local minimum s2_found (whose theta and residuals are in
-    state); theta(s2) of the result is left in state."""
+    state); theta(s2) of the result is left in state. A restart whose L1 solve does not
+    converge, or whose Gram is singular, is abandoned."""
     for _ in range(S2_MAX_RESTARTS):
         s2_lower = _lower_point(iv, state["resid"], s2_found)
         if s2_lower is None:
             break
         theta_found, f_found = state["theta"].copy(), value(s2_found)
+
+        def converged_objective(s2_value):
+            result = objective(s2_value)
+            if not state["converged"]:
+                raise _Abandoned
+            return result
+
         try:
-            s2_new = _lower_minimum(objective, s2_lower, s2_found, f_found)
-        except np.linalg.LinAlgError:   # far out in s2: the minimum found stands
-            s2_new = None
-        f_new = np.inf if s2_new is None else objective(s2_new)[1]
+            s2_new = _lower_minimum(converged_objective, s2_lower, s2_found, f_found)
+            f_new = np.inf if s2_new is None else converged_objective(s2_new)[1]
+        except (np.linalg.LinAlgError, _Abandoned):   # the minimum found stands
+            f_new = np.inf
         if not f_new < f_found:
-            state["theta"] = theta_found
+            state.update(theta=theta_found, converged=True)
             break
         s2_found, f_found = s2_new, f_new
     return s2_found
@@ -191,7 +203,8 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
                         hi *= 4.0
                     s2_value = brentq(lambda s: evaluate(s)[0], 0.0, hi, xtol=1e-300, rtol=S2_RTOL)
                     evaluate(s2_value)  # theta at the root
-                s2_value = _lowest_minimum(objective, value, state, iv, s2_value)
+                if state["converged"]:
+                    s2_value = _lowest_minimum(objective, value, state, iv, s2_value)
         except np.linalg.LinAlgError:
             status[p] = PixelStatus.SINGULAR
             continue
