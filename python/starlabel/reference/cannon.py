@@ -118,18 +118,17 @@ def _lowest_minimum(objective, value, state, iv, s2_found):
     a provably lower value above the local minimum s2_found (whose theta and residuals are in
     state); theta(s2) of the result is left in state. A restart whose L1 solve does not
     converge, or whose Gram is singular, is abandoned."""
+    def converged_objective(s2_value):
+        result = objective(s2_value)
+        if not state["converged"]:
+            raise _Abandoned
+        return result
+
     for _ in range(S2_MAX_RESTARTS):
         s2_lower = _lower_point(iv, state["resid"], s2_found)
         if s2_lower is None:
             break
         theta_found, f_found = state["theta"].copy(), value(s2_found)
-
-        def converged_objective(s2_value):
-            result = objective(s2_value)
-            if not state["converged"]:
-                raise _Abandoned
-            return result
-
         try:
             s2_new = _lower_minimum(converged_objective, s2_lower, s2_found, f_found)
             f_new = np.inf if s2_new is None else converged_objective(s2_new)[1]
