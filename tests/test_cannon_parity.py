@@ -45,6 +45,7 @@ def assert_training_matches(a, b):
     (150, 4, 20, 3, 3),
     (60, 2, 1, 2, 4),
     (400, 5, 70, 2, 5),   # more pixels than one block of the compiled kernel
+    (1100, 4, 12, 2, 6),  # the packed monomials' depth (stars) in two panels of Eigen's ~550
 ])
 def test_training_matches_reference(isa_core, n_stars, n_labels, n_pixels, order, seed):
     exponents, x, flux, ivar = random_problem(n_stars, n_labels, n_pixels, order, seed)
