@@ -257,9 +257,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
 
 #pragma omp parallel num_threads(resolve_threads(n_threads))
   {
-#pragma omp for schedule(static)
-  for (index_t panel = 0; panel < packed_monomials.n_panels(); ++panel)
-    packed_monomials.pack_panel(data.monomials, M, panel);
+  packed_monomials.pack(data.monomials, M);
   // Per-thread storage for the block's matrices, allocated once: allocating them per block
   // and per s2 step (the moments alone are pixels x monomials, 12 MB at 17 labels) made the
   // kernel fault in fresh pages, ~6% of 17-label training.

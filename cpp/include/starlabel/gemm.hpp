@@ -131,21 +131,15 @@ class PackedMatrix {
     if (data_.size() < std::size_t(offset)) data_.resize(offset);
   }
 
-  // Pack panel p of A from w (leading dimension ld). Panels are independent: threads may pack
-  // different ones at once.
-  index_t n_panels() const { return static_cast<index_t>(panels_.size()); }
   index_t block() const { return block_; }
-  void pack(const T* w, index_t ld) {  // every panel, on the calling thread
-    for (index_t p = 0; p < n_panels(); ++p) pack_panel(w, ld, p);
-  }
-  void pack_panel(const T* w, index_t ld, index_t p) {
-    using Mapper = Eigen::internal::const_blas_data_mapper<T, index_t, Order>;
-    Eigen::internal::gemm_pack_lhs<T, index_t, Mapper, Traits::mr, Traits::LhsProgress,
-                                   typename Traits::LhsPacket4Packing, Order>
-        pack_lhs;
-    const Panel& panel = panels_[p];
-    pack_lhs(data_.data() + panel.offset, Mapper(w, ld).getSubMapper(panel.row, panel.k),
-             panel.depth, panel.rows);
+
+  // Pack A from w (leading dimension ld). Called by every thread of an OpenMP team, the team
+  // shares the panels (an orphaned `omp for`, with its barrier at the end); called outside a
+  // parallel region, the calling thread packs them all.
+  void pack(const T* w, index_t ld) {
+    const index_t n_panels = static_cast<index_t>(panels_.size());
+#pragma omp for schedule(static)
+    for (index_t p = 0; p < n_panels; ++p) pack_panel(w, ld, p);
   }
 
   // dst (cols, n) += x (cols, depth) * A[r0 : r0 + n]^T, the block of rows starting at r0 (a
@@ -178,6 +172,18 @@ class PackedMatrix {
 
  private:
   using Traits = Eigen::internal::gebp_traits<T, T>;
+
+  // panel p of A from w
+  void pack_panel(const T* w, index_t ld, index_t p) {
+    using Mapper = Eigen::internal::const_blas_data_mapper<T, index_t, Order>;
+    Eigen::internal::gemm_pack_lhs<T, index_t, Mapper, Traits::mr, Traits::LhsProgress,
+                                   typename Traits::LhsPacket4Packing, Order>
+        pack_lhs;
+    const Panel& panel = panels_[p];
+    pack_lhs(data_.data() + panel.offset, Mapper(w, ld).getSubMapper(panel.row, panel.k),
+             panel.depth, panel.rows);
+  }
+
   // every panel starts on a 64-byte line: Eigen's packing stores whole aligned packets
   static constexpr index_t kAlign = 64 / sizeof(T);
   static index_t padded(index_t n) { return (n + kAlign - 1) / kAlign * kAlign; }

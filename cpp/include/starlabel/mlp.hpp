@@ -269,11 +269,8 @@ bool mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
 
 #pragma omp parallel num_threads(nt)
   {
-    if (to_pack) {  // once per call, rather than once per star tile and pixel block
-#pragma omp for schedule(static)
-      for (index_t p = 0; p < to_pack->n_panels(); ++p)
-        to_pack->pack_panel(net.weights[L - 1], H, p);
-    }
+    // once per call, rather than once per star tile and pixel block
+    if (to_pack) to_pack->pack(net.weights[L - 1], H);
     bool finite = true;
     const int tid = thread_id();
     T* buf0 = scratch + per_thread * tid;
@@ -530,15 +527,8 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
   const index_t n_sb = n_blocks(B, tb.star_block);
   const bool packed = pack_ahead(B, tb.star_block);  // (then also for ws's capacity)
   if (packed) {
-    const T* w = net.weights[L - 1];
-    const index_t n_f = ws.last_forward.n_panels(), n_b = ws.last_backward.n_panels();
-#pragma omp for schedule(static)
-    for (index_t p = 0; p < n_f + n_b; ++p) {
-      if (p < n_f)
-        ws.last_forward.pack_panel(w, net.sizes[L - 1], p);
-      else
-        ws.last_backward.pack_panel(w, net.sizes[L - 1], p - n_f);
-    }
+    ws.last_forward.pack(net.weights[L - 1], net.sizes[L - 1]);
+    ws.last_backward.pack(net.weights[L - 1], net.sizes[L - 1]);
   }
   // forward
   for (int l = 0; l < L; ++l) {

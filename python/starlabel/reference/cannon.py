@@ -79,8 +79,8 @@ def _lower_point(iv, resid, s2_found):
     return grid[k] if bounds[k] < -CHECK_TOLERANCE * used.sum() else None
 
 
-def _lower_minimum(objective, s2_start, s2_floor, f_floor):
-    """A local minimum of F reached from s2_start, where F(s2_start) < f_floor = F(s2_floor).
+def _lower_minimum(objective, s2_start, s2_floor):
+    """A local minimum of F reached from s2_start, where F(s2_start) < F(s2_floor).
 
     objective(s2) -> (g, F), g = -dF/ds2. Where F falls at s2_start the minimum is above it;
     where it rises, F must fall somewhere in (s2_floor, s2_start), and bisection keeps such an
@@ -130,14 +130,14 @@ def _lowest_minimum(objective, value, state, iv, s2_found):
             break
         theta_found, f_found = state["theta"].copy(), value(s2_found)
         try:
-            s2_new = _lower_minimum(converged_objective, s2_lower, s2_found, f_found)
+            s2_new = _lower_minimum(converged_objective, s2_lower, s2_found)
             f_new = np.inf if s2_new is None else converged_objective(s2_new)[1]
         except (np.linalg.LinAlgError, _Abandoned):   # the minimum found stands
             f_new = np.inf
         if not f_new < f_found:
             state.update(theta=theta_found, converged=True)
             break
-        s2_found, f_found = s2_new, f_new
+        s2_found = s2_new
     return s2_found
 
 
