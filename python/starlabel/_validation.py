@@ -117,6 +117,18 @@ def nonnegative_float(name, value):
     return value
 
 
+def validation_split(rng, n_stars, validation_fraction):
+    """Seeded (validation rows, training rows) holding out ``validation_fraction``."""
+    fraction = float(validation_fraction)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
+    n_val = int(round(fraction * n_stars))
+    split = rng.permutation(n_stars)
+    if n_stars - n_val == 0:
+        raise ValueError("validation_fraction leaves no training stars")
+    return split[:n_val], split[n_val:]
+
+
 # --- The Cannon's function-level arguments (both backends) -----------------------------
 
 #: Largest power of a label in a term (as MAX_EXPONENT in cpp/src/bind_cannon.cpp).

@@ -5,6 +5,9 @@ intrinsic scatter ``s2`` per pixel. Training learns theta and s2 from stars with
 labels; ``fit_labels`` infers labels of new spectra.
 """
 
+import copy
+from typing import NamedTuple
+
 import numpy as np
 
 from . import _validation as check
@@ -16,6 +19,22 @@ from .vectorizer import PolynomialVectorizer
 
 BACKENDS = {"fast": fast, "reference": reference}
 N_DEFAULT_STARTS = 9  # Casey et al. (2016) started each fit from 9 points
+DEFAULT_STRENGTHS = (0.0, 1.0, 10.0, 100.0, 1e3, 1e4)  # Casey et al. (2016) adopted 1e3
+
+
+class RegularizationScan(NamedTuple):
+    """Held-out cost of models trained at several L1 strengths (``choose_regularization``).
+
+    strengths (n_strengths,) ascending; cost (n_strengths,) summed over the pixels trained at
+    every strength; pixel_cost (n_strengths, n_pixels), NaN where a pixel was not trained;
+    n_pixels_compared; best: the strength of lowest cost.
+    """
+
+    strengths: np.ndarray
+    cost: np.ndarray
+    pixel_cost: np.ndarray
+    n_pixels_compared: int
+    best: float
 
 
 class CannonModel:
@@ -122,6 +141,66 @@ class CannonModel:
         self.initial_labels = _spread_points(labels, N_DEFAULT_STARTS)
         self.training_range = (labels.min(axis=0), labels.max(axis=0))
         return self
+
+    def choose_regularization(self, labels, flux, ivar, strengths=DEFAULT_STRENGTHS, *,
+                              validation=None, validation_fraction=0.25, seed=0,
+                              n_threads=None):
+        """Score L1 strengths by how well models trained at each predict held-out stars.
+
+        For every strength, a copy of this model (same terms, censors, scaling and backend)
+        is trained on the training stars. It is scored on the validation stars at their known
+        labels by the negative log-likelihood of their spectra,
+        ``sum [w (flux - model)^2 - ln w]``, ``w = 1 / (1/ivar + s2)``, over stars with
+        ivar > 0: training's per-pixel objective, out of sample and without the penalty (the
+        validation of Casey et al. 2016). This model is not changed; to use the result::
+
+            model.regularization = scan.best
+            model.train(labels, flux, ivar)
+
+        The best strength is that of a training set the size of the training part; the
+        penalty weighs relatively less on more stars.
+
+        Parameters
+        ----------
+        labels (n_stars, n_labels) physical units; flux, ivar (n_stars, n_pixels)
+        strengths : (n_strengths,) distinct values >= 0
+        validation : (labels, flux, ivar) of held-out stars, or None to hold out
+            ``validation_fraction`` of the given stars: the first
+            ``round(validation_fraction * n_stars)`` of
+            ``numpy.random.default_rng(seed).permutation(n_stars)``
+
+        Returns
+        -------
+        RegularizationScan
+        """
+        labels = check.labels(labels, len(self.label_names))
+        flux, ivar = check.spectra(flux, ivar)
+        strengths = _strengths(strengths)
+        if validation is None:
+            held_out, keep = check.validation_split(np.random.default_rng(seed),
+                                                    labels.shape[0], validation_fraction)
+            if held_out.size == 0:
+                raise ValueError("validation_fraction holds out no stars to validate on")
+            validation = labels[held_out], flux[held_out], ivar[held_out]
+            labels, flux, ivar = labels[keep], flux[keep], ivar[keep]
+        val_labels, val_flux, val_ivar = _validation_stars(validation, labels.shape[1],
+                                                           flux.shape[1])
+        if labels.shape[0] < self.vectorizer.n_terms:
+            raise ValueError(f"{labels.shape[0]} training stars (after holding out the "
+                             f"validation stars) are fewer than the {self.vectorizer.n_terms} "
+                             f"terms of the model")
+        trial = copy.deepcopy(self)
+        pixel_cost = np.empty((strengths.size, flux.shape[1]))
+        for row, strength in zip(pixel_cost, strengths):
+            trial.regularization = strength
+            trial.train(labels, flux, ivar, n_threads=n_threads)
+            row[:] = _held_out_cost(trial, val_labels, val_flux, val_ivar, n_threads)
+        compared = np.all(np.isfinite(pixel_cost), axis=0)
+        if not compared.any():
+            raise ValueError("no pixel was trained at every strength: nothing to compare")
+        cost = pixel_cost[:, compared].sum(axis=1)
+        return RegularizationScan(strengths, cost, pixel_cost, int(compared.sum()),
+                                  float(strengths[np.argmin(cost)]))
 
     # -- prediction --------------------------------------------------------------------
 
@@ -260,6 +339,45 @@ def _term_names(label_names, exponents):
     for row in exponents[1:]:
         names.append("*".join(n if e == 1 else f"{n}^{e}" for n, e in zip(label_names, row) if e))
     return names
+
+
+def _strengths(strengths):
+    strengths = check.as_float_array("strengths", strengths, 1)
+    if not np.all(np.isfinite(strengths) & (strengths >= 0)):
+        raise ValueError("strengths must be finite and >= 0")
+    if np.unique(strengths).size != strengths.size:
+        raise ValueError("strengths must be distinct")
+    return np.sort(strengths)
+
+
+def _validation_stars(validation, n_labels, n_pixels):
+    try:
+        labels, flux, ivar = validation
+    except (TypeError, ValueError):
+        raise TypeError("validation must be a (labels, flux, ivar) triple or None") from None
+    labels = check.labels(labels, n_labels, name="validation labels")
+    try:
+        flux, ivar = check.spectra(flux, ivar, n_pixels)
+    except ValueError as exc:
+        raise ValueError(f"validation: {exc}") from None
+    if flux.shape[0] != labels.shape[0]:
+        raise ValueError(f"validation labels has {labels.shape[0]} stars but validation flux "
+                         f"has {flux.shape[0]}")
+    return labels, flux, ivar
+
+
+def _held_out_cost(model, labels, flux, ivar, n_threads):
+    """(n_pixels,) sum over stars with ivar > 0 of ``w r^2 - ln w``; NaN at untrained pixels.
+
+    Pixels that hit an iteration limit (NOT_CONVERGED) are scored: fits use them.
+    """
+    used = ivar > 0
+    variance = 1.0 / np.where(used, ivar, 1.0) + model.s2
+    residual = flux - model.predict(labels, n_threads=n_threads)
+    cost = np.where(used, residual**2 / variance + np.log(variance), 0.0).sum(axis=0)
+    untrained = (PixelStatus.TOO_FEW_STARS, PixelStatus.SINGULAR)
+    cost[np.isin(model.pixel_status, untrained)] = np.nan
+    return cost
 
 
 def _wavelength_array(wavelength):

@@ -178,7 +178,7 @@ class PayneModel(_Emulator):
         rng = np.random.default_rng(seed)
 
         if validation is None:
-            val, keep = _validation_split(rng, labels.shape[0], validation_fraction)
+            val, keep = check.validation_split(rng, labels.shape[0], validation_fraction)
             val_labels, val_flux = labels[val], flux[val]
             labels, flux = labels[keep], flux[keep]
         else:
@@ -326,18 +326,6 @@ def _training_options(*, epochs, batch_size, optimizer, loss, learning_rate, lr_
         check.thread_count(n_threads)
     return dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, loss=loss,
                 learning_rate=learning_rate, patience=patience, n_threads=n_threads)
-
-
-def _validation_split(rng, n_stars, validation_fraction):
-    """Seeded (validation rows, training rows) holding out ``validation_fraction``."""
-    fraction = float(validation_fraction)
-    if not 0 <= fraction < 1:
-        raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
-    n_val = int(round(fraction * n_stars))
-    split = rng.permutation(n_stars)
-    if n_stars - n_val == 0:
-        raise ValueError("validation_fraction leaves no training stars")
-    return split[:n_val], split[n_val:]
 
 
 def _train_network(backend, weights, biases, x, y, x_val, y_val, *, rng, epochs, batch_size,

@@ -19,7 +19,7 @@ import numpy as np
 from . import _validation as check
 from .model_io import read_model_file, write_model_file
 from .payne import (BACKENDS, _architecture, _init_network, _network_arrays,
-                    _network_from_arrays, _train_network, _training_options, _validation_split)
+                    _network_from_arrays, _train_network, _training_options)
 
 
 class LabelRegressor:
@@ -146,7 +146,7 @@ class LabelRegressor:
         rng = np.random.default_rng(seed)
 
         if validation is None:
-            val, keep = _validation_split(rng, labels.shape[0], validation_fraction)
+            val, keep = check.validation_split(rng, labels.shape[0], validation_fraction)
             val_flux, val_labels, val_good = flux[val], labels[val], good[val]
             flux, labels, good = flux[keep], labels[keep], good[keep]
         else:
