@@ -18,14 +18,15 @@ BLAS_SPIN_WAIT = 0.3
 
 # Sizes of each run. Subsets (None = everything; keys 3 and 17 are label counts):
 # ref_pixels / ref_spectra / ref_l1_pixels: what the slow NumPy reference runs on;
-# thread_pixels / thread_spectra: what the 1-thread runs use; l1_pixels: the fast L1 training.
+# thread_pixels / thread_spectra: what the 1-thread runs use; l1_pixels: the fast L1 training;
+# n_calibration: held-out stars that calibrate the test step's errors.
 # Times on a pixel subset are scaled per pixel to the full problem by the report.
 SIZES = {
-    "small": dict(n_train=300, n_test=20, n_pixels=96, snr=100.0,
+    "small": dict(n_train=300, n_test=20, n_calibration=60, n_pixels=96, snr=100.0,
                   ref_pixels={3: 8, 17: 4}, l1_pixels=None, ref_l1_pixels=2,
                   thread_pixels={3: None, 17: None}, thread_spectra=None,
                   ref_spectra={3: 5, 17: 2}, gram_block=64, rounds={3: 3, 17: 1}),
-    "survey": dict(n_train=1600, n_test=1000, n_pixels=8575, snr=100.0,
+    "survey": dict(n_train=1600, n_test=1000, n_calibration=1000, n_pixels=8575, snr=100.0,
                    ref_pixels={3: 256, 17: 12}, l1_pixels=2048, ref_l1_pixels=3,
                    thread_pixels={3: None, 17: 1024}, thread_spectra=200,
                    ref_spectra={3: 40, 17: 4}, gram_block=64, rounds={3: 3, 17: 1}),
@@ -118,7 +119,8 @@ def size(request):
 
 
 class Problem:
-    """One Cannon problem: a training and a test survey with the first ``n_labels`` labels.
+    """One Cannon problem: training, test and calibration surveys with the first ``n_labels``
+    labels.
 
     ``model`` (the fast, fully trained model) and ``fit`` (its test-step result) are filled in
     by the benchmarks that time them, or computed on first use when those were deselected.
@@ -130,6 +132,7 @@ class Problem:
         kwargs = dict(label_names=self.names, n_pixels=size.n_pixels, snr=size.snr)
         self.train = datasets.synthetic_survey(size.n_train, seed=1, **kwargs)
         self.test = datasets.synthetic_survey(size.n_test, seed=2, **kwargs)
+        self.calibration = datasets.synthetic_survey(size.n_calibration, seed=3, **kwargs)
         self.n_pixels = size.n_pixels
         self.description = f"{n_labels} labels, {size.n_train} stars x {size.n_pixels} px"
         self._model = self._fit = None

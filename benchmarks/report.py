@@ -54,7 +54,8 @@ def load(path):
         info.update(median=median, rounds=stats.get("rounds"), name=bench.get("name", ""),
                     fullname=bench.get("fullname", ""))
         everything.append(info)
-        if info.get("area") not in (*AREAS, "matmul", "train_fixed_s2") or "scale" not in info:
+        if (info.get("area") not in (*AREAS, "matmul", "train_fixed_s2", "calibrate")
+                or "scale" not in info):
             continue  # not a Cannon benchmark of test_cannon.py
         info["time"] = None if median is None else median * info["scale"]
         entries.append(info)
@@ -128,14 +129,22 @@ def accuracy_tables(entries):
                  and e["n_threads"] == 2):
         ref = next((e for e in entries if e["area"] == "fit" and e["backend"] == "reference"
                     and e["problem"] == fast["problem"]), None)
+        calibrated = next((e["metrics"] for e in entries if e["area"] == "calibrate"
+                           and e["problem"] == fast["problem"]), None)
         m = fast["metrics"]
         header = ["label", f"RMS fast ({m['n_spectra']})", f"pull std fast ({m['n_spectra']})"]
+        if calibrated:
+            header += [f"calibrated on {calibrated['n_calibration']} stars: median floor",
+                       "pull std"]
         if ref:
             n = ref["metrics"]["n_spectra"]
             header += [f"RMS fast ({n})", f"RMS reference ({n})", f"pull std reference ({n})"]
         rows = []
         for name in m["rms"]:
             row = [name, number(m["rms"][name]), number(m["pull_std"][name])]
+            if calibrated:
+                row += [number(calibrated["median_floor"][name]),
+                        number(calibrated["pull_std"][name])]
             if ref:
                 r = ref["metrics"]
                 row += [number(r["fast_on_subset"]["rms"][name]),

@@ -254,6 +254,26 @@ def test_fit_reference(timed, benchmark, problems, size, spread, n_labels):
            fast_on_subset=accuracy(p.names, fast.labels[spectra], fast.errors[spectra], truth))
 
 
+@pytest.mark.parametrize("n_labels", LABELS)
+def test_calibrate_errors(timed, benchmark, problems, size, n_labels):
+    """calibrate_errors on held-out stars (seed 3), then the test step's errors, per star."""
+    p = problems[n_labels]
+    stars = p.calibration
+    model = copy.copy(p.model)
+    model, _ = timed(lambda: model.calibrate_errors(stars.labels, stars.flux, stars.ivar), 1)
+    result = model.fit_labels(p.test.flux, p.test.ivar)
+    # the floor changes the errors only: the same labels, errors >= the formal ones
+    np.testing.assert_array_equal(result.labels, p.fit.labels)
+    np.testing.assert_array_equal(result.formal_covariance, p.fit.covariance)
+    assert np.all(result.errors >= p.fit.errors)
+
+    record(benchmark, "calibrate", p, "fast", 2, scale=1.0 / len(stars.labels),
+           measured_on=f"{len(stars.labels)} stars", n_calibration=len(stars.labels),
+           n_neighbors=model.error_floor.n_neighbors, n_spectra=len(result),
+           median_floor=dict(zip(p.names, np.median(result.error_floor, axis=0).tolist())),
+           **accuracy(p.names, result.labels, result.errors, p.test.labels))
+
+
 # -- the machine limit -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_threads", THREADS)

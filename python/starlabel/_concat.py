@@ -5,10 +5,11 @@ import numpy as np
 from .fitting import SpectrumFitResult
 from .result import FitResult
 
-# Fields with one row per spectrum, joined along axis 0. Everything else a result holds is
-# either recomputed by its constructor from these (reduced_chi2, rv_error) or shared by all
-# spectra of a fit (names, the RV grid) and must agree between the pieces.
-_PER_SPECTRUM = ("labels", "covariance", "chi2", "n_pixels_used", "n_iter", "status")
+# Fields with one row per spectrum, joined along axis 0 (and error_floor, when present).
+# Everything else a result holds is either recomputed by its constructor from these
+# (reduced_chi2, rv_error, the covariance with the floor) or shared by all spectra of a fit
+# (names, the RV grid) and must agree between the pieces.
+_PER_SPECTRUM = ("labels", "formal_covariance", "chi2", "n_pixels_used", "n_iter", "status")
 _PER_SPECTRUM_RV = ("rv", "continuum", "rv_initial")
 
 
@@ -25,7 +26,7 @@ def concatenate_results(results):
     -------
     The same type as the pieces, with n = sum(n_i) spectra in the order given: labels
     (n, n_labels), covariance (n, n_params, n_params), chi2, reduced_chi2, n_pixels_used,
-    n_iter, status (n,); for SpectrumFitResult also rv, rv_error, rv_initial (n,),
+    n_iter, status (n,), error_floor (n, n_labels) or None; for SpectrumFitResult also rv, rv_error, rv_initial (n,),
     continuum (n, n_segments, n_coef), rv_chi2 (n, n_v) or None, model_flux
     (n, n_pixels) or None, and the pieces' common rv_grid (n_v,) or None.
 
@@ -33,7 +34,7 @@ def concatenate_results(results):
     ------
     ValueError if ``results`` is empty or the pieces come from incompatible fits
     (different result types, label names, fitted parameters, RV grids, continuum layout,
-    or model spectra returned by some pieces only); TypeError if an item is not a result.
+    or model spectra or error floors in some pieces only); TypeError if an item is not a result.
     """
     if isinstance(results, (FitResult, str, bytes)):
         raise TypeError("results must be a sequence of fit results, not a single "
@@ -54,12 +55,17 @@ def concatenate_results(results):
         if result.label_names != first.label_names:
             raise ValueError(f"results[{i}] has labels {list(result.label_names)}, results[0] "
                              f"has {list(first.label_names)}")
+        if (result.error_floor is None) != (first.error_floor is None):
+            raise ValueError(f"results[{i}] and results[0] disagree on error floors: one "
+                             "model was calibrated (calibrate_errors), the other not")
     if isinstance(first, SpectrumFitResult):
         for i, result in enumerate(results[1:], start=1):
             _check_spectrum_fits_agree(first, result, i)
     joined = {name: _join(results, name) for name in _PER_SPECTRUM}
+    floor = None if first.error_floor is None else _join(results, "error_floor")
     if not isinstance(first, SpectrumFitResult):
-        return cls(first.label_names, *(joined[name] for name in _PER_SPECTRUM))
+        return cls(first.label_names, *(joined[name] for name in _PER_SPECTRUM),
+                   error_floor=floor)
 
     joined.update({name: _join(results, name) for name in _PER_SPECTRUM_RV})
     fit_rv = first.rv_grid is not None  # fit_spectra keeps the grid exactly when RV is fitted
@@ -69,9 +75,9 @@ def concatenate_results(results):
     widths = {name: _join(results, name) for name in ("sigma", "vsini")
               if getattr(first, name) is not None}
     return cls(first.label_names, first.param_names, joined["labels"], joined["rv"],
-               joined["continuum"], joined["covariance"], joined["chi2"],
+               joined["continuum"], joined["formal_covariance"], joined["chi2"],
                joined["n_pixels_used"], joined["n_iter"], joined["status"], rv_grid, rv_chi2,
-               joined["rv_initial"], model_flux, fit_rv, **widths)
+               joined["rv_initial"], model_flux, fit_rv, **widths, error_floor=floor)
 
 
 def _join(results, name):

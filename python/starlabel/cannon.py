@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _validation as check
 from . import fast, reference
+from .error_floor import DEFAULT_NEIGHBORS, ErrorFloor
 from .model_io import read_model_file, write_model_file
 from .result import FitResult
 from .status import PixelStatus
@@ -64,7 +65,7 @@ class CannonModel:
         self.wavelength = None if wavelength is None else _wavelength_array(wavelength)
         self.backend = check.choice("backend", backend, BACKENDS)
         self.theta = self.s2 = self.pixel_status = None
-        self.initial_labels = self.training_range = None
+        self.initial_labels = self.training_range = self.error_floor = None
 
     # -- structure ---------------------------------------------------------------------
 
@@ -140,6 +141,7 @@ class CannonModel:
             term_mask=self.term_mask(flux.shape[1]), n_threads=n_threads)
         self.initial_labels = _spread_points(labels, N_DEFAULT_STARTS)
         self.training_range = (labels.min(axis=0), labels.max(axis=0))
+        self.error_floor = None  # a calibration belongs to the model it was made for
         return self
 
     def choose_regularization(self, labels, flux, ivar, strengths=DEFAULT_STRENGTHS, *,
@@ -248,9 +250,46 @@ class CannonModel:
             self.vectorizer.scale(initial), lower=lower, upper=upper, max_iter=max_iter,
             n_threads=n_threads)
         scales = self.vectorizer.scales
-        return FitResult(self.label_names, self.vectorizer.unscale(sol.x),
+        labels = self.vectorizer.unscale(sol.x)
+        return FitResult(self.label_names, labels,
                          sol.covariance * scales[:, None] * scales[None, :], sol.chi2,
-                         sol.n_used, sol.n_iter, sol.status)
+                         sol.n_used, sol.n_iter, sol.status,
+                         None if self.error_floor is None else self.error_floor(labels))
+
+    def calibrate_errors(self, labels, flux, ivar, *, n_neighbors=DEFAULT_NEIGHBORS,
+                         n_threads=None):
+        """Measure on held-out stars the label error the model's own misfit adds.
+
+        The formal errors (``FitResult.formal_covariance``) hold the spectra's noise and the
+        per-pixel scatter s2 only; where the polynomial cannot follow the spectra, the labels
+        scatter more. This fits stars of known labels that were not used in training and
+        keeps, per star, ``(fit - true)^2 - formal error^2`` as an ``ErrorFloor``. Later fits
+        (``fit_labels``, ``fit_spectra``) add to the covariance's diagonal the mean of that
+        excess over the ``n_neighbors`` calibration stars nearest in fitted labels (scaled as
+        the model scales them), where it is > 0. ``write`` keeps the calibration; ``train``
+        clears it. Calibrate at the S/N of the spectra to be fitted or higher: the excess is
+        the model's, not the noise's, but noisy calibration stars measure it less well.
+
+        labels (n_stars, n_labels) physical units; flux, ivar (n_stars, n_pixels); at least
+        ``n_neighbors`` fits must converge (a few hundred stars or more: the floor at a star
+        is a mean over its neighbours).
+        Returns self.
+        """
+        self._require_trained()
+        labels = check.labels(labels, len(self.label_names))
+        flux, ivar = check.spectra(flux, ivar, self.n_pixels)
+        if labels.shape[0] != flux.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} stars but flux has {flux.shape[0]}")
+        n_neighbors = check.positive_int("n_neighbors", n_neighbors)
+        fit = self.fit_labels(flux, ivar, n_threads=n_threads)
+        ok = fit.converged
+        if ok.sum() < n_neighbors:
+            raise ValueError(f"{ok.sum()} of {len(fit)} calibration fits converged, fewer than "
+                             f"n_neighbors={n_neighbors}")
+        formal = np.sqrt(np.diagonal(fit.formal_covariance, axis1=1, axis2=2))
+        self.error_floor = ErrorFloor.measure(fit.labels[ok], formal[ok], labels[ok],
+                                              self.vectorizer.scales, n_neighbors)
+        return self
 
     def _scaled_bounds(self, bounds):
         if bounds is None:
@@ -286,6 +325,8 @@ class CannonModel:
             "regularization": np.float64(self.regularization),
             "order": np.int64(self.vectorizer.order),
         }
+        if self.error_floor is not None:
+            arrays.update(self.error_floor.arrays())
         if self.wavelength is not None:
             arrays["wavelength"] = self.wavelength
         if self.censors:
@@ -317,11 +358,15 @@ class CannonModel:
                         for k in ("training_min", "training_max"))
             if status.shape != s2.shape or np.any((status < 0) | (status > max(PixelStatus))):
                 raise ValueError("pixel_status is inconsistent with theta")
+            floor = ErrorFloor.from_arrays(arrays, model.vectorizer.scales)
+            if floor is not None and floor.labels.shape[1] != len(names):
+                raise ValueError("the error calibration does not match the labels")
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{path}: not a consistent Cannon model file ({exc})") from None
         model.vectorizer.order = int(arrays["order"])
         model.theta, model.s2, model.pixel_status = theta, s2, status
         model.initial_labels, model.training_range = initial, box
+        model.error_floor = floor
         return model
 
     def __repr__(self):

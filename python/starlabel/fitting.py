@@ -49,7 +49,9 @@ class SpectrumFitResult(FitResult):
     vsini, vsini_error : (n,) fitted rotational broadening v sin i, km/s (None unless fitted)
     param_names : label names, then "rv", "sigma", "vsini" (each if fitted), then
         "c<segment>_<k>"
-    covariance : (n, n_params, n_params) inverse of J^T W J at the solution, physical units
+    covariance : (n, n_params, n_params) inverse of J^T W J at the solution, physical units,
+        plus a calibrated Cannon model's ``error_floor``^2 on the labels' diagonal
+        (``formal_covariance`` without it)
     chi2, reduced_chi2 : (n,) reduced by (pixels used - n_params)
     n_pixels_used, n_iter, status : (n,) (FitStatus codes)
     rv_grid, rv_chi2 : (n_v,) trial velocities and (n, n_v) chi2 of the search (best start)
@@ -59,8 +61,9 @@ class SpectrumFitResult(FitResult):
 
     def __init__(self, label_names, param_names, labels, rv, continuum, covariance, chi2,
                  n_pixels_used, n_iter, status, rv_grid, rv_chi2, rv_initial, model_flux, fit_rv,
-                 sigma=None, vsini=None):
-        super().__init__(label_names, labels, covariance, chi2, n_pixels_used, n_iter, status)
+                 sigma=None, vsini=None, error_floor=None):
+        super().__init__(label_names, labels, covariance, chi2, n_pixels_used, n_iter, status,
+                         error_floor)
         self.param_names = tuple(param_names)
         self.rv = rv
         self.continuum = continuum
@@ -242,7 +245,9 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     return SpectrumFitResult(desc["label_names"], names, labels, rv, continuum, covariance,
                              sol.chi2, sol.n_used, sol.n_iter, sol.status,
                              velocities if fit_rv else None, rv_chi2 if fit_rv else None,
-                             centre, model_flux, fit_rv, **fitted_widths)
+                             centre, model_flux, fit_rv, **fitted_widths,
+                             error_floor=None if desc["error_floor"] is None
+                             else desc["error_floor"](labels))
 
 
 # --- the emulators -----------------------------------------------------------------------
@@ -267,7 +272,7 @@ def _describe(model):
                 "scale": model.scale, "unscale": model.unscale,
                 "label_scale": model.x_max - model.x_min, "box": (model.x_min, model.x_max),
                 "default_initial": 0.5 * (model.x_min + model.x_max),
-                "untrained": np.zeros(n_model, dtype=bool), "s2": None}
+                "untrained": np.zeros(n_model, dtype=bool), "s2": None, "error_floor": None}
     if isinstance(model, CannonModel):
         model._require_trained()
         untrained = ~np.all(np.isfinite(model.theta), axis=1)
@@ -278,7 +283,8 @@ def _describe(model):
                 "n_model": model.theta.shape[0], "backend": model.backend,
                 "scale": vec.scale, "unscale": vec.unscale, "label_scale": vec.scales,
                 "box": model.training_range, "default_initial": model.initial_labels,
-                "untrained": untrained, "s2": np.where(untrained, 0.0, model.s2)}
+                "untrained": untrained, "s2": np.where(untrained, 0.0, model.s2),
+                "error_floor": model.error_floor}
     raise TypeError(f"model must be a PayneModel, PerPixelPayneModel or CannonModel, "
                     f"got {type(model).__name__}")
 

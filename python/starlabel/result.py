@@ -29,17 +29,29 @@ class FitResult:
     ----------
     label_names : tuple of str (n_labels)
     labels : (n_spectra, n_labels)
-    covariance : (n_spectra, n_labels, n_labels)  inverse of J^T W J at the solution
+    covariance : (n_spectra, n_labels, n_labels)  ``formal_covariance`` plus ``error_floor``^2
+        on the diagonal
+    formal_covariance : (n_spectra, n_labels, n_labels)  inverse of J^T W J at the solution:
+        the noise (and the model's per-pixel scatter) only
+    error_floor : (n_spectra, n_labels) or None  the model's own label error, added in
+        quadrature (``CannonModel.calibrate_errors``); None: the errors are the formal ones
     chi2, reduced_chi2 : (n_spectra,)  reduced by (n_pixels_used - n_labels)
     n_pixels_used : (n_spectra,)
     n_iter : (n_spectra,)
     status : (n_spectra,) FitStatus codes
     """
 
-    def __init__(self, label_names, labels, covariance, chi2, n_pixels_used, n_iter, status):
+    def __init__(self, label_names, labels, covariance, chi2, n_pixels_used, n_iter, status,
+                 error_floor=None):
         self.label_names = tuple(label_names)
         self.labels = labels
+        self.formal_covariance = covariance
+        self.error_floor = error_floor
         self.covariance = covariance
+        if error_floor is not None:
+            n = len(self.label_names)
+            self.covariance = covariance.copy()
+            self.covariance[:, np.arange(n), np.arange(n)] += np.square(error_floor)
         self.chi2 = chi2
         self.n_pixels_used = n_pixels_used
         self.n_iter = n_iter
