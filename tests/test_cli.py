@@ -5,6 +5,7 @@ the real exit codes. The survey is tiny (200 training stars x 300 pixels) to kee
 well under a minute.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,29 @@ def test_train_cannon_writes_the_model_python_would_train(files):
     np.testing.assert_array_equal(model.theta, direct.theta)
     np.testing.assert_array_equal(model.s2, direct.s2)
     np.testing.assert_array_equal(model.wavelength, train.wavelength)
+
+
+def test_train_cannon_chooses_the_regularization(files, tmp_path, capsys):
+    out = tmp_path / "chosen.npz"
+    code, stdout, _ = run(capsys, "train-cannon", files["train_npz"], "-o", out,
+                          "--choose-regularization", "0,100,1e4", "--regularization", "5")
+    assert code == 0
+    train = files["train"]
+    scan = starlabel.CannonModel(train.label_names).choose_regularization(
+        train.labels, train.flux, train.ivar, [0.0, 100.0, 1e4])
+    model = starlabel.CannonModel.read(out)
+    assert model.regularization == scan.best
+    direct = starlabel.CannonModel(train.label_names, regularization=scan.best).train(
+        train.labels, train.flux, train.ivar)
+    np.testing.assert_array_equal(model.theta, direct.theta)
+    for strength, cost in zip(scan.strengths, scan.cost):
+        assert f"regularization {strength:<10g} held-out cost {cost:.8g}" in stdout
+    with np.load(out) as data:
+        record = json.loads(str(data["training_record"]))
+    assert record["regularization_scan"]["strengths"] == [0.0, 100.0, 1e4]
+    code, _, err = run(capsys, "train-cannon", files["train_npz"], "-o", out, "--overwrite",
+                       "--choose-regularization", "0,-1")
+    assert code == 2 and "--choose-regularization" in err
 
 
 def test_fit_writes_the_table_fit_spectra_gives(files, tmp_path, capsys):

@@ -530,14 +530,26 @@ def cmd_train_cannon(args, reporter):
     spectra, labels, names = _training_spectra(args, reporter)
     model = CannonModel(names, order=args.order, terms=args.terms,
                         regularization=args.regularization, wavelength=spectra.wavelength)
+    scan = None
+    if args.choose_regularization:
+        strengths = args.choose_regularization
+        with reporter.step(f"scoring {len(strengths)} L1 strengths on held-out stars"):
+            scan = model.choose_regularization(labels, spectra.flux, spectra.ivar, strengths,
+                                               n_threads=args.threads)
+        for strength, cost in zip(scan.strengths, scan.cost):
+            reporter.say(f"  regularization {strength:<10g} held-out cost {cost:.8g}")
+        model.regularization = scan.best
     with reporter.step(f"training Cannon ({len(spectra)} stars x {spectra.flux.shape[1]} pixels)"):
         start = time.perf_counter()
         model.train(labels, spectra.flux, spectra.ivar, n_threads=args.threads)
         seconds = time.perf_counter() - start
     record = {"command": "train-cannon", "n_stars": len(spectra), "order": args.order,
-              "terms": args.terms, "regularization": args.regularization,
+              "terms": args.terms, "regularization": model.regularization,
               "labels_file": args.labels, "spectra_files": len(args.spectra),
               "seconds": round(seconds, 3)}
+    if scan is not None:
+        record["regularization_scan"] = {"strengths": scan.strengths.tolist(),
+                                          "held_out_cost": scan.cost.tolist()}
     write_model(model, args.output, "cannon", record)
     reporter.say(_model_summary(model, args.output, "Cannon") +
                  f", {model.vectorizer.n_terms} terms, trained in {seconds:.2f} s")
@@ -780,6 +792,14 @@ def _nonnegative_float(text):
     return value
 
 
+def _strengths(text):
+    try:
+        return [_nonnegative_float(v) for v in str(text).split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected strengths >= 0 like 0,10,100,1000, got "
+                                         f"{text!r}") from None
+
+
 def _widths(text):
     try:
         widths = tuple(int(w) for w in str(text).split(","))
@@ -875,6 +895,10 @@ def build_parser():
                         help="explicit terms, e.g. TEFF,LOGG,TEFF^2,TEFF*LOGG (overrides --order)")
     cannon.add_argument("--regularization", type=_nonnegative_float, default=0.0,
                         help="L1 strength on the coefficients (default 0)")
+    cannon.add_argument("--choose-regularization", type=_strengths, metavar="S1,S2,...",
+                        help="train at each L1 strength on 75%% of the stars, score each by the "
+                             "likelihood of the other 25%%'s spectra, and train on all stars at "
+                             "the best (overrides --regularization)")
     cannon.set_defaults(func=cmd_train_cannon)
 
     payne = commands.add_parser(
