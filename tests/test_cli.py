@@ -322,6 +322,28 @@ def test_payne_train_fit_and_published_network(files, tmp_path, capsys):
     assert_tables_equal(read_results(tmp_path / "p.fits"), expected)
 
 
+def test_per_pixel_network_in_starlabel_format(files, tmp_path, capsys):
+    """A per-pixel network written by PerPixelPayneModel.write fits as the published file
+    does, with the label names and grid it records."""
+    test = files["test"]
+    rng = np.random.default_rng(0)
+    n_pixels = test.flux.shape[1]
+    model = starlabel.PerPixelPayneModel(
+        ["TEFF", "LOGG", "FE_H"], rng.normal(0, 1, (n_pixels, 4, 3)),
+        rng.normal(0, 1, (n_pixels, 4)), rng.normal(0, 0.1, (n_pixels, 4)), np.ones(n_pixels),
+        test.labels.min(axis=0), test.labels.max(axis=0), w2=np.full(n_pixels, -0.2),
+        b2=np.ones(n_pixels), wavelength=test.wavelength)
+    path = tmp_path / "perpixel.npz"
+    model.write(path)
+    code, stdout, _ = run(capsys, "info", path)
+    assert code == 0 and "per-pixel networks" in stdout and "outer sigmoid" in stdout
+    out = tmp_path / "perpixel.fits"
+    assert run(capsys, "fit", path, files["test_npz"], "-o", out, "--no-rv", "-q")[0] == 0
+    expected = results_table(starlabel.fit_spectra(model, test.flux, test.ivar, fit_rv=False),
+                             ids=[f"test.npz[{i}]" for i in range(N_TEST)])
+    assert_tables_equal(read_results(out), expected)
+
+
 def test_info_summarises_a_cannon_model(files, capsys):
     code, stdout, _ = run(capsys, "info", files["model"])
     assert code == 0

@@ -96,6 +96,28 @@ def test_perpixel_against_loops_and_finite_differences():
         np.testing.assert_allclose(jac[:, :, k], fd, rtol=0, atol=FD_ATOL)
 
 
+def test_paper_era_perpixel_against_loops_and_finite_differences():
+    """The Payne paper era's per-pixel form a sigmoid(v . sigmoid(U x + c) + d) + e, in loops."""
+    rng = np.random.default_rng(7)
+    w0, b0, w1 = rng.normal(size=(4, 3, 2)), rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    b1, w2, b2 = rng.normal(size=4), rng.normal(size=4), rng.normal(size=4)
+    x = rng.uniform(-0.5, 0.5, (3, 2))
+    outer = dict(w2=w2, b2=b2)
+    flux, jac = reference.perpixel_forward(w0, b0, w1, b1, x, jacobian=True, **outer)
+    for s in range(3):
+        for p in range(4):
+            h = [1 / (1 + math.exp(-(w0[p, j] @ x[s] + b0[p, j]))) for j in range(3)]
+            inner = sum(w1[p, j] * h[j] for j in range(3)) + b1[p]
+            expected = w2[p] / (1 + math.exp(-inner)) + b2[p]
+            assert flux[s, p] == pytest.approx(expected, abs=1e-14)
+    for k in range(2):
+        dx = np.zeros(2)
+        dx[k] = STEP
+        fd = (reference.perpixel_forward(w0, b0, w1, b1, x + dx, **outer)
+              - reference.perpixel_forward(w0, b0, w1, b1, x - dx, **outer)) / (2 * STEP)
+        np.testing.assert_allclose(jac[:, :, k], fd, rtol=0, atol=FD_ATOL)
+
+
 # -- optimizers against hand computation ------------------------------------------------------
 
 def hand_adam(p, grads, lr, b1, b2, eps):

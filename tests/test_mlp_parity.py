@@ -168,16 +168,19 @@ def test_training_steps_with_packed_weights_match_reference(isa_core, dtype):
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.max(np.abs(b)))
 
 
+@pytest.mark.parametrize("outer", [False, True], ids=["binspec", "paper-era"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("n_stars,n_pixels,n_hidden,n_labels", [(1, 1, 1, 1), (7, 50, 5, 5), (30, 20, 10, 4)])
-def test_perpixel_matches_reference(isa_core, n_stars, n_pixels, n_hidden, n_labels, dtype):
+def test_perpixel_matches_reference(isa_core, n_stars, n_pixels, n_hidden, n_labels, dtype,
+                                    outer):
     rng = np.random.default_rng(9)
     w0 = rng.normal(size=(n_pixels, n_hidden, n_labels)).astype(dtype)
     b0, w1 = (rng.normal(size=(n_pixels, n_hidden)).astype(dtype) for _ in range(2))
     b1 = rng.normal(size=n_pixels).astype(dtype)
+    kw = {k: rng.normal(size=n_pixels).astype(dtype) for k in ("w2", "b2")} if outer else {}
     x = rng.uniform(-0.5, 0.5, (n_stars, n_labels))
-    out_f, jac_f = fast.perpixel_forward(w0, b0, w1, b1, x, jacobian=True)
-    out_r, jac_r = reference.perpixel_forward(w0, b0, w1, b1, x, jacobian=True)
+    out_f, jac_f = fast.perpixel_forward(w0, b0, w1, b1, x, jacobian=True, **kw)
+    out_r, jac_r = reference.perpixel_forward(w0, b0, w1, b1, x, jacobian=True, **kw)
     assert_close(out_f, out_r, dtype)
     assert_close(jac_f, jac_r, dtype)
 
@@ -214,6 +217,8 @@ def test_one_and_two_threads_give_identical_results(dtype):
         np.testing.assert_array_equal(a, b)
     w0 = rng.normal(size=(40, 5, 5)).astype(dtype)
     args = (w0, w0[:, :, 0].copy(), w0[:, :, 1].copy(), w0[:, 0, 0].copy(), x)
-    for a, b in zip(fast.perpixel_forward(*args, jacobian=True, n_threads=1),
-                    fast.perpixel_forward(*args, jacobian=True, n_threads=2)):
-        np.testing.assert_array_equal(a, b)
+    outer = dict(w2=w0[:, 1, 1].copy(), b2=w0[:, 2, 2].copy())
+    for kw in ({}, outer):
+        for a, b in zip(fast.perpixel_forward(*args, jacobian=True, n_threads=1, **kw),
+                        fast.perpixel_forward(*args, jacobian=True, n_threads=2, **kw)):
+            np.testing.assert_array_equal(a, b)

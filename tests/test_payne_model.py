@@ -158,6 +158,101 @@ def test_binspec_networks_load_and_evaluate(shared_data, name):
         assert np.median(jac[0, :, 0]) > 0
 
 
+def paper_era_arrays(n_pixels=300, n_hidden=10, n_labels=3, seed=4):
+    """A network in the Payne paper era's published layout (w_array_0..2, b_array_0..2):
+    per pixel a * sigmoid(v . sigmoid(U x + c) + d) + e, with a < 0 so that the flux dips."""
+    rng = np.random.default_rng(seed)
+    return {"w_array_0": rng.normal(0, 2, (n_pixels, n_hidden, n_labels)),
+            "b_array_0": rng.normal(0, 1, (n_pixels, n_hidden)),
+            "w_array_1": rng.normal(0, 1, (n_pixels, n_hidden)),
+            "b_array_1": rng.normal(0, 1, n_pixels),
+            "w_array_2": -rng.uniform(0.1, 0.6, n_pixels), "b_array_2": np.ones(n_pixels),
+            "x_min": np.array([4000.0, 1.0, -1.0]), "x_max": np.array([5500.0, 3.5, 0.4])}
+
+
+def test_paper_era_network_reads_evaluates_and_round_trips(tmp_path):
+    arrays = paper_era_arrays()
+    np.savez(tmp_path / "paper.npz", **arrays)
+    model = starlabel.read_binspec_npz(tmp_path / "paper.npz", label_names=["T", "G", "M"])
+    assert model.w2 is not None and "paper-era" in repr(model)
+    labels = np.array([[4500.0, 2.0, -0.3], [5200.0, 3.1, 0.2]])
+    # Oracle: the formula of SOURCE.md on the file's arrays, with scipy's logistic function
+    from scipy.special import expit
+
+    x = (labels - arrays["x_min"]) / (arrays["x_max"] - arrays["x_min"]) - 0.5
+    hidden = expit(np.einsum("phk,sk->sph", arrays["w_array_0"], x) + arrays["b_array_0"])
+    inner = np.einsum("ph,sph->sp", arrays["w_array_1"], hidden) + arrays["b_array_1"]
+    expected = arrays["w_array_2"] * expit(inner) + arrays["b_array_2"]
+    for backend in ("fast", "reference"):
+        model.backend = backend
+        np.testing.assert_allclose(model.predict(labels), expected, rtol=1e-13)
+    model.backend = "fast"
+    # our own format and the published layout give the same model back
+    model.write(tmp_path / "own.npz")
+    starlabel.write_payne_npz(model, tmp_path / "published.npz")
+    for loaded in (starlabel.PerPixelPayneModel.read(tmp_path / "own.npz"),
+                   starlabel.read_binspec_npz(tmp_path / "published.npz")):
+        np.testing.assert_array_equal(loaded.predict(labels), model.predict(labels))
+        np.testing.assert_array_equal(loaded.jacobian(labels), model.jacobian(labels))
+    with np.load(tmp_path / "published.npz") as data:
+        assert sorted(data.files) == sorted(arrays)
+
+
+def test_paper_era_network_fits_spectra():
+    """fit_spectra through the outer sigmoid: noiseless spectra give back their labels, and the
+    backends agree."""
+    arrays = paper_era_arrays(n_pixels=600)
+    wave = 15200.0 * 10 ** (6e-6 * np.arange(600))
+    model = starlabel.PerPixelPayneModel(
+        ["T", "G", "M"], *(arrays[k] for k in ("w_array_0", "b_array_0", "w_array_1",
+                                               "b_array_1", "x_min", "x_max")),
+        w2=arrays["w_array_2"], b2=arrays["b_array_2"], wavelength=wave)
+    truth = np.array([[4300.0, 1.8, -0.6], [5100.0, 2.9, 0.1]])
+    flux = model.predict(truth)
+    ivar = np.full_like(flux, 1e4)
+    fits = {b: starlabel.fit_spectra(model, flux, ivar, fit_rv=False, backend=b)
+            for b in ("fast", "reference")}
+    assert np.all(fits["fast"].converged)
+    np.testing.assert_allclose(fits["fast"].labels, truth, rtol=0,
+                               atol=1e-3 * (arrays["x_max"] - arrays["x_min"]).max())
+    np.testing.assert_allclose(fits["fast"].labels, fits["reference"].labels, rtol=1e-9)
+
+
+def test_binspec_network_round_trips_through_both_formats(tmp_path, shared_data):
+    path = shared_data / "the_payne" / "binspec_2018" / "NN_normalized_spectra.npz"
+    model = starlabel.read_binspec_npz(path, dtype="float64")
+    assert model.dtype == np.float64 and model.w2 is None
+    model.write(tmp_path / "own.npz")
+    starlabel.write_payne_npz(model, tmp_path / "published.npz")
+    labels = 0.5 * (model.x_min + model.x_max)
+    for loaded in (starlabel.PerPixelPayneModel.read(tmp_path / "own.npz"),
+                   starlabel.read_binspec_npz(tmp_path / "published.npz")):
+        assert loaded.w2 is None and loaded.label_names == model.label_names
+        np.testing.assert_array_equal(loaded.predict(labels), model.predict(labels))
+    with np.load(path) as original, np.load(tmp_path / "published.npz") as written:
+        assert sorted(original.files) == sorted(written.files)
+        for key in original.files:
+            np.testing.assert_array_equal(written[key], original[key].astype(written[key].dtype))
+
+
+def test_paper_era_bad_input_is_named(tmp_path):
+    arrays = paper_era_arrays(n_pixels=20)
+    np.savez(tmp_path / "half.npz", **{k: v for k, v in arrays.items() if k != "b_array_2"})
+    with pytest.raises(ValueError, match="one of w_array_2 and b_array_2, not both"):
+        starlabel.read_binspec_npz(tmp_path / "half.npz")
+    np.savez(tmp_path / "short.npz", **dict(arrays, w_array_2=arrays["w_array_2"][:5]))
+    with pytest.raises(ValueError, match=r"w_array_2 must have shape \(20,\)"):
+        starlabel.read_binspec_npz(tmp_path / "short.npz")
+    net = [arrays[k] for k in ("w_array_0", "b_array_0", "w_array_1", "b_array_1")]
+    x = np.zeros((1, 3))
+    for backend in (fast, reference):
+        with pytest.raises(ValueError, match="give both w2 and b2"):
+            backend.perpixel_forward(*net, x, w2=arrays["w_array_2"])
+        with pytest.raises(ValueError, match="b2 contains NaN"):
+            backend.perpixel_forward(*net, x, w2=arrays["w_array_2"],
+                                     b2=np.full(20, np.nan))
+
+
 def test_binspec_reader_rejects_mismatched_files(tmp_path, shared_data):
     with np.load(shared_data / "the_payne" / "binspec_2018" / "NN_normalized_spectra.npz") as data:
         arrays = {k: data[k] for k in data.files}

@@ -1,9 +1,9 @@
 // Bindings for fitting observed spectra (spectrum_fit.hpp): checks, output allocation, GIL
 // release. No math. The emulator arrives as a dict {"kind": ..., arrays} built by
 // starlabel.fast.fitting, every array float64 (the fit works in double whatever the model's
-// storage dtype) but one: "perpixel" (w0, b0, w1, b1), "mlp" (weights, biases, activation,
-// slope, and last_weights_f32: a float32 network's last layer as stored, for its Jacobian, or
-// None) or "cannon" (exponents, theta_t).
+// storage dtype) but one: "perpixel" (w0, b0, w1, b1, and w2, b2 or None), "mlp" (weights,
+// biases, activation, slope, and last_weights_f32: a float32 network's last layer as stored,
+// for its Jacobian, or None) or "cannon" (exponents, theta_t).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -63,15 +63,13 @@ template <class Visitor>
 void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
   const std::string kind = py::str(item(spec, "kind"));
   if (kind == "perpixel") {
-    auto w0 = require<double>(item(spec, "w0"), "w0", {ANY, ANY, ANY});
-    const index_t P = w0.shape(0), H = w0.shape(1), L = w0.shape(2);
-    auto b0 = require<double>(item(spec, "b0"), "b0", {P, H});
-    auto w1 = require<double>(item(spec, "w1"), "w1", {P, H});
-    auto b1 = require<double>(item(spec, "b1"), "b1", {P});
-    const PerPixelNetwork<double> net{w0.data(), b0.data(), w1.data(), b1.data(), P, H, L};
+    const bind::PerPixelArrays<double> arrays(item(spec, "w0"), item(spec, "b0"),
+                                              item(spec, "w1"), item(spec, "b1"),
+                                              item(spec, "w2"), item(spec, "b2"));
+    const PerPixelNetwork<double> net = arrays.view();
     visit(make_emulator([net](const double* x, index_t n, double* f, double* j) {
       perpixel_forward(net, x, n, f, j, 1);
-    }, L, P));
+    }, net.n_labels, net.n_pixels));
   } else if (kind == "mlp") {
     const bind::NetworkArrays<double> arrays(item(spec, "weights"), item(spec, "biases"));
     MLP<double> net = arrays.view(bind::activation_from(item(spec, "activation").cast<int>()),

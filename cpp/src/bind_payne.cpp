@@ -199,17 +199,13 @@ py::tuple train_epoch(const py::list& w, const py::list& b, const py::list& mw,
 }
 
 template <class T>
-py::object perpixel_t(const py::handle& w0_in, const py::handle& b0_in, const py::handle& w1_in,
-                      const py::handle& b1_in, const py::handle& x_in, bool with_jacobian,
-                      int n_threads) {
-  auto w0 = require<T>(w0_in, "w0", {ANY, ANY, ANY});
-  const index_t P = w0.shape(0), H = w0.shape(1), K = w0.shape(2);
-  auto b0 = require<T>(b0_in, "b0", {P, H});
-  auto w1 = require<T>(w1_in, "w1", {P, H});
-  auto b1 = require<T>(b1_in, "b1", {P});
-  auto x = require<T>(x_in, "x", {ANY, K});
-  const index_t n_stars = x.shape(0);
-  const PerPixelNetwork<T> net{w0.data(), b0.data(), w1.data(), b1.data(), P, H, K};
+py::object perpixel_t(const py::handle& w0, const py::handle& b0, const py::handle& w1,
+                      const py::handle& b1, const py::handle& w2, const py::handle& b2,
+                      const py::handle& x_in, bool with_jacobian, int n_threads) {
+  const bind::PerPixelArrays<T> arrays(w0, b0, w1, b1, w2, b2);
+  const PerPixelNetwork<T> net = arrays.view();
+  auto x = require<T>(x_in, "x", {ANY, net.n_labels});
+  const index_t n_stars = x.shape(0), P = net.n_pixels, K = net.n_labels;
   py::array_t<T> out({n_stars, P});
   py::array_t<T> jac = with_jacobian ? py::array_t<T>({n_stars, P, K}) : py::array_t<T>();
   Interrupt interrupt = bind::python_interrupt();
@@ -224,10 +220,11 @@ py::object perpixel_t(const py::handle& w0_in, const py::handle& b0_in, const py
 }
 
 py::object perpixel(const py::handle& w0, const py::handle& b0, const py::handle& w1,
-                    const py::handle& b1, const py::handle& x, bool with_jacobian,
-                    int n_threads) {
-  if (is_float32(w0, "w0")) return perpixel_t<float>(w0, b0, w1, b1, x, with_jacobian, n_threads);
-  return perpixel_t<double>(w0, b0, w1, b1, x, with_jacobian, n_threads);
+                    const py::handle& b1, const py::handle& w2, const py::handle& b2,
+                    const py::handle& x, bool with_jacobian, int n_threads) {
+  if (is_float32(w0, "w0"))
+    return perpixel_t<float>(w0, b0, w1, b1, w2, b2, x, with_jacobian, n_threads);
+  return perpixel_t<double>(w0, b0, w1, b1, w2, b2, x, with_jacobian, n_threads);
 }
 
 }  // namespace
@@ -246,7 +243,8 @@ void bind_payne(py::module_& m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("n_threads"));
   m.def("perpixel_forward", &perpixel, py::arg("w0"), py::arg("b0"), py::arg("w1"), py::arg("b1"),
-        py::arg("x"), py::arg("with_jacobian"), py::arg("n_threads"));
+        py::arg("w2"), py::arg("b2"), py::arg("x"), py::arg("with_jacobian"),
+        py::arg("n_threads"));
   m.attr("MLP_ACTIVATIONS") = py::dict(
       py::arg("leaky_relu") = int(ACT_LEAKY_RELU), py::arg("relu") = int(ACT_RELU),
       py::arg("sigmoid") = int(ACT_SIGMOID), py::arg("tanh") = int(ACT_TANH),

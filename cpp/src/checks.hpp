@@ -12,6 +12,7 @@
 #include "starlabel/common.hpp"
 #include "starlabel/lm.hpp"
 #include "starlabel/mlp.hpp"
+#include "starlabel/perpixel_network.hpp"
 #include "starlabel/polynomial.hpp"
 
 namespace starlabel::bind {
@@ -64,6 +65,35 @@ inline Activation activation_from(int code) {
   if (code < 0 || code >= ACT_COUNT) throw py::value_error("activation code out of range");
   return static_cast<Activation>(code);
 }
+
+// The checked arrays of a per-pixel network; w2 and b2 (the paper-era outer sigmoid) may be
+// None, together. They must outlive the view.
+template <class T>
+struct PerPixelArrays {
+  py::array_t<T> w0, b0, w1, b1;
+  std::optional<py::array_t<T>> w2, b2;
+
+  PerPixelArrays(const py::handle& w0_in, const py::handle& b0_in, const py::handle& w1_in,
+                 const py::handle& b1_in, const py::handle& w2_in, const py::handle& b2_in)
+      : w0(require<T>(w0_in, "w0", {ANY, ANY, ANY})) {
+    const index_t P = w0.shape(0), H = w0.shape(1);
+    b0 = require<T>(b0_in, "b0", {P, H});
+    w1 = require<T>(w1_in, "w1", {P, H});
+    b1 = require<T>(b1_in, "b1", {P});
+    if (w2_in.is_none() != b2_in.is_none())
+      throw py::value_error("give both w2 and b2, or neither");
+    w2 = require_optional<T>(w2_in, "w2", {P});
+    b2 = require_optional<T>(b2_in, "b2", {P});
+  }
+
+  PerPixelNetwork<T> view() const {
+    PerPixelNetwork<T> net{w0.data(), b0.data(), w1.data(), b1.data(),
+                           w0.shape(0), w0.shape(1), w0.shape(2)};
+    net.w2 = data_or_null(w2);
+    net.b2 = data_or_null(b2);
+    return net;
+  }
+};
 
 // The network's arrays, checked: weights[l] (sizes[l+1], sizes[l]), biases[l] (sizes[l+1],).
 template <class T>

@@ -3,7 +3,8 @@ bad input raises the same error. Arrays come back C-contiguous float64 (int32 fo
 
 Two small dicts describe a fit to the kernels:
 
-- ``emulator``: ``{"kind": "perpixel", "w0", "b0", "w1", "b1"}``,
+- ``emulator``: ``{"kind": "perpixel", "w0", "b0", "w1", "b1"}`` (and "w2", "b2" for the
+  paper-era networks),
   ``{"kind": "mlp", "weights", "biases", "activation", "slope"}`` (the fit works in float64;
   for a float32 network, all weights float32, the product with its last layer that forms the
   Jacobian runs in float32, as ``last_weights_f32`` in the checked copy) or
@@ -27,9 +28,11 @@ def emulator(spec):
     kind = check.choice("emulator kind", spec["kind"], KINDS)
     try:
         if kind == "perpixel":
-            w0, b0, w1, b1, _ = payne_io.perpixel_network(*(np.asarray(spec[k], dtype=np.float64)
-                                                           for k in ("w0", "b0", "w1", "b1")))
-            return {"kind": kind, "w0": w0, "b0": b0, "w1": w1, "b1": b1}, w0.shape[2], w0.shape[0]
+            given = [spec[k] for k in payne_io.PERPIXEL_KEYS[:4]] + [
+                spec.get(k) for k in payne_io.PERPIXEL_KEYS[4:]]
+            net, _ = payne_io.perpixel_network(*(None if v is None else
+                                                 np.asarray(v, dtype=np.float64) for v in given))
+            return {"kind": kind, **net}, net["w0"].shape[2], net["w0"].shape[0]
         if kind == "mlp":
             given = [np.asarray(w) for w in spec["weights"]]
             weights, biases, _ = payne_io.network([np.asarray(w, dtype=np.float64) for w in given],

@@ -352,8 +352,8 @@ def _text(value):
 # --- models ------------------------------------------------------------------------------
 
 def model_kind(path):
-    """'cannon', 'payne' (starlabel files), 'payne-npz' (The Payne's published layout) or
-    'binspec-npz' (per-pixel networks), from the file's contents."""
+    """'cannon', 'payne', 'perpixel' (starlabel files), 'payne-npz' (The Payne's published
+    layout) or 'binspec-npz' (per-pixel networks), from the file's contents."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model file")
@@ -366,7 +366,7 @@ def model_kind(path):
         raise ValueError(f"{path}: not a model file (.npz) ({exc})") from None
     if fmt is not None:
         kind = fmt.removeprefix("starlabel.")
-        if kind not in ("cannon", "payne"):
+        if kind not in ("cannon", "payne", "perpixel"):
             raise ValueError(f"{path}: a {fmt} file, not a model that fits spectra")
         return kind
     if w0_ndim == 2:
@@ -379,7 +379,7 @@ def model_kind(path):
 def load_model(path, *, label_names=None, wavelength=None, backend="fast", need_grid=True):
     """(model, kind) from a model file; published networks take label names and grid from
     the arguments (their files record neither)."""
-    from . import CannonModel, PayneModel, read_binspec_npz, read_payne_npz
+    from . import CannonModel, PayneModel, PerPixelPayneModel, read_binspec_npz, read_payne_npz
     from ._grid import apogee_pixel_index, apogee_wavelength
 
     kind = model_kind(path)
@@ -387,6 +387,8 @@ def load_model(path, *, label_names=None, wavelength=None, backend="fast", need_
         return CannonModel.read(path, backend=backend), kind
     if kind == "payne":
         return PayneModel.read(path, backend=backend), kind
+    if kind == "perpixel":
+        return PerPixelPayneModel.read(path, backend=backend), kind
     reader = read_payne_npz if kind == "payne-npz" else read_binspec_npz
     model = reader(path, label_names=label_names, backend=backend)
     if not need_grid and wavelength is None:
@@ -441,7 +443,7 @@ def describe_model(path):
     with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
         raw = {name: data[name] for name in data.files}
     lines = [f"model {path}"]
-    if kind in ("cannon", "payne"):
+    if kind in ("cannon", "payne", "perpixel"):
         lines.append(f"  kind                   : {_KIND_NAMES[kind]} (file format "
                      f"{int(raw['format_version'])}, written by starlabel "
                      f"{raw['package_version']})")
@@ -470,9 +472,10 @@ def describe_model(path):
         low, high = model.training_range
     else:
         sizes = [model.n_labels] + list(getattr(model, "hidden", ())) + [model.n_pixels]
-        if kind == "binspec-npz":
+        if kind in ("binspec-npz", "perpixel"):
+            outer = "" if model.w2 is None else ", then an outer sigmoid (paper-era Payne)"
             lines.append(f"  architecture           : per-pixel, {model.w0.shape[1]} hidden units "
-                         "(sigmoid)")
+                         f"(sigmoid){outer}")
         else:
             n_params = sum(w.size + b.size for w, b in zip(model.weights, model.biases))
             lines.append(f"  architecture           : {' -> '.join(map(str, sizes))}, "
@@ -496,7 +499,9 @@ def describe_model(path):
 
 
 _KIND_NAMES = {"cannon": "The Cannon (starlabel.cannon)", "payne": "The Payne (starlabel.payne)",
-               "payne-npz": "The Payne network", "binspec-npz": "BinSpec per-pixel network"}
+               "perpixel": "per-pixel networks (starlabel.payne.PerPixelPayneModel)",
+               "payne-npz": "The Payne network", "binspec-npz": "per-pixel network (BinSpec or "
+                                                            "paper-era Payne)"}
 
 
 # --- commands ----------------------------------------------------------------------------

@@ -264,8 +264,8 @@ def _describe(model):
             emulator = {"kind": "mlp", "weights": list(model.weights), "biases": list(model.biases),
                         "activation": model.activation, "slope": model.slope}
         else:
-            emulator = {"kind": "perpixel", **{k: np.asarray(getattr(model, k), np.float64)
-                                               for k in ("w0", "b0", "w1", "b1")}}
+            emulator = {"kind": "perpixel", **{k: None if v is None else np.asarray(v, np.float64)
+                                               for k, v in model.network.items()}}
         n_model = model.n_pixels
         return {"emulator": emulator, "label_names": list(model.label_names),
                 "wavelength": model.wavelength, "n_model": n_model, "backend": model.backend,

@@ -3,8 +3,8 @@
 ``PayneModel`` scales labels to [-0.5, 0.5] with the training set's minimum and maximum
 (``x_min``, ``x_max``, as The Payne does), trains a dense MLP with mini-batches in the
 compiled core, and predicts spectra and their Jacobians in physical label units.
-``PerPixelPayneModel`` wraps the per-pixel networks of BinSpec / the early Payne with the
-same ``predict`` / ``jacobian`` interface.
+``PerPixelPayneModel`` wraps the per-pixel networks of BinSpec and of the Payne paper era
+with the same ``predict`` / ``jacobian`` interface.
 """
 
 import math
@@ -62,6 +62,14 @@ class _Emulator:
                               f"lie outside the training range in {names}: extrapolating",
                               OutsideTrainingRangeWarning, stacklevel=3)
         return self.scale(labels)
+
+    def _write_file(self, path, kind, arrays):
+        """A model file of ``kind``: ``arrays`` plus the label names, scaling and wavelength."""
+        arrays = {"label_names": np.array(self.label_names), "x_min": self.x_min,
+                  "x_max": self.x_max, **arrays}
+        if self.wavelength is not None:
+            arrays["wavelength"] = self.wavelength
+        write_model_file(path, kind, arrays)
 
     def predict(self, labels, *, warn=True, n_threads=None):
         """Model flux (n_stars, n_pixels) for physical labels (n_stars, n_labels).
@@ -216,13 +224,9 @@ class PayneModel(_Emulator):
     def write(self, path):
         """Write the model to a versioned, pickle-free ``.npz`` file (atomically)."""
         self._require_trained()
-        arrays = {"label_names": np.array(self.label_names), "x_min": self.x_min,
-                  "x_max": self.x_max, "activation": np.array(self.activation),
-                  "slope": np.float64(self.slope), "dtype": np.array(self.dtype.name),
-                  **_network_arrays(self.weights, self.biases)}
-        if self.wavelength is not None:
-            arrays["wavelength"] = self.wavelength
-        write_model_file(path, "payne", arrays)
+        self._write_file(path, "payne", {
+            "activation": np.array(self.activation), "slope": np.float64(self.slope),
+            "dtype": np.array(self.dtype.name), **_network_arrays(self.weights, self.biases)})
 
     @classmethod
     def read(cls, path, *, backend="fast"):
@@ -253,15 +257,20 @@ class PayneModel(_Emulator):
 
 
 class PerPixelPayneModel(_Emulator):
-    """Per-pixel sigmoid networks (BinSpec, El-Badry et al. 2018; the early Payne):
-    ``flux_p = w1[p] . sigmoid(w0[p] x + b0[p]) + b1[p]`` with x the labels scaled to
-    [-0.5, 0.5] by x_min / x_max. Made by ``starlabel.read_binspec_npz``.
+    """Per-pixel sigmoid networks, x the labels scaled to [-0.5, 0.5] by x_min / x_max:
+    BinSpec's (El-Badry et al. 2018), ``flux_p = w1[p] . sigmoid(w0[p] x + b0[p]) + b1[p]``,
+    and, with ``w2``, ``b2`` (n_pixels,), the Payne paper era's (Ting et al. 2019), which
+    puts that through one more sigmoid: ``flux_p = w2[p] sigmoid(BinSpec's flux_p) + b2[p]``.
+    Made by ``starlabel.read_binspec_npz``; ``write`` / ``read`` keep it in starlabel's own
+    file format.
     """
 
-    def __init__(self, label_names, w0, b0, w1, b1, x_min, x_max, *, wavelength=None,
-                 backend="fast"):
+    def __init__(self, label_names, w0, b0, w1, b1, x_min, x_max, *, w2=None, b2=None,
+                 wavelength=None, backend="fast"):
         self.label_names = [str(n) for n in label_names]
-        self.w0, self.b0, self.w1, self.b1, self.dtype = payne_io.perpixel_network(w0, b0, w1, b1)
+        net, self.dtype = payne_io.perpixel_network(w0, b0, w1, b1, w2, b2)
+        self.w0, self.b0, self.w1, self.b1, self.w2, self.b2 = (net[k] for k in
+                                                                 payne_io.PERPIXEL_KEYS)
         if self.w0.shape[2] != len(self.label_names):
             raise ValueError(f"w0 has {self.w0.shape[2]} labels, label_names {len(self.label_names)}")
         self.x_min = check.labels(x_min, self.n_labels, name="x_min")[0]
@@ -276,13 +285,37 @@ class PerPixelPayneModel(_Emulator):
     def n_pixels(self):
         return self.w0.shape[0]
 
+    @property
+    def network(self):
+        """{"w0", "b0", "w1", "b1", "w2", "b2"}: the arrays (w2, b2 None for BinSpec's)."""
+        return {k: getattr(self, k) for k in payne_io.PERPIXEL_KEYS}
+
     def _forward(self, x, jacobian, n_threads):
-        return BACKENDS[self.backend].perpixel_forward(self.w0, self.b0, self.w1, self.b1, x,
-                                                       jacobian=jacobian, n_threads=n_threads)
+        return BACKENDS[self.backend].perpixel_forward(x=x, jacobian=jacobian,
+                                                       n_threads=n_threads, **self.network)
+
+    def write(self, path):
+        """Write the model to a versioned, pickle-free ``.npz`` file (atomically)."""
+        self._write_file(path, "perpixel",
+                         {k: v for k, v in self.network.items() if v is not None})
+
+    @classmethod
+    def read(cls, path, *, backend="fast"):
+        """Read a model written by ``write``."""
+        arrays = read_model_file(path, "perpixel", required=(
+            "label_names", "x_min", "x_max", "w0", "b0", "w1", "b1"))
+        try:
+            return cls([str(n) for n in arrays["label_names"]],
+                       **{k: arrays.get(k) for k in payne_io.PERPIXEL_KEYS},
+                       x_min=arrays["x_min"], x_max=arrays["x_max"],
+                       wavelength=arrays.get("wavelength"), backend=backend)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a consistent per-pixel network file ({exc})") from None
 
     def __repr__(self):
+        family = "BinSpec" if self.w2 is None else "paper-era Payne"
         return (f"PerPixelPayneModel({self.label_names}, {self.n_pixels} pixels, "
-                f"{self.w0.shape[1]} hidden units, backend={self.backend!r})")
+                f"{self.w0.shape[1]} hidden units, {family}, backend={self.backend!r})")
 
 
 def _architecture(hidden, activation, slope, dtype):

@@ -6,6 +6,7 @@ exception with the same message for the same bad input.
 """
 
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -199,27 +200,41 @@ def train_epoch_arguments(weights, biases, state, x, target, order, batch_size, 
             eps, weight_decay, act, slope, loss, weights_per_pixel)
 
 
-def perpixel_network(w0, b0, w1, b1):
-    """Check a per-pixel network; returns (w0, b0, w1, b1, dtype) C-contiguous."""
-    arrays = []
+PERPIXEL_KEYS = ("w0", "b0", "w1", "b1", "w2", "b2")
+
+
+def perpixel_network(w0, b0, w1, b1, w2=None, b2=None):
+    """Check a per-pixel network; returns ({name: array}, dtype), arrays C-contiguous.
+
+    w0 (n_pixels, n_hidden, n_labels), b0 and w1 (n_pixels, n_hidden), b1 (n_pixels,); the
+    paper-era outer sigmoid's w2 and b2 (n_pixels,) both given, or both None (BinSpec).
+    """
     w0 = np.asarray(w0)
     dtype = _float_dtype("w0", w0)
-    for name, value, ndim in (("w0", w0, 3), ("b0", b0, 2), ("w1", w1, 2), ("b1", b1, 1)):
+    if (w2 is None) != (b2 is None):
+        raise ValueError("give both w2 and b2 (the outer sigmoid), or neither")
+    n_pixels = w0.shape[0] if w0.ndim == 3 else None
+    n_hidden = w0.shape[1] if w0.ndim == 3 else None
+    shapes = {"w0": None, "b0": (n_pixels, n_hidden), "w1": (n_pixels, n_hidden),
+              "b1": (n_pixels,), "w2": (n_pixels,), "b2": (n_pixels,)}
+    net = {}
+    for name, value in zip(PERPIXEL_KEYS, (w0, b0, w1, b1, w2, b2)):
+        if value is None:
+            net[name] = None
+            continue
         array = np.asarray(value)
+        ndim = 3 if name == "w0" else len(shapes[name])
         if array.dtype != dtype:
             raise TypeError(f"{name} has dtype {array.dtype}, w0 has {dtype}")
         if array.ndim != ndim or array.size == 0:
             raise ValueError(f"{name} must be a non-empty {ndim}-D array, got shape {array.shape}")
+        if shapes[name] is not None and array.shape != shapes[name]:
+            raise ValueError(f"{name} must have shape {shapes[name]} to match w0 {w0.shape}, "
+                             f"got {array.shape}")
         if not np.all(np.isfinite(array)):
             raise ValueError(f"{name} contains NaN or inf")
-        arrays.append(np.ascontiguousarray(array))
-    w0, b0, w1, b1 = arrays
-    n_pixels, n_hidden = w0.shape[:2]
-    for name, array, shape in (("b0", b0, (n_pixels, n_hidden)), ("w1", w1, (n_pixels, n_hidden)),
-                               ("b1", b1, (n_pixels,))):
-        if array.shape != shape:
-            raise ValueError(f"{name} must have shape {shape} to match w0 {w0.shape}, got {array.shape}")
-    return w0, b0, w1, b1, dtype
+        net[name] = np.ascontiguousarray(array)
+    return net, dtype
 
 
 # -- published file layouts ----------------------------------------------------------------
@@ -304,17 +319,27 @@ def read_payne_npz(path, *, label_names=None, wavelength=None, dtype=None, backe
 
 
 def write_payne_npz(model, path):
-    """Write a PayneModel in The Payne's published layout (readable by The Payne's code).
+    """Write a model in the published layout its code reads: a PayneModel as The Payne's
+    (``w_array_0..n``, ``b_array_0..n``, out x in), a PerPixelPayneModel as BinSpec's or the
+    paper-era Payne's (``read_binspec_npz``), both with ``x_min`` and ``x_max``.
 
-    The layout records no activation: only leaky ReLU with slope 0.01 can be written.
+    The dense layout records no activation: only leaky ReLU with slope 0.01 can be written.
     """
+    from .payne import PerPixelPayneModel
+
     model._require_trained()
-    if getattr(model, "activation", None) != "leaky_relu" or model.slope != 0.01:
-        raise ValueError("The Payne's layout implies leaky ReLU with slope 0.01; this model uses "
-                         f"{getattr(model, 'activation', 'a per-pixel network')!r}"
-                         f" (slope {getattr(model, 'slope', None)}): use model.write() instead")
+    if isinstance(model, PerPixelPayneModel):
+        layers = [(model.w0, model.b0), (model.w1, model.b1)]
+        if model.w2 is not None:
+            layers.append((model.w2, model.b2))
+    else:
+        if model.activation != "leaky_relu" or model.slope != 0.01:
+            raise ValueError("The Payne's layout implies leaky ReLU with slope 0.01; this model "
+                             f"uses {model.activation!r} (slope {model.slope}): use "
+                             "model.write() instead")
+        layers = list(zip(model.weights, model.biases))
     arrays = {}
-    for layer, (w, b) in enumerate(zip(model.weights, model.biases)):
+    for layer, (w, b) in enumerate(layers):
         arrays[f"w_array_{layer}"] = w
         arrays[f"b_array_{layer}"] = b
     arrays["x_min"], arrays["x_max"] = model.x_min, model.x_max
@@ -322,35 +347,41 @@ def write_payne_npz(model, path):
 
 
 def read_binspec_npz(path, *, label_names=None, wavelength=None, dtype=None, backend="fast"):
-    """Read a BinSpec (El-Badry et al. 2018) per-pixel network as a PerPixelPayneModel.
+    """Read a per-pixel network as a PerPixelPayneModel: BinSpec's (El-Badry et al. 2018),
+    or the Payne paper era's (Ting et al. 2019), which adds an outer sigmoid.
 
     Keys ``w_array_0`` (n_pixels, n_hidden, n_labels), ``b_array_0`` (n_pixels, n_hidden),
-    ``w_array_1`` (n_pixels, n_hidden), ``b_array_1`` (n_pixels,), ``x_min``, ``x_max``.
+    ``w_array_1`` (n_pixels, n_hidden), ``b_array_1`` (n_pixels,), ``x_min``, ``x_max``, and
+    for the paper era ``w_array_2`` and ``b_array_2`` (n_pixels,):
+    ``flux = w_array_2 * sigmoid(inner) + b_array_2`` with ``inner`` BinSpec's output.
     The model's output is the network's raw output (for BinSpec's absolute-flux network that
     is 10^6 x the surface flux H_nu).
     """
     from .payne import PerPixelPayneModel
 
     arrays = _load_npz(path)
-    keys = ("w_array_0", "b_array_0", "w_array_1", "b_array_1")
-    for key in keys:
+    keys = ("w_array_0", "b_array_0", "w_array_1", "b_array_1", "w_array_2", "b_array_2")
+    for key in keys[:4]:
         if key not in arrays:
-            raise ValueError(f"{path}: network file lacks {key!r} (not BinSpec's layout)")
+            raise ValueError(f"{path}: network file lacks {key!r} (not a per-pixel layout)")
+    if ("w_array_2" in arrays) != ("b_array_2" in arrays):
+        raise ValueError(f"{path}: network file has one of w_array_2 and b_array_2, not both")
     if np.ndim(arrays["w_array_0"]) != 3:
-        raise ValueError(f"{path}: w_array_0 must be 3-D (n_pixels, n_hidden, n_labels) in "
-                         f"BinSpec's layout, got shape {np.shape(arrays['w_array_0'])}; a dense "
+        raise ValueError(f"{path}: w_array_0 must be 3-D (n_pixels, n_hidden, n_labels) in a "
+                         f"per-pixel layout, got shape {np.shape(arrays['w_array_0'])}; a dense "
                          "Payne network is read by read_payne_npz")
     file_dtype = arrays["w_array_0"].dtype
     dtype = np.dtype(file_dtype if dtype is None else DTYPES.get(str(dtype), dtype))
     try:
-        w0, b0, w1, b1, _ = perpixel_network(*(np.asarray(arrays[k], dtype=dtype) for k in keys))
+        net, _ = perpixel_network(*(np.asarray(arrays[k], dtype=dtype) if k in arrays else None
+                                    for k in keys))
     except (TypeError, ValueError) as exc:
         msg = str(exc)
-        for new, old in zip(keys, ("w0", "b0", "w1", "b1")):
-            msg = msg.replace(old, new)
+        for new, old in zip(keys, PERPIXEL_KEYS):
+            msg = re.sub(rf"\b{old}\b", new, msg)
         raise ValueError(f"{path}: inconsistent network arrays ({msg})") from None
-    n_labels = w0.shape[2]
+    n_labels = net["w0"].shape[2]
     x_min, x_max = _scaling(arrays, path, n_labels)
     names = _names(label_names, n_labels, path, BINSPEC_LABELS.get(n_labels))
-    return PerPixelPayneModel(names, w0, b0, w1, b1, x_min, x_max, wavelength=wavelength,
+    return PerPixelPayneModel(names, **net, x_min=x_min, x_max=x_max, wavelength=wavelength,
                               backend=backend)

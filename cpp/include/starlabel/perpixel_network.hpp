@@ -1,6 +1,8 @@
-// The per-pixel networks of BinSpec (El-Badry et al. 2018) and the early Payne: every pixel p
-// has its own one-hidden-layer sigmoid network,
-//     flux_p(x) = sum_j w1[p, j] sigmoid( sum_k w0[p, j, k] x_k + b0[p, j] ) + b1[p].
+// The per-pixel networks of BinSpec (El-Badry et al. 2018) and of the Payne paper era (Ting
+// et al. 2019): every pixel p has its own sigmoid network. BinSpec's has one hidden layer,
+//     inner_p(x) = sum_j w1[p, j] sigmoid( sum_k w0[p, j, k] x_k + b0[p, j] ) + b1[p],
+// and flux_p = inner_p. The paper-era networks feed inner_p to one more sigmoid unit and a
+// scalar affine map: flux_p = w2[p] sigmoid(inner_p) + b2[p].
 // Forward pass and Jacobian d flux / d x, batched over stars. Work is split by star, so
 // results do not depend on the number of threads.
 #pragma once
@@ -19,6 +21,8 @@ struct PerPixelNetwork {
   const T* w1;  // (n_pixels, n_hidden)
   const T* b1;  // (n_pixels,)
   index_t n_pixels, n_hidden, n_labels;
+  const T* w2 = nullptr;  // (n_pixels,) the outer sigmoid's scale, or null (BinSpec)
+  const T* b2 = nullptr;  // (n_pixels,) its offset; set exactly when w2 is
 };
 
 //   x        (n_stars, n_labels)
@@ -51,6 +55,14 @@ void perpixel_forward(const PerPixelNetwork<T>& net, const T* x, index_t n_stars
         if (jp) {
           const T c = w1p[j] * h * (T(1) - h);
           for (index_t k = 0; k < K; ++k) jp[k] += c * wr[k];
+        }
+      }
+      if (net.w2) {
+        const T g = T(1) / (T(1) + std::exp(-f));
+        f = net.w2[p] * g + net.b2[p];
+        if (jp) {
+          const T c = net.w2[p] * g * (T(1) - g);
+          for (index_t k = 0; k < K; ++k) jp[k] *= c;
         }
       }
       o[p] = f;

@@ -75,14 +75,17 @@ def mlp_train_epoch(weights, biases, state, x, target, order, *, batch_size=512,
     return losses
 
 
-def perpixel_forward(w0, b0, w1, b1, x, *, jacobian=False, n_threads=None):
-    """Per-pixel sigmoid networks (BinSpec): flux[s, p] = w1[p] . sigmoid(w0[p] x_s + b0[p]) + b1[p].
+def perpixel_forward(w0, b0, w1, b1, x, *, w2=None, b2=None, jacobian=False, n_threads=None):
+    """Per-pixel sigmoid networks: BinSpec's
+    ``inner[s, p] = w1[p] . sigmoid(w0[p] x_s + b0[p]) + b1[p]`` is the flux; with ``w2``
+    and ``b2`` (the Payne paper era) the flux is ``w2[p] sigmoid(inner[s, p]) + b2[p]``.
 
-    w0 (n_pixels, n_hidden, n_labels), b0 and w1 (n_pixels, n_hidden), b1 (n_pixels,); x
-    (n_stars, n_labels) converted to w0's dtype. With ``jacobian=True`` also returns
-    d flux / d x (n_stars, n_pixels, n_labels).
+    w0 (n_pixels, n_hidden, n_labels), b0 and w1 (n_pixels, n_hidden), b1, w2, b2
+    (n_pixels,); x (n_stars, n_labels) converted to w0's dtype. With ``jacobian=True`` also
+    returns d flux / d x (n_stars, n_pixels, n_labels).
     """
     check.threads(n_threads)
-    w0, b0, w1, b1, dtype = check.perpixel_network(w0, b0, w1, b1)
-    x = check.inputs(x, w0.shape[2], dtype)
-    return core.perpixel_forward(w0, b0, w1, b1, x, bool(jacobian), resolve_threads(n_threads))
+    net, dtype = check.perpixel_network(w0, b0, w1, b1, w2, b2)
+    x = check.inputs(x, net["w0"].shape[2], dtype)
+    return core.perpixel_forward(**net, x=x, with_jacobian=bool(jacobian),
+                                 n_threads=resolve_threads(n_threads))

@@ -27,7 +27,7 @@ def _emulator_forward(spec):
     if kind == "perpixel":
         def forward(x):
             flux, jac = perpixel_forward(spec["w0"], spec["b0"], spec["w1"], spec["b1"], x[None],
-                                         jacobian=True)
+                                         w2=spec["w2"], b2=spec["b2"], jacobian=True)
             return flux[0], jac[0]
     elif kind == "mlp":
         code, slope = payne_io.activation(spec["activation"], spec["slope"])
