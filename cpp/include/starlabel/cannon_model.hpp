@@ -24,6 +24,9 @@ namespace starlabel {
 //
 // The LM driver calls prepare() for a set of parameter vectors, then evaluate() on
 // consecutive pixel blocks; a block of theta_t stays in cache while all spectra of a batch use it.
+// Matrix products over spectra run on whole groups of this many rows (see evaluate_many).
+constexpr index_t cannon_product_rows = 16;
+
 struct CannonSpectrumModel {
   using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Strided = Eigen::OuterStride<>;
@@ -43,7 +46,7 @@ struct CannonSpectrumModel {
 
   // Scratch of evaluate_many, one per thread.
   struct ManyScratch {
-    RowMatrix terms, deriv;
+    RowMatrix terms, deriv, product;
   };
 
   void gather_by_label() {
@@ -62,31 +65,40 @@ struct CannonSpectrumModel {
   // Flux (and Jacobians) of many parameter vectors on pixels [p0, p1) as matrix products:
   // terms (n, n_terms) . theta_t block, and per label the derivative values times the
   // gathered theta rows of the terms containing that label. Each block of theta is read once
-  // for all n spectra instead of once per spectrum.
+  // for all n spectra instead of once per spectrum. The products run on groups of exactly
+  // cannon_product_rows vectors, zero-padded: how Eigen's kernels sum a row depends on the
+  // row count, and a spectrum's result must not depend on which others are still active.
   //   flux_out (n, p1 - p0); jac_out (n, n_params, p1 - p0) or null
   void evaluate_many(const std::vector<State>& states, index_t n, index_t p0, index_t p1,
                      ManyScratch& scratch, double* flux_out, double* jac_out) const {
-    const index_t K = poly.n_terms, nb = p1 - p0, np = poly.n_labels;
-    scratch.terms.resize(n, K);
-    for (index_t i = 0; i < n; ++i)
-      scratch.terms.row(i) = Eigen::Map<const Eigen::RowVectorXd>(states[i].terms.data(), K);
+    const index_t K = poly.n_terms, nb = p1 - p0, np = poly.n_labels, G = cannon_product_rows;
     const Eigen::Map<const RowMatrix, 0, Strided> theta_block(theta_t + p0, K, nb, Strided(n_pixels));
-    assign_product(Eigen::Map<RowMatrix>(flux_out, n, nb), scratch.terms, theta_block);
-    if (jac_out == nullptr) return;
-    for (index_t a = 0; a < np; ++a) {
-      const auto& ds = label_derivs[a];
-      const index_t m = static_cast<index_t>(ds.size());
-      Eigen::Map<RowMatrix, 0, Strided> jac_a(jac_out + a * nb, n, nb, Strided(np * nb));
-      if (m == 0) {
-        jac_a.setZero();
-        continue;
+    scratch.product.resize(G, nb);
+    for (index_t g0 = 0; g0 < n; g0 += G) {
+      const index_t g = std::min(G, n - g0);
+      scratch.terms.setZero(G, K);
+      for (index_t i = 0; i < g; ++i)
+        scratch.terms.row(i) = Eigen::Map<const Eigen::RowVectorXd>(states[g0 + i].terms.data(), K);
+      assign_product(scratch.product, scratch.terms, theta_block);
+      Eigen::Map<RowMatrix>(flux_out + g0 * nb, g, nb) = scratch.product.topRows(g);
+      if (jac_out == nullptr) continue;
+      for (index_t a = 0; a < np; ++a) {
+        const auto& ds = label_derivs[a];
+        const index_t m = static_cast<index_t>(ds.size());
+        Eigen::Map<RowMatrix, 0, Strided> jac_a(jac_out + (g0 * np + a) * nb, g, nb,
+                                                Strided(np * nb));
+        if (m == 0) {
+          jac_a.setZero();
+          continue;
+        }
+        scratch.deriv.setZero(G, m);
+        for (index_t i = 0; i < g; ++i)
+          for (index_t r = 0; r < m; ++r) scratch.deriv(i, r) = states[g0 + i].deriv[ds[r]];
+        const Eigen::Map<const RowMatrix, 0, Strided> rows(theta_by_label[a].data() + p0, m, nb,
+                                                           Strided(n_pixels));
+        assign_product(scratch.product, scratch.deriv, rows);
+        jac_a = scratch.product.topRows(g);
       }
-      scratch.deriv.resize(n, m);
-      for (index_t i = 0; i < n; ++i)
-        for (index_t r = 0; r < m; ++r) scratch.deriv(i, r) = states[i].deriv[ds[r]];
-      const Eigen::Map<const RowMatrix, 0, Strided> rows(theta_by_label[a].data() + p0, m, nb,
-                                                         Strided(n_pixels));
-      assign_product(jac_a, scratch.deriv, rows);
     }
   }
 
@@ -253,10 +265,9 @@ struct CannonPolynomialObjective {
   index_t n_params() const { return poly.n_labels; }
   index_t n_spectra() const { return n_spectra_total; }
 
-  static constexpr index_t product_rows = 16;
-  // spectra padded to whole groups of product_rows (see begin_batch)
+  // spectra padded to whole groups of cannon_product_rows (see begin_batch)
   static index_t padded_rows(index_t n) {
-    return (n + product_rows - 1) / product_rows * product_rows;
+    return (n + cannon_product_rows - 1) / cannon_product_rows * cannon_product_rows;
   }
 
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
@@ -265,10 +276,10 @@ struct CannonPolynomialObjective {
     const index_t nbatch = s1 - s0;
     const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
     batch.n_used.assign(nbatch, 0);
-    // The matrix products below run on whole groups of product_rows spectra, the rows past
-    // the batch zero: how Eigen's kernels sum a row depends on the row count, and a spectrum's
-    // result must not depend on how many others share its batch (a survey fitted in pieces
-    // equals the survey fitted whole).
+    // The matrix products below run on whole groups of cannon_product_rows spectra, the rows
+    // past the batch zero: how Eigen's kernels sum a row depends on the row count, and a
+    // spectrum's result must not depend on how many others share its batch (a survey fitted
+    // in pieces equals the survey fitted whole).
     const index_t rows = padded_rows(nbatch);
     batch.weights.setZero(rows, n_pixels);
     batch.weighted_flux.setZero(rows, n_pixels);
