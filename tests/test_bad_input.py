@@ -33,6 +33,8 @@ TRAINING_CASES = {
     "labels/flux star mismatch": (dict(x=x[:-1]), ValueError, "stars"),
     "wrong label count": (dict(x=x[:, :1]), ValueError, "columns"),
     "empty flux": (dict(flux=flux[:, :0], ivar=ivar[:, :0]), ValueError, "empty"),
+    "no training stars": (dict(x=x[:0], flux=flux[:0], ivar=ivar[:0]), ValueError,
+                          r"x is empty \(shape \(0, 2\)\)"),
     "NaN label": (dict(x=with_value(x, (2, 1), np.nan)), ValueError, "x contains NaN"),
     "string flux": (dict(flux=np.full(flux.shape, "a")), TypeError, "flux must hold real numbers"),
     "complex ivar": (dict(ivar=ivar.astype(complex)), TypeError, "ivar must hold real numbers"),
@@ -82,6 +84,9 @@ FIT_CASES = {
     "max_iter 0": (dict(max_iter=0), ValueError, "max_iter"),
     "max_iter float": (dict(max_iter=2.5), TypeError, "max_iter"),
     "NaN flux where ivar > 0": (dict(flux=with_value(flux, (1, 1), np.nan)), ValueError, "flux is NaN"),
+    "no spectra": (dict(flux=flux[:0], ivar=ivar[:0]), ValueError,
+                   r"flux is empty \(shape \(0, 4\)\)"),
+    "no spectra in ivar": (dict(ivar=ivar[:0]), ValueError, r"ivar is empty \(shape \(0, 4\)\)"),
 }
 
 
@@ -137,3 +142,22 @@ def test_model_level_errors(backend):
     model.train(labels, flux, ivar)
     with pytest.raises(ValueError, match="bounds must be one of"):
         model.fit_labels(flux, ivar, bounds="everything")
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_model_rejects_empty_arrays(backend):
+    """Zero training stars or zero spectra to fit: a ValueError naming the empty argument."""
+    model = CannonModel(["A", "B"], backend=backend)
+    with pytest.raises(ValueError, match=r"^labels is empty \(shape \(0, 2\)\)$"):
+        model.train(np.empty((0, 2)), np.empty((0, 4)), np.empty((0, 4)))
+    with pytest.raises(ValueError, match=r"^flux is empty \(shape \(0, 4\)\)$"):
+        model.train(x, flux[:0], ivar[:0])
+    assert not model.is_trained
+    model.train(x, flux, ivar)
+    with pytest.raises(ValueError, match=r"^flux is empty \(shape \(0, 4\)\)$"):
+        model.fit_labels(np.empty((0, 4)), np.empty((0, 4)))
+    with pytest.raises(ValueError, match=r"^ivar is empty \(shape \(0, 4\)\)$"):
+        model.fit_labels(flux[:1], np.empty((0, 4)))
+    with pytest.raises(ValueError, match=r"^initial is empty"):
+        model.fit_labels(flux[:2], ivar[:2], initial=np.empty((2, 0, 2)))
+    assert model.fit_labels(flux[:1], ivar[:1]).labels.shape == (1, 2)   # still usable

@@ -80,6 +80,33 @@ def test_write_read_round_trip(trained, survey, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left behind
 
 
+def test_write_read_round_trip_keeps_every_setting(survey, tmp_path):
+    """Censors, explicit terms, an L1 strength and given label scaling survive a file."""
+    allowed = np.arange(120) % 3 > 0
+    terms = ["TEFF", "LOGG", "FE_H", "TEFF^2", "TEFF*FE_H", "LOGG^3"]
+    offsets, scales = np.array([4700.0, 2.6, -0.1]), np.array([900.0, 1.7, 0.45])
+    model = CannonModel(survey.label_names, terms=terms, regularization=5.0,
+                        censors={"FE_H": allowed}, offsets=offsets, scales=scales).train(
+        survey.labels, survey.flux, survey.ivar)
+    np.testing.assert_array_equal(model.vectorizer.offsets, offsets)  # given, so not learned
+    path = tmp_path / "model.npz"
+    model.write(path)
+    loaded = CannonModel.read(path)
+    assert loaded.term_names == model.term_names == ["1"] + terms
+    assert loaded.regularization == model.regularization == 5.0
+    assert list(loaded.censors) == ["FE_H"] and loaded.censors["FE_H"].dtype == bool
+    np.testing.assert_array_equal(loaded.censors["FE_H"], allowed)
+    np.testing.assert_array_equal(loaded.term_mask(120), model.term_mask(120))
+    np.testing.assert_array_equal(loaded.vectorizer.offsets, offsets)
+    np.testing.assert_array_equal(loaded.vectorizer.scales, scales)
+    np.testing.assert_array_equal(loaded.theta, model.theta)
+    labels = survey.labels[:5]
+    np.testing.assert_array_equal(loaded.predict(labels), model.predict(labels))
+    # the censored terms are still exactly zero in the loaded model
+    uses_feh = [i for i, name in enumerate(loaded.term_names) if "FE_H" in name]
+    assert np.all(loaded.theta[~allowed][:, uses_feh] == 0.0)
+
+
 def test_reading_bad_files_gives_clear_errors(trained, tmp_path):
     with pytest.raises(FileNotFoundError):
         CannonModel.read(tmp_path / "missing.npz")

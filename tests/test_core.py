@@ -45,6 +45,15 @@ def test_show_config_reports_build_facts():
     for needle in (starlabel.__version__, f"loaded : {_core.level}", "OpenMP", "compiler",
                    "default threads"):
         assert needle in text
+    rows = (line.split(" : ", 1) for line in text.splitlines()[1:])
+    fields = {name.strip(): value.strip() for name, value in rows}
+    built, runs = fields["levels built"].split(", "), fields["levels this CPU runs"].split(", ")
+    assert built == list(_core._built_levels())   # every _core_<level> module, best first
+    assert runs == list(_core.supported_levels())
+    assert set(runs) <= set(built) <= set(_core.LEVELS)
+    assert built == [lv for lv in _core.LEVELS if lv in built]
+    assert fields["instruction set loaded"].split()[0] == _core.level and _core.level in runs
+    assert fields["default threads"] == str(starlabel.get_num_threads())
 
 
 def test_set_num_threads_round_trip():

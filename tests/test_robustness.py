@@ -111,6 +111,66 @@ def test_fit_with_a_label_the_spectrum_ignores(backend):
     assert not np.isfinite(sol.covariance[0, 1, 1])  # and has no finite error
 
 
+# -- Cannon fits whose chi2 overflows -------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["polynomial", "per_pixel"])
+def test_cannon_fit_with_non_finite_chi2_at_every_start(monkeypatch, objective):
+    """Flux of 1e200 where ivar > 0, or every start at 1e120, overflow chi2 at every start:
+    that spectrum is NON_FINITE (without a warning, which the suite turns into an error) in
+    both backends, and the other spectra of the call fit as they do alone."""
+    for backend in (fast, reference):
+        monkeypatch.setattr(backend.cannon, "use_polynomial_form",
+                            lambda *_: objective == "polynomial")
+    rng = np.random.default_rng(6)
+    e = exps(3, 2)
+    x = rng.uniform(-1, 1, (60, 3))
+    flux = 1 + x @ rng.normal(0, 0.1, (3, 30)) + (x**2) @ rng.normal(0, 0.03, (3, 30))
+    flux += rng.normal(0, 0.01, flux.shape)
+    ivar = np.full(flux.shape, 1e4)
+    theta, s2, _ = fast.cannon_train(e, x, flux, ivar)
+    flux, ivar = flux[:4].copy(), ivar[:4]
+    starts = np.tile(rng.uniform(-1, 1, (3, 3)), (4, 1, 1))
+    flux[1, 2] = 1e200        # spectrum 1: one absurd pixel
+    starts[2] = 1e120         # spectrum 2: every start absurd
+    starts[3, 0] = 1e120      # spectrum 3: one absurd start among good ones
+    expected = [FitStatus.CONVERGED, FitStatus.NON_FINITE, FitStatus.NON_FINITE,
+                FitStatus.CONVERGED]
+    solutions = []
+    for backend in (fast, reference):
+        sol = backend.cannon_fit(e, theta, s2, flux, ivar, starts)
+        assert list(sol.status) == expected
+        assert not np.any(np.isfinite(sol.chi2[1:3])) and np.all(sol.n_iter[1:3] == 0)
+        assert np.all(np.isnan(sol.covariance[1:3]))
+        for i in (0, 3):   # the good spectra fit as they do alone (to rounding: the fast
+            # per-pixel objective's matrix products round by how many spectra share them)
+            alone = backend.cannon_fit(e, theta, s2, flux[[i]], ivar[[i]], starts[[i]])
+            assert (sol.status[i], sol.n_iter[i]) == (alone.status[0], alone.n_iter[0])
+            np.testing.assert_allclose(sol.x[i], alone.x[0], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(sol.chi2[i], alone.chi2[0], rtol=1e-12)
+            np.testing.assert_allclose(sol.covariance[i], alone.covariance[0], rtol=1e-9)
+        solutions.append(sol)
+    a, b = solutions
+    np.testing.assert_array_equal(a.status, b.status)
+    np.testing.assert_array_equal(a.x[1:3], b.x[1:3])    # both stay at the same start
+    np.testing.assert_allclose(a.x, b.x, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_cannon_model_reports_non_finite_fits(survey, backend):
+    """Through CannonModel.fit_labels, in physical units: the same statuses in both backends."""
+    model = CannonModel(survey.label_names).train(survey.labels, survey.flux, survey.ivar)
+    model.backend = backend
+    flux, ivar = survey.flux[:3].copy(), survey.ivar[:3]
+    flux[0, 7] = 1e200
+    initial = np.tile(model.initial_labels, (3, 1, 1))
+    initial[2] = 1e120
+    result = model.fit_labels(flux, ivar, initial=initial)
+    assert list(result.status) == [FitStatus.NON_FINITE, FitStatus.CONVERGED, FitStatus.NON_FINITE]
+    assert np.isinf(result.chi2[0]) and not np.isfinite(result.chi2[2])
+    assert np.all(np.isnan(result.covariance[[0, 2]]))
+    assert np.all(np.isfinite(result.labels[1])) and np.isfinite(result.chi2[1])
+
+
 # -- overflowing networks --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

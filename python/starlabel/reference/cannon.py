@@ -241,14 +241,16 @@ def polynomial_objective(tables, theta, flux, weight):
     n_labels = tables.monomials.shape[1]
     n_monomials = len(tables.monomials)
     k, l = np.triu_indices(theta.shape[1])
-    gram = theta.T @ (weight[:, None] * theta)
-    coef = np.bincount(tables.pair_monomial[k, l], weights=np.where(k == l, 1.0, 2.0) * gram[k, l],
-                       minlength=n_monomials)
-    coef[tables.pair_monomial[:, 0]] -= 2.0 * (theta.T @ (weight * flux))
-    coef[0] += np.sum(weight * flux**2)
     n_pairs = n_labels * (n_labels + 1) // 2
-    g1 = _scatter(tables.grad_entries, coef, (n_labels, len(tables.grad_basis)))
-    g2 = _scatter(tables.hess_entries, coef, (n_pairs, len(tables.hess_basis)))
+    # absurd flux overflows the coefficients: chi2 is then inf or NaN, and fit_one says so
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = theta.T @ (weight[:, None] * theta)
+        coef = np.bincount(tables.pair_monomial[k, l],
+                           weights=np.where(k == l, 1.0, 2.0) * gram[k, l], minlength=n_monomials)
+        coef[tables.pair_monomial[:, 0]] -= 2.0 * (theta.T @ (weight * flux))
+        coef[0] += np.sum(weight * flux**2)
+        g1 = _scatter(tables.grad_entries, coef, (n_labels, len(tables.grad_basis)))
+        g2 = _scatter(tables.hess_entries, coef, (n_pairs, len(tables.hess_basis)))
     upper = np.triu_indices(n_labels)
     n_used = int(np.count_nonzero(weight))
     # x^m = x^parent * x_label, degree by degree (a parent has one degree less), as the core
@@ -256,17 +258,20 @@ def polynomial_objective(tables, theta, flux, weight):
     levels = [np.flatnonzero(degree == d) for d in range(1, degree.max() + 1)]
 
     def objective(x, with_jacobian):
-        values = np.ones(n_monomials)
-        for level in levels:
-            parent, label = tables.parent[level].T
-            values[level] = values[parent] * x[label]
-        chi2 = float(coef @ values)
-        if not with_jacobian:
-            return chi2, n_used, None, None
-        hess = np.zeros((n_labels, n_labels))
-        hess[upper] = 0.5 * (g2 @ values[tables.hess_basis])
-        hess = hess + np.triu(hess, 1).T
-        return chi2, n_used, positive_definite(hess), -0.5 * (g1 @ values[tables.grad_basis])
+        # absurd labels or coefficients overflow: chi2 is then inf or NaN, and fit_one says so
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = np.ones(n_monomials)
+            for level in levels:
+                parent, label = tables.parent[level].T
+                values[level] = values[parent] * x[label]
+            chi2 = float(coef @ values)
+            if not with_jacobian:
+                return chi2, n_used, None, None
+            hess = np.zeros((n_labels, n_labels))
+            hess[upper] = 0.5 * (g2 @ values[tables.hess_basis])
+            hess = hess + np.triu(hess, 1).T
+            grad = -0.5 * (g1 @ values[tables.grad_basis])
+        return chi2, n_used, positive_definite(hess), grad
 
     return objective
 
@@ -320,6 +325,7 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
             weight = np.where(iv > 0, iv / (1.0 + iv * s2), 0.0)
         f = np.where(weight > 0, f, 0.0)
         exact = pixel_objective(model, f, weight)
+
         if tables is None:
             fits.append(fit_one(exact, starts, lower, upper, max_iter))
         else:

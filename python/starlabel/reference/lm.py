@@ -28,12 +28,14 @@ def pixel_objective(model, flux, weight):
 
     def objective(x, with_jacobian):
         model_flux, jac = model(x)
-        resid = np.where(used, flux - model_flux, 0.0)
-        chi2 = float(np.sum(weight * resid**2))
-        if not with_jacobian:
-            return chi2, int(used.sum()), None, None
-        jac = np.where(used[:, None], jac, 0.0)
-        return chi2, int(used.sum()), jac.T @ (weight[:, None] * jac), jac.T @ (weight * resid)
+        # absurd flux or labels overflow: chi2 is then inf or NaN, and fit_one says so
+        with np.errstate(over="ignore", invalid="ignore"):
+            resid = np.where(used, flux - model_flux, 0.0)
+            chi2 = float(np.sum(weight * resid**2))
+            if not with_jacobian:
+                return chi2, int(used.sum()), None, None
+            jac = np.where(used[:, None], jac, 0.0)
+            return chi2, int(used.sum()), jac.T @ (weight[:, None] * jac), jac.T @ (weight * resid)
 
     return objective
 
