@@ -586,6 +586,30 @@ def test_mlp_fit_parity_and_recovery(isa_core, dtype):
     np.testing.assert_allclose(a.labels, lab, atol=1e-4)
 
 
+def test_start_grid_spans_the_box_and_starts_a_fit(lines):
+    """start_grid: a Cartesian grid at the centres of equal slices of the gridded labels'
+    training ranges, the others at the box centre; as ``initial`` it leads a fit to a truth in
+    a corner of the box."""
+    grid = starlabel.start_grid(lines, ["A", "C"], n_per_label=3)
+    levels = [1 / 6, 1 / 2, 5 / 6]
+    np.testing.assert_allclose(grid, [[a, 0.5, c] for a in levels for c in levels], rtol=1e-15)
+    np.testing.assert_allclose(starlabel.start_grid(lines, n_per_label=1), [[0.5, 0.5, 0.5]])
+    assert starlabel.start_grid(lines).shape == (27, 3)
+    rng = np.random.default_rng(8)
+    labels, rv, coefs = np.array([[0.95, 0.05, 0.9]]), np.array([120.0]), truth(1, rng)[2]
+    flux, ivar = shifted_spectra(lines, labels, rv, coefs, SEGMENTS, lines.wavelength,
+                                 np.array([100.0]), rng)
+    res = fit_lines(lines, flux, ivar, lines.wavelength, "fast",
+                    initial=starlabel.start_grid(lines))
+    assert res.converged[0] and np.all(np.abs(res.labels - labels) < 4 * res.errors)
+    assert np.all(np.abs(res.rv - rv) < 4 * res.rv_error)
+    for args, match in (((["A", "X"],), "distinct names"), ((["A", "A"],), "distinct names"),
+                        ((None, 0), "n_per_label must be >= 1"),
+                        ((None, 17), "more than 4096")):
+        with pytest.raises(ValueError, match=match):
+            starlabel.start_grid(lines, *args)
+
+
 def test_edges(lines):
     """One spectrum with every pixel ignored: NO_PIXELS, no crash; one label fitted alone."""
     flux = np.full((2, lines.n_pixels), np.nan)

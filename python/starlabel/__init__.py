@@ -22,7 +22,7 @@ from .augment import Augmented, augment
 from .gap import SyntheticGap, synthetic_gap
 from .io import (read_apstar, read_apstars, read_apvisit, read_fits_spectra, read_fits_spectrum,
                  read_labels, read_results, write_results)
-from .fitting import SpectrumFitResult, fit_spectra
+from .fitting import SpectrumFitResult, fit_spectra, start_grid
 from .regressor import LabelRegressor
 
 __all__ = [
@@ -35,5 +35,5 @@ __all__ += ["io", "preprocess", "augment", "Augmented", "read_apstar", "read_aps
             "read_apvisit", "read_fits_spectrum", "read_fits_spectra", "read_labels",
             "read_results", "write_results"]
 __all__ += ["synthetic_gap", "SyntheticGap"]
-__all__ += ["fit_spectra", "SpectrumFitResult"]
+__all__ += ["fit_spectra", "SpectrumFitResult", "start_grid"]
 __all__ += ["LabelRegressor"]

@@ -135,9 +135,9 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     mask : bool (n_pixels,) or (n_spectra, n_pixels), True marks a pixel to leave out
     bounds : "training" (default: the model's training box), None (no label bounds) or a
         (lower, upper) pair of physical label arrays (+-inf allowed)
-    initial : physical starting labels (n_labels,), (n_starts, n_labels) or (n_spectra,
-        n_starts, n_labels); default the centre of the training box (Payne) or the Cannon's
-        9 spread points. The RV search runs from every start; LM from the best.
+    initial : physical starting labels (n_labels,), (n_starts, n_labels) (e.g. ``start_grid``)
+        or (n_spectra, n_starts, n_labels); default the centre of the training box (Payne) or
+        the Cannon's 9 spread points. The RV search runs from every start; LM from the best.
     max_iter : LM trial steps per spectrum
     return_model : also return the best-fit model spectra (``model_flux``)
     backend : "fast" or "reference"; default the model's
@@ -248,6 +248,43 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
                              centre, model_flux, fit_rv, **fitted_widths,
                              error_floor=None if desc["error_floor"] is None
                              else desc["error_floor"](labels))
+
+
+MAX_GRID_STARTS = 4096
+
+
+def start_grid(model, labels=None, n_per_label=3):
+    """Starting points on a grid over a model's training box, for ``initial=``.
+
+    model : a trained PayneModel, PerPixelPayneModel or CannonModel
+    labels : names of the labels to grid (default all of them); the others sit at the
+        centre of the box. The grid has ``n_per_label ** len(labels)`` points, at most
+        ``MAX_GRID_STARTS``: grid the labels that can trap a fit (Teff, log g), not all 25.
+    n_per_label : points per gridded label, at the centres of that many equal slices of its
+        training range
+
+    Returns (n_starts, n_labels) physical labels. ``fit_spectra`` (and
+    ``CannonModel.fit_labels``) evaluate chi2, after the RV search, at every start and run
+    Levenberg-Marquardt from the best.
+    """
+    desc = _describe(model)
+    names = desc["label_names"]
+    labels = names if labels is None else [str(n) for n in np.atleast_1d(labels)]
+    unknown = [n for n in labels if n not in names]
+    if unknown or len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be distinct names from {names}, got {labels}")
+    n_per_label = check.positive_int("n_per_label", n_per_label)
+    if n_per_label ** len(labels) > MAX_GRID_STARTS:
+        raise ValueError(f"a grid of {n_per_label} points per label over {len(labels)} labels "
+                         f"has {n_per_label ** len(labels)} points, more than "
+                         f"{MAX_GRID_STARTS}: grid fewer labels")
+    low, high = (np.asarray(b, dtype=np.float64) for b in desc["box"])
+    fractions = (np.arange(n_per_label) + 0.5) / n_per_label
+    axes = [low[names.index(n)] + fractions * (high - low)[names.index(n)] for n in labels]
+    starts = np.tile(0.5 * (low + high), (n_per_label ** len(labels), 1))
+    for column, values in zip((names.index(n) for n in labels), np.meshgrid(*axes, indexing="ij")):
+        starts[:, column] = values.ravel()
+    return starts
 
 
 # --- the emulators -----------------------------------------------------------------------
