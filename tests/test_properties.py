@@ -385,8 +385,13 @@ def test_perpixel_forward_properties(data):
     with np.errstate(over="ignore"):   # 1e308 -> inf in float32 is part of the test
         b1 = data.draw(poisoned(rng.normal(size=n_pixels), 0.2)).astype(dtype)
     x = data.draw(poisoned(rng.normal(size=(data.draw(st.sampled_from([0, 1, 4])), n_labels)), 0.2))
+    outer = {}
+    if data.draw(st.booleans()):   # the paper-era outer sigmoid
+        with np.errstate(over="ignore"):
+            outer = {"w2": rng.normal(size=n_pixels).astype(dtype),
+                     "b2": data.draw(poisoned(rng.normal(size=n_pixels), 0.2)).astype(dtype)}
     res_f, res_r = call_both("perpixel_forward", (w0, b0, w1, b1, relayout(x, data.draw(LAYOUTS))),
-                             dict(jacobian=True), ["x", "w0", "b0", "w1", "b1"])
+                             dict(jacobian=True, **outer), ["x", "w0", "b0", "w1", "b1", "b2"])
     if res_f is None:
         return
     tol = 1e-5 if dtype == np.float32 else 1e-12
@@ -532,7 +537,8 @@ def _valid_core_calls():
         "mlp_train_epoch": (w, b, m, mb, [a.copy() for a in m], [a.copy() for a in mb], 0, x,
                             rng.normal(size=(8, 3)), np.arange(8), 4, None, 0, 0.01, 0, 2,
                             np.full(2, 1e-3), 0.9, 0.999, 1e-8, 0.0, 1),
-        "perpixel_forward": (rng.normal(size=(3, 2, 2)), np.zeros((3, 2)), np.ones((3, 2)), np.zeros(3), x, True, 1),
+        "perpixel_forward": (rng.normal(size=(3, 2, 2)), np.zeros((3, 2)), np.ones((3, 2)), np.zeros(3),
+                             np.ones(3), np.zeros(3), x, True, 1),
         "resample": (np.array([[0.0, 1.0, 2.0]]), np.array([[1.0, 2.0, 3.0]]), flux[:2], ivar[:2],
                      np.array([0.5, 1.5]), np.array([1.5, 2.5]), 1.0, 1),
         "convolve": (flux[:2], ivar[:2], np.ones((1, 3)) / 3, seg, 0.5, 1),
