@@ -1,11 +1,11 @@
-"""Label errors calibrated on held-out stars: ErrorFloor and CannonModel.calibrate_errors."""
+"""Label errors calibrated on held-out stars: ErrorFloor and the models' calibrate_errors."""
 
 import copy
 
 import numpy as np
 import pytest
 
-from starlabel import CannonModel, fit_spectra
+from starlabel import CannonModel, PayneModel, fit_spectra
 from starlabel._concat import concatenate_results
 from starlabel.datasets import synthetic_survey
 from starlabel.error_floor import ErrorFloor
@@ -150,3 +150,34 @@ def test_bad_calibration_input_is_named(model, survey):
     with pytest.raises(ValueError, match="fewer than n_neighbors=61"):
         calibrated.calibrate_errors(stars.labels, stars.flux, stars.ivar, n_neighbors=61)
     assert calibrated.error_floor is floor
+
+
+def test_payne_calibration_reaches_fit_spectra_and_files(tmp_path):
+    """An emulator trained briefly on noiseless spectra misfits them (formal pulls 4-9 at
+    S/N 100); calibrated on 600 other stars through fit_spectra, its errors match the scatter
+    of new stars. The calibration survives write/read and is cleared by train."""
+    train = synthetic_survey(500, n_pixels=120, snr=None, seed=1)
+    payne = PayneModel(train.label_names, hidden=(32, 32), wavelength=train.wavelength)
+    payne.train(train.labels, train.flux, epochs=100, batch_size=64, optimizer="adam",
+                learning_rate=3e-3, lr_schedule="cosine", loss="l2", seed=0)
+
+    def inside_box(seed):
+        stars = synthetic_survey(600, n_pixels=120, snr=100.0, seed=seed)
+        inside = np.all((stars.labels > payne.x_min) & (stars.labels < payne.x_max), axis=1)
+        return stars.labels[inside], stars.flux[inside], stars.ivar[inside]
+
+    payne.calibrate_errors(*inside_box(61), fit_rv=False)
+    labels, flux, ivar = inside_box(62)
+    result = fit_spectra(payne, flux, ivar, fit_rv=False)
+    error = result.labels - labels
+    assert np.all(np.std(error / formal_errors(result), axis=0) > 3.0)
+    # ~590 heavy-tailed pulls: the std of their std is ~0.03-0.04
+    pull_std = np.std(error / result.errors, axis=0)
+    assert np.all((pull_std > 0.9) & (pull_std < 1.1)), pull_std
+
+    payne.write(tmp_path / "payne.npz")
+    loaded = PayneModel.read(tmp_path / "payne.npz")
+    np.testing.assert_array_equal(fit_spectra(loaded, flux, ivar, fit_rv=False).errors,
+                                  result.errors)
+    loaded.train(train.labels, train.flux, epochs=1)
+    assert loaded.error_floor is None

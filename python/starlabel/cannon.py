@@ -280,15 +280,9 @@ class CannonModel:
         flux, ivar = check.spectra(flux, ivar, self.n_pixels)
         if labels.shape[0] != flux.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} stars but flux has {flux.shape[0]}")
-        n_neighbors = check.positive_int("n_neighbors", n_neighbors)
+        check.positive_int("n_neighbors", n_neighbors)
         fit = self.fit_labels(flux, ivar, n_threads=n_threads)
-        ok = fit.converged
-        if ok.sum() < n_neighbors:
-            raise ValueError(f"{ok.sum()} of {len(fit)} calibration fits converged, fewer than "
-                             f"n_neighbors={n_neighbors}")
-        formal = np.sqrt(np.diagonal(fit.formal_covariance, axis1=1, axis2=2))
-        self.error_floor = ErrorFloor.measure(fit.labels[ok], formal[ok], labels[ok],
-                                              self.vectorizer.scales, n_neighbors)
+        self.error_floor = ErrorFloor.from_fits(fit, labels, self.vectorizer.scales, n_neighbors)
         return self
 
     def _scaled_bounds(self, bounds):

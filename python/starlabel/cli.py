@@ -483,6 +483,10 @@ def describe_model(path):
         low, high = model.x_min, model.x_max
     ranges = ", ".join(f"{n} {lo:.4g}..{hi:.4g}" for n, lo, hi in zip(model.label_names, low, high))
     lines.append(f"  training label range   : {ranges}")
+    floor = getattr(model, "error_floor", None)
+    if floor is not None:
+        lines.append(f"  error calibration      : {len(floor.labels)} held-out stars, "
+                     f"{floor.n_neighbors} neighbours per floor")
     if "training_record" in raw:
         record = json.loads(str(raw["training_record"]))
         settings = ", ".join(f"{k}={v}" for k, v in record.items())

@@ -45,10 +45,18 @@ class ErrorFloor:
         self._tree = cKDTree(self.labels / self.scales)
 
     @classmethod
-    def measure(cls, fitted, errors, true, scales, n_neighbors=DEFAULT_NEIGHBORS):
-        """From fits of calibration stars: fitted labels, formal errors and true labels,
-        each (n_calibration, n_labels)."""
-        return cls(fitted, (fitted - true) ** 2 - errors**2, scales, n_neighbors)
+    def from_fits(cls, fit, true_labels, scales, n_neighbors=DEFAULT_NEIGHBORS):
+        """From the fits (a FitResult) of calibration stars of known ``true_labels``
+        (n_calibration, n_labels): the converged ones, at least ``n_neighbors``."""
+        n_neighbors = check.positive_int("n_neighbors", n_neighbors)
+        ok = fit.converged
+        if ok.sum() < n_neighbors:
+            raise ValueError(f"{ok.sum()} of {len(fit)} calibration fits converged, fewer than "
+                             f"n_neighbors={n_neighbors}")
+        n_labels = len(fit.label_names)
+        formal = np.diagonal(fit.formal_covariance, axis1=1, axis2=2)[ok, :n_labels]
+        excess = (fit.labels[ok] - true_labels[ok]) ** 2 - formal
+        return cls(fit.labels[ok], excess, scales, n_neighbors)
 
     def __call__(self, labels):
         """(n, n_labels) floors at fitted labels (n, n_labels): the square root of the mean

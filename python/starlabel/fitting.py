@@ -50,7 +50,7 @@ class SpectrumFitResult(FitResult):
     param_names : label names, then "rv", "sigma", "vsini" (each if fitted), then
         "c<segment>_<k>"
     covariance : (n, n_params, n_params) inverse of J^T W J at the solution, physical units,
-        plus a calibrated Cannon model's ``error_floor``^2 on the labels' diagonal
+        plus a calibrated model's ``error_floor``^2 on the labels' diagonal
         (``formal_covariance`` without it)
     chi2, reduced_chi2 : (n,) reduced by (pixels used - n_params)
     n_pixels_used, n_iter, status : (n,) (FitStatus codes)
@@ -309,7 +309,8 @@ def _describe(model):
                 "scale": model.scale, "unscale": model.unscale,
                 "label_scale": model.x_max - model.x_min, "box": (model.x_min, model.x_max),
                 "default_initial": 0.5 * (model.x_min + model.x_max),
-                "untrained": np.zeros(n_model, dtype=bool), "s2": None, "error_floor": None}
+                "untrained": np.zeros(n_model, dtype=bool), "s2": None,
+                "error_floor": model.error_floor}
     if isinstance(model, CannonModel):
         model._require_trained()
         untrained = ~np.all(np.isfinite(model.theta), axis=1)

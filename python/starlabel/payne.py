@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _validation as check
 from . import fast, payne_io, reference
+from .error_floor import DEFAULT_NEIGHBORS, ErrorFloor
 from .model_io import read_model_file, write_model_file
 
 BACKENDS = {"fast": fast, "reference": reference}
@@ -31,6 +32,7 @@ class _Emulator:
     x_min = x_max = None
     wavelength = None
     backend = "fast"
+    error_floor = None  # an ErrorFloor once calibrate_errors has run
 
     @property
     def n_labels(self):
@@ -64,12 +66,46 @@ class _Emulator:
         return self.scale(labels)
 
     def _write_file(self, path, kind, arrays):
-        """A model file of ``kind``: ``arrays`` plus the label names, scaling and wavelength."""
+        """A model file of ``kind``: ``arrays`` plus the label names, scaling, wavelength and
+        error calibration."""
         arrays = {"label_names": np.array(self.label_names), "x_min": self.x_min,
                   "x_max": self.x_max, **arrays}
         if self.wavelength is not None:
             arrays["wavelength"] = self.wavelength
+        if self.error_floor is not None:
+            arrays.update(self.error_floor.arrays())
         write_model_file(path, kind, arrays)
+
+    def _read_error_floor(self, arrays):
+        floor = ErrorFloor.from_arrays(arrays, self.x_max - self.x_min)
+        if floor is not None and floor.labels.shape[1] != self.n_labels:
+            raise ValueError("the error calibration does not match the labels")
+        self.error_floor = floor
+
+    def calibrate_errors(self, labels, flux, ivar, wavelength=None, *,
+                         n_neighbors=DEFAULT_NEIGHBORS, **fit_options):
+        """Measure on held-out stars the label error the emulator's own misfit adds.
+
+        As ``CannonModel.calibrate_errors``: stars of known labels (not used in training) are
+        fitted, here by ``fit_spectra(self, flux, ivar, wavelength, **fit_options)`` (give the
+        options the survey will be fitted with), and later ``fit_spectra`` calls add to each
+        label's variance the mean excess ``(fit - true)^2 - formal error^2`` of the
+        ``n_neighbors`` calibration stars nearest in fitted labels, where it is > 0. ``write``
+        keeps the calibration; ``train`` clears it.
+
+        labels (n_stars, n_labels) physical units; flux, ivar (n_stars, n_pixels). Returns self.
+        """
+        from .fitting import fit_spectra
+
+        self._require_trained()
+        labels = check.labels(labels, self.n_labels)
+        flux, ivar = check.spectra(flux, ivar)
+        if labels.shape[0] != flux.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} stars but flux has {flux.shape[0]}")
+        check.positive_int("n_neighbors", n_neighbors)
+        fit = fit_spectra(self, flux, ivar, wavelength, **fit_options)
+        self.error_floor = ErrorFloor.from_fits(fit, labels, self.x_max - self.x_min, n_neighbors)
+        return self
 
     def predict(self, labels, *, warn=True, n_threads=None):
         """Model flux (n_stars, n_pixels) for physical labels (n_stars, n_labels).
@@ -217,6 +253,7 @@ class PayneModel(_Emulator):
             output_weights=pixel_weights, progress=progress, activation=self.activation,
             slope=self.slope, **options)
         self._set_network(*best, x_min, x_max)
+        self.error_floor = None  # a calibration belongs to the network it was made for
         return self
 
     # -- persistence ---------------------------------------------------------------------
@@ -244,9 +281,10 @@ class PayneModel(_Emulator):
                 raise ValueError("weights_0 does not match the number of labels")
             x_min = check.labels(arrays["x_min"], model.n_labels, name="x_min")[0]
             x_max = check.labels(arrays["x_max"], model.n_labels, name="x_max")[0]
+            model._set_network(weights, biases, x_min, x_max)
+            model._read_error_floor(arrays)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{path}: not a consistent Payne model file ({exc})") from None
-        model._set_network(weights, biases, x_min, x_max)
         return model
 
     def __repr__(self):
@@ -305,12 +343,14 @@ class PerPixelPayneModel(_Emulator):
         arrays = read_model_file(path, "perpixel", required=(
             "label_names", "x_min", "x_max", "w0", "b0", "w1", "b1"))
         try:
-            return cls([str(n) for n in arrays["label_names"]],
-                       **{k: arrays.get(k) for k in payne_io.PERPIXEL_KEYS},
-                       x_min=arrays["x_min"], x_max=arrays["x_max"],
-                       wavelength=arrays.get("wavelength"), backend=backend)
+            model = cls([str(n) for n in arrays["label_names"]],
+                        **{k: arrays.get(k) for k in payne_io.PERPIXEL_KEYS},
+                        x_min=arrays["x_min"], x_max=arrays["x_max"],
+                        wavelength=arrays.get("wavelength"), backend=backend)
+            model._read_error_floor(arrays)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{path}: not a consistent per-pixel network file ({exc})") from None
+        return model
 
     def __repr__(self):
         family = "BinSpec" if self.w2 is None else "paper-era Payne"

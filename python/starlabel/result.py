@@ -34,7 +34,7 @@ class FitResult:
     formal_covariance : (n_spectra, n_labels, n_labels)  inverse of J^T W J at the solution:
         the noise (and the model's per-pixel scatter) only
     error_floor : (n_spectra, n_labels) or None  the model's own label error, added in
-        quadrature (``CannonModel.calibrate_errors``); None: the errors are the formal ones
+        quadrature (the model's ``calibrate_errors``); None: the errors are the formal ones
     chi2, reduced_chi2 : (n_spectra,)  reduced by (n_pixels_used - n_labels)
     n_pixels_used : (n_spectra,)
     n_iter : (n_spectra,)
