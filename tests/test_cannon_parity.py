@@ -196,7 +196,7 @@ def test_polynomial_fit_does_not_depend_on_threads_or_batches(monkeypatch):
         np.testing.assert_array_equal(a, np.concatenate([c, d]))
 
 
-def test_per_pixel_fit_does_not_depend_on_threads_or_batches(monkeypatch):
+def test_per_pixel_fit_does_not_depend_on_threads_or_batches(isa_core, monkeypatch):
     # The per-pixel objective evaluates all spectra still active in a batch in one product;
     # a spectrum's result must not depend on which others are still active. This fit is
     # ill-conditioned (~60 LM steps), so rounding differences would show in the labels.

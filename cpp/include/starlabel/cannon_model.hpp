@@ -24,8 +24,52 @@ namespace starlabel {
 //
 // The LM driver calls prepare() for a set of parameter vectors, then evaluate() on
 // consecutive pixel blocks; a block of theta_t stays in cache while all spectra of a batch use it.
-// Matrix products over spectra run on whole groups of this many rows (see evaluate_many).
+// Matrix products over spectra run on whole groups of this many rows (see begin_batch).
 constexpr index_t cannon_product_rows = 16;
+
+namespace detail {
+
+// Rows x Width outputs of ordered_product: a points at the first row's depth entries, b and
+// out at the first pixel. Width 8 vectorizes; the last pixels of a row go one at a time.
+template <index_t Rows, index_t Width>
+inline void ordered_tile(const double* a, index_t lda, index_t depth, const double* b,
+                         index_t ldb, double* out, index_t ldo) {
+  double acc[Rows][Width] = {};
+  for (index_t k = 0; k < depth; ++k) {
+    const double* bk = b + k * ldb;
+    for (index_t r = 0; r < Rows; ++r) {
+      const double ar = a[r * lda + k];
+#pragma omp simd
+      for (index_t j = 0; j < Width; ++j) acc[r][j] += ar * bk[j];
+    }
+  }
+  for (index_t r = 0; r < Rows; ++r)
+    for (index_t j = 0; j < Width; ++j) out[r * ldo + j] = acc[r][j];
+}
+
+template <index_t Width>
+inline void ordered_rows(const double* a, index_t lda, index_t n, index_t depth,
+                         const double* b, index_t ldb, double* out, index_t ldo) {
+  index_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    ordered_tile<4, Width>(a + i * lda, lda, depth, b, ldb, out + i * ldo, ldo);
+  for (; i < n; ++i) ordered_tile<1, Width>(a + i * lda, lda, depth, b, ldb, out + i * ldo, ldo);
+}
+
+}  // namespace detail
+
+// out (n, nb) = a (n, depth) . b (depth, nb), all row-major with leading dimensions lda, ldb,
+// ldo. Every output element is one multiply-add per k, in order k = 0 .. depth - 1, whatever
+// n and the row's position, so a row's result never depends on the other rows (a library
+// GEMM's blocking, and so its sums, depends on the shape). Four rows share each load of b,
+// and their strips of 8 pixels stay in registers over the whole depth.
+inline void ordered_product(const double* a, index_t lda, index_t n, index_t depth,
+                            const double* b, index_t ldb, index_t nb, double* out, index_t ldo) {
+  constexpr index_t W = 8;
+  index_t q = 0;
+  for (; q + W <= nb; q += W) detail::ordered_rows<W>(a, lda, n, depth, b + q, ldb, out + q, ldo);
+  for (; q < nb; ++q) detail::ordered_rows<1>(a, lda, n, depth, b + q, ldb, out + q, ldo);
+}
 
 struct CannonSpectrumModel {
   using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -46,7 +90,7 @@ struct CannonSpectrumModel {
 
   // Scratch of evaluate_many, one per thread.
   struct ManyScratch {
-    RowMatrix terms, deriv, product;
+    RowMatrix terms, deriv;
   };
 
   void gather_by_label() {
@@ -62,43 +106,33 @@ struct CannonSpectrumModel {
     }
   }
 
-  // Flux (and Jacobians) of many parameter vectors on pixels [p0, p1) as matrix products:
-  // terms (n, n_terms) . theta_t block, and per label the derivative values times the
-  // gathered theta rows of the terms containing that label. Each block of theta is read once
-  // for all n spectra instead of once per spectrum. The products run on groups of exactly
-  // cannon_product_rows vectors, zero-padded: how Eigen's kernels sum a row depends on the
-  // row count, and a spectrum's result must not depend on which others are still active.
+  // Flux (and Jacobians) of many parameter vectors on pixels [p0, p1) as products: terms
+  // (n, n_terms) . theta_t block, and per label the derivative values times the gathered
+  // theta rows of the terms containing that label. Each block of theta is read once for all
+  // n spectra instead of once per spectrum. The products are ordered_product's, whose sums
+  // do not depend on n: a spectrum's result must not depend on which others are active.
   //   flux_out (n, p1 - p0); jac_out (n, n_params, p1 - p0) or null
   void evaluate_many(const std::vector<State>& states, index_t n, index_t p0, index_t p1,
                      ManyScratch& scratch, double* flux_out, double* jac_out) const {
-    const index_t K = poly.n_terms, nb = p1 - p0, np = poly.n_labels, G = cannon_product_rows;
-    const Eigen::Map<const RowMatrix, 0, Strided> theta_block(theta_t + p0, K, nb, Strided(n_pixels));
-    scratch.product.resize(G, nb);
-    for (index_t g0 = 0; g0 < n; g0 += G) {
-      const index_t g = std::min(G, n - g0);
-      scratch.terms.setZero(G, K);
-      for (index_t i = 0; i < g; ++i)
-        scratch.terms.row(i) = Eigen::Map<const Eigen::RowVectorXd>(states[g0 + i].terms.data(), K);
-      assign_product(scratch.product, scratch.terms, theta_block);
-      Eigen::Map<RowMatrix>(flux_out + g0 * nb, g, nb) = scratch.product.topRows(g);
-      if (jac_out == nullptr) continue;
-      for (index_t a = 0; a < np; ++a) {
-        const auto& ds = label_derivs[a];
-        const index_t m = static_cast<index_t>(ds.size());
-        Eigen::Map<RowMatrix, 0, Strided> jac_a(jac_out + (g0 * np + a) * nb, g, nb,
-                                                Strided(np * nb));
-        if (m == 0) {
-          jac_a.setZero();
-          continue;
-        }
-        scratch.deriv.setZero(G, m);
-        for (index_t i = 0; i < g; ++i)
-          for (index_t r = 0; r < m; ++r) scratch.deriv(i, r) = states[g0 + i].deriv[ds[r]];
-        const Eigen::Map<const RowMatrix, 0, Strided> rows(theta_by_label[a].data() + p0, m, nb,
-                                                           Strided(n_pixels));
-        assign_product(scratch.product, scratch.deriv, rows);
-        jac_a = scratch.product.topRows(g);
+    const index_t K = poly.n_terms, nb = p1 - p0, np = poly.n_labels;
+    scratch.terms.resize(n, K);
+    for (index_t i = 0; i < n; ++i)
+      scratch.terms.row(i) = Eigen::Map<const Eigen::RowVectorXd>(states[i].terms.data(), K);
+    ordered_product(scratch.terms.data(), K, n, K, theta_t + p0, n_pixels, nb, flux_out, nb);
+    if (jac_out == nullptr) return;
+    for (index_t a = 0; a < np; ++a) {
+      const auto& ds = label_derivs[a];
+      const index_t m = static_cast<index_t>(ds.size());
+      double* jac_a = jac_out + a * nb;  // rows i at jac_a + i * np * nb
+      if (m == 0) {
+        for (index_t i = 0; i < n; ++i) std::fill_n(jac_a + i * np * nb, nb, 0.0);
+        continue;
       }
+      scratch.deriv.resize(n, m);
+      for (index_t i = 0; i < n; ++i)
+        for (index_t r = 0; r < m; ++r) scratch.deriv(i, r) = states[i].deriv[ds[r]];
+      ordered_product(scratch.deriv.data(), m, n, m, theta_by_label[a].data() + p0, n_pixels, nb,
+                      jac_a, np * nb);
     }
   }
 
