@@ -26,15 +26,16 @@ def concatenate_results(results):
     -------
     The same type as the pieces, with n = sum(n_i) spectra in the order given: labels
     (n, n_labels), covariance (n, n_params, n_params), chi2, reduced_chi2, n_pixels_used,
-    n_iter, status (n,), error_floor (n, n_labels) or None; for SpectrumFitResult also rv, rv_error, rv_initial (n,),
-    continuum (n, n_segments, n_coef), rv_chi2 (n, n_v) or None, model_flux
-    (n, n_pixels) or None, and the pieces' common rv_grid (n_v,) or None.
+    n_iter, status (n,), error_floor (n, n_labels) or None; for SpectrumFitResult also rv,
+    rv_error, rv_initial (n,), continuum (n, n_segments, n_coef), rv_chi2 (n, n_v) or None,
+    model_flux (n, n_pixels) or None, and the pieces' common rv_grid (n_v,) or None.
 
     Raises
     ------
     ValueError if ``results`` is empty or the pieces come from incompatible fits
     (different result types, label names, fitted parameters, RV grids, continuum layout,
-    or model spectra or error floors in some pieces only); TypeError if an item is not a result.
+    or model spectra or error floors in some pieces only); TypeError if an item is not a
+    result.
     """
     if isinstance(results, (FitResult, str, bytes)):
         raise TypeError("results must be a sequence of fit results, not a single "

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _validation as check
 from . import fast, reference
-from .error_floor import DEFAULT_NEIGHBORS, ErrorFloor
+from .error_floor import DEFAULT_NEIGHBORS, ErrorFloor, calibration_stars
 from .model_io import read_model_file, write_model_file
 from .result import FitResult
 from .status import PixelStatus
@@ -276,11 +276,8 @@ class CannonModel:
         Returns self.
         """
         self._require_trained()
-        labels = check.labels(labels, len(self.label_names))
-        flux, ivar = check.spectra(flux, ivar, self.n_pixels)
-        if labels.shape[0] != flux.shape[0]:
-            raise ValueError(f"labels has {labels.shape[0]} stars but flux has {flux.shape[0]}")
-        check.positive_int("n_neighbors", n_neighbors)
+        labels, flux, ivar = calibration_stars(labels, flux, ivar, len(self.label_names),
+                                               n_neighbors)
         fit = self.fit_labels(flux, ivar, n_threads=n_threads)
         self.error_floor = ErrorFloor.from_fits(fit, labels, self.vectorizer.scales, n_neighbors)
         return self

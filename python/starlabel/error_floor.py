@@ -17,6 +17,16 @@ from . import _validation as check
 DEFAULT_NEIGHBORS = 50
 
 
+def calibration_stars(labels, flux, ivar, n_labels, n_neighbors):
+    """Checked (labels, flux, ivar) of calibration stars, before they are fitted."""
+    labels = check.labels(labels, n_labels)
+    flux, ivar = check.spectra(flux, ivar)
+    if labels.shape[0] != flux.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} stars but flux has {flux.shape[0]}")
+    check.positive_int("n_neighbors", n_neighbors)
+    return labels, flux, ivar
+
+
 class ErrorFloor:
     """Per-label error floors, a function of the fitted labels.
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _validation as check
 from . import fast, payne_io, reference
-from .error_floor import DEFAULT_NEIGHBORS, ErrorFloor
+from .error_floor import DEFAULT_NEIGHBORS, ErrorFloor, calibration_stars
 from .model_io import read_model_file, write_model_file
 
 BACKENDS = {"fast": fast, "reference": reference}
@@ -98,11 +98,7 @@ class _Emulator:
         from .fitting import fit_spectra
 
         self._require_trained()
-        labels = check.labels(labels, self.n_labels)
-        flux, ivar = check.spectra(flux, ivar)
-        if labels.shape[0] != flux.shape[0]:
-            raise ValueError(f"labels has {labels.shape[0]} stars but flux has {flux.shape[0]}")
-        check.positive_int("n_neighbors", n_neighbors)
+        labels, flux, ivar = calibration_stars(labels, flux, ivar, self.n_labels, n_neighbors)
         fit = fit_spectra(self, flux, ivar, wavelength, **fit_options)
         self.error_floor = ErrorFloor.from_fits(fit, labels, self.x_max - self.x_min, n_neighbors)
         return self
