@@ -16,15 +16,8 @@
 
 namespace starlabel {
 
-// A trained Cannon, read-only, shared by all threads.
-//
-//   poly     the label polynomial (n_terms terms in n_labels scaled labels)
-//   theta_t  (n_terms, n_pixels) row-major: theta transposed, so that every inner loop runs
-//            over contiguous pixels and vectorizes
-//
-// The LM driver calls prepare() for a set of parameter vectors, then evaluate() on
-// consecutive pixel blocks; a block of theta_t stays in cache while all spectra of a batch use it.
-// Matrix products over spectra run on whole groups of this many rows (see begin_batch).
+// CannonPolynomialObjective's products over spectra run on whole groups of this many rows
+// (see its begin_batch).
 constexpr index_t cannon_product_rows = 16;
 
 namespace detail {
@@ -71,6 +64,14 @@ inline void ordered_product(const double* a, index_t lda, index_t n, index_t dep
   for (; q < nb; ++q) detail::ordered_rows<1>(a, lda, n, depth, b + q, ldb, out + q, ldo);
 }
 
+// A trained Cannon, read-only, shared by all threads.
+//
+//   poly     the label polynomial (n_terms terms in n_labels scaled labels)
+//   theta_t  (n_terms, n_pixels) row-major: theta transposed, so that every inner loop runs
+//            over contiguous pixels and vectorizes
+//
+// The LM driver calls prepare() for a set of parameter vectors, then evaluate() on
+// consecutive pixel blocks; a block of theta_t stays in cache while all spectra of a batch use it.
 struct CannonSpectrumModel {
   using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Strided = Eigen::OuterStride<>;
