@@ -197,21 +197,23 @@ def test_polynomial_fit_does_not_depend_on_threads_or_batches(monkeypatch):
 
 
 def test_per_pixel_fit_does_not_depend_on_threads_or_batches(isa_core, monkeypatch):
-    # The per-pixel objective evaluates all spectra still active in a batch in one product;
-    # a spectrum's result must not depend on which others are still active. This fit is
-    # ill-conditioned (~60 LM steps), so rounding differences would show in the labels.
+    # The per-pixel objective evaluates all spectra still active in a batch together; a
+    # spectrum's result must not depend on which others are still active. 13 pixels: 8 in a
+    # vector strip and 5 in the padded remainder. Fits of up to ~40 LM steps show rounding
+    # differences in the labels (before the fix they differed at 1e-8).
     monkeypatch.setattr(fast.cannon, "use_polynomial_form", lambda *_: False)
     exponents = PolynomialVectorizer(["A", "B", "C"], 2).exponents
     rng = np.random.default_rng(6)
     x = rng.uniform(-1, 1, (60, 3))
-    flux = 1 + 0.1 * x[:, :1] + 0.05 * x[:, 1:2] ** 2 + rng.normal(0, 0.01, (60, 8))
+    flux = 1 + 0.1 * x[:, :1] + 0.05 * x[:, 1:2] ** 2 + rng.normal(0, 0.01, (60, 13))
     ivar = np.full(flux.shape, 1e4)
     theta, s2, _ = fast.cannon_train(exponents, x, flux, ivar)
     starts = np.tile(rng.uniform(-1, 1, (3, 3)), (20, 1, 1))
     flux, ivar = flux[:20], ivar[:20]
     whole = fast.cannon_fit(exponents, theta, s2, flux, ivar, starts, n_threads=1)
-    assert whole.n_iter[0] > 50  # before the fix, spectrum 0 differed at 1e-8 between calls
-    for rows, n_threads in (([0], 1), ([0, 3], 1), (slice(None), 2), (slice(0, 17), 2)):
+    assert whole.n_iter.max() > 40
+    for rows, n_threads in (([11], 1), ([0, 11], 1), ([3, 5, 7, 11, 12], 1), (slice(None), 2),
+                            (slice(0, 17), 2)):
         part = fast.cannon_fit(exponents, theta, s2, flux[rows], ivar[rows], starts[rows],
                                n_threads=n_threads)
         for a, b in zip(part, whole):

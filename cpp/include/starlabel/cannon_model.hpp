@@ -22,31 +22,29 @@ constexpr index_t cannon_product_rows = 16;
 
 namespace detail {
 
-// Rows x Width outputs of ordered_product: a points at the first row's depth entries, b and
-// out at the first pixel. Width 8 vectorizes; the last pixels of a row go one at a time.
-template <index_t Rows, index_t Width>
+// Rows x 8 outputs of ordered_product: a points at the first row's depth entries, b and out
+// at the first pixel.
+template <index_t Rows>
 inline void ordered_tile(const double* a, index_t lda, index_t depth, const double* b,
                          index_t ldb, double* out, index_t ldo) {
-  double acc[Rows][Width] = {};
+  double acc[Rows][8] = {};
   for (index_t k = 0; k < depth; ++k) {
     const double* bk = b + k * ldb;
     for (index_t r = 0; r < Rows; ++r) {
       const double ar = a[r * lda + k];
 #pragma omp simd
-      for (index_t j = 0; j < Width; ++j) acc[r][j] += ar * bk[j];
+      for (index_t j = 0; j < 8; ++j) acc[r][j] += ar * bk[j];
     }
   }
   for (index_t r = 0; r < Rows; ++r)
-    for (index_t j = 0; j < Width; ++j) out[r * ldo + j] = acc[r][j];
+    for (index_t j = 0; j < 8; ++j) out[r * ldo + j] = acc[r][j];
 }
 
-template <index_t Width>
 inline void ordered_rows(const double* a, index_t lda, index_t n, index_t depth,
                          const double* b, index_t ldb, double* out, index_t ldo) {
   index_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    ordered_tile<4, Width>(a + i * lda, lda, depth, b, ldb, out + i * ldo, ldo);
-  for (; i < n; ++i) ordered_tile<1, Width>(a + i * lda, lda, depth, b, ldb, out + i * ldo, ldo);
+  for (; i + 4 <= n; i += 4) ordered_tile<4>(a + i * lda, lda, depth, b, ldb, out + i * ldo, ldo);
+  for (; i < n; ++i) ordered_tile<1>(a + i * lda, lda, depth, b, ldb, out + i * ldo, ldo);
 }
 
 }  // namespace detail
@@ -55,13 +53,23 @@ inline void ordered_rows(const double* a, index_t lda, index_t n, index_t depth,
 // ldo. Every output element is one multiply-add per k, in order k = 0 .. depth - 1, whatever
 // n and the row's position, so a row's result never depends on the other rows (a library
 // GEMM's blocking, and so its sums, depends on the shape). Four rows share each load of b,
-// and their strips of 8 pixels stay in registers over the whole depth.
+// and their strips of 8 pixels stay in registers over the whole depth. The last nb % 8
+// pixels go through the same 8-wide tiles on a zero-padded copy (pad: scratch): a scalar
+// loop would contract a * b + c into a fused multiply-add differently from the vector one.
 inline void ordered_product(const double* a, index_t lda, index_t n, index_t depth,
-                            const double* b, index_t ldb, index_t nb, double* out, index_t ldo) {
+                            const double* b, index_t ldb, index_t nb, double* out, index_t ldo,
+                            std::vector<double>& pad) {
   constexpr index_t W = 8;
   index_t q = 0;
-  for (; q + W <= nb; q += W) detail::ordered_rows<W>(a, lda, n, depth, b + q, ldb, out + q, ldo);
-  for (; q < nb; ++q) detail::ordered_rows<1>(a, lda, n, depth, b + q, ldb, out + q, ldo);
+  for (; q + W <= nb; q += W) detail::ordered_rows(a, lda, n, depth, b + q, ldb, out + q, ldo);
+  const index_t w = nb - q;
+  if (w == 0) return;
+  pad.assign((depth + n) * W, 0.0);  // depth rows of b's last pixels, then n rows of output
+  double* b_pad = pad.data();
+  double* out_pad = pad.data() + depth * W;
+  for (index_t k = 0; k < depth; ++k) std::copy_n(b + k * ldb + q, w, b_pad + k * W);
+  detail::ordered_rows(a, lda, n, depth, b_pad, W, out_pad, W);
+  for (index_t i = 0; i < n; ++i) std::copy_n(out_pad + i * W, w, out + i * ldo + q);
 }
 
 // A trained Cannon, read-only, shared by all threads.
@@ -92,6 +100,7 @@ struct CannonSpectrumModel {
   // Scratch of evaluate_many, one per thread.
   struct ManyScratch {
     RowMatrix terms, deriv;
+    std::vector<double> pad;
   };
 
   void gather_by_label() {
@@ -119,7 +128,8 @@ struct CannonSpectrumModel {
     scratch.terms.resize(n, K);
     for (index_t i = 0; i < n; ++i)
       scratch.terms.row(i) = Eigen::Map<const Eigen::RowVectorXd>(states[i].terms.data(), K);
-    ordered_product(scratch.terms.data(), K, n, K, theta_t + p0, n_pixels, nb, flux_out, nb);
+    ordered_product(scratch.terms.data(), K, n, K, theta_t + p0, n_pixels, nb, flux_out, nb,
+                    scratch.pad);
     if (jac_out == nullptr) return;
     for (index_t a = 0; a < np; ++a) {
       const auto& ds = label_derivs[a];
@@ -133,7 +143,7 @@ struct CannonSpectrumModel {
       for (index_t i = 0; i < n; ++i)
         for (index_t r = 0; r < m; ++r) scratch.deriv(i, r) = states[i].deriv[ds[r]];
       ordered_product(scratch.deriv.data(), m, n, m, theta_by_label[a].data() + p0, n_pixels, nb,
-                      jac_a, np * nb);
+                      jac_a, np * nb, scratch.pad);
     }
   }
 
