@@ -557,6 +557,25 @@ def test_cannon_matches_fit_labels(survey):
         assert np.all(np.abs(got.covariance - expected.covariance) <= 1e-4 * norm)
 
 
+def test_cannon_fit_labels_delegates_spectrum_options(survey):
+    """CannonModel.fit_labels with any of fit_spectra's options is fit_spectra with them (its
+    own initial, bounds and max_iter passed on); without them, the compiled test step."""
+    model = CannonModel(survey.label_names, order=2, wavelength=survey.wavelength)
+    model.train(survey.labels[:200], survey.flux[:200], survey.ivar[:200])
+    flux, ivar = survey.flux[200:204], survey.ivar[200:204]
+    options = dict(fit_rv=True, rv_range=(-30.0, 30.0), continuum_order=1)
+    got = model.fit_labels(flux, ivar, max_iter=50, **options)
+    want = starlabel.fit_spectra(model, flux, ivar, survey.wavelength, bounds=None,
+                                 initial=model.initial_labels, max_iter=50, **options)
+    assert isinstance(got, starlabel.SpectrumFitResult) and got.param_names[3] == "rv"
+    for field in ("labels", "rv", "continuum", "covariance", "chi2", "status"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    plain = model.fit_labels(flux, ivar)
+    assert type(plain) is starlabel.FitResult
+    with pytest.raises(TypeError, match="unexpected keyword argument 'fit_rvv'"):
+        model.fit_labels(flux, ivar, fit_rvv=False)
+
+
 def test_cannon_with_continuum_parity(isa_core, survey):
     model = CannonModel(survey.label_names, order=2, wavelength=survey.wavelength)
     model.train(survey.labels[:200], survey.flux[:200], survey.ivar[:200])

@@ -223,7 +223,8 @@ class CannonModel:
 
     # -- the test step -----------------------------------------------------------------
 
-    def fit_labels(self, flux, ivar, *, initial=None, bounds=None, max_iter=100, n_threads=None):
+    def fit_labels(self, flux, ivar, *, initial=None, bounds=None, max_iter=100, n_threads=None,
+                   **spectrum_options):
         """Infer labels of spectra by Levenberg-Marquardt with weights 1 / (1/ivar + s2).
 
         Parameters
@@ -234,11 +235,23 @@ class CannonModel:
             chi2 is evaluated at every start and LM runs from the best.
         bounds : None, "training" (the training set's range) or (lower, upper) arrays
         max_iter : int, LM trial steps per spectrum
+        spectrum_options : options of ``starlabel.fit_spectra`` (``wavelength``, ``fit_rv``,
+            ``rv_range``, ``continuum_order``, ``segments``, ``broadening``, ``mask``, ...).
+            Without them the spectra are rest-frame and normalized, and the fit is the
+            compiled test step (chi2 as a polynomial in the labels); with any, the fit is
+            ``fit_spectra(self, flux, ivar, ...)`` with its defaults for the rest (the RV is
+            fitted unless ``fit_rv=False``), and returns a SpectrumFitResult.
 
         Returns
         -------
         FitResult (labels, covariance, chi2, reduced_chi2, n_iter, status per spectrum)
         """
+        if spectrum_options:
+            from .fitting import fit_spectra
+
+            wavelength = spectrum_options.pop("wavelength", None)
+            return fit_spectra(self, flux, ivar, wavelength, initial=initial, bounds=bounds,
+                               max_iter=max_iter, n_threads=n_threads, **spectrum_options)
         self._require_trained()
         # flux, ivar and the shape of initial are checked once, by the backend
         initial = self.initial_labels if initial is None else initial
