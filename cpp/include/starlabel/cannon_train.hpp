@@ -227,6 +227,16 @@ struct PixelSearch {
     theta = best_theta;
     done = true;
   }
+
+  // The search fails with `failure`; during a restart the minimum found stands instead.
+  void stop(std::int8_t failure) {
+    if (restarts > 0) {
+      keep_best();
+    } else {
+      status = failure;
+      done = true;
+    }
+  }
 };
 
 }  // namespace detail
@@ -366,12 +376,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
           detail::PixelSearch& ps = *live[j];
           ++ps.n_eval;
           if (!solved[j] || !ps.theta.allFinite()) {
-            if (ps.restarts > 0) {  // far out in s2: the local minimum found stands
-              ps.keep_best();
-              continue;
-            }
-            ps.status = PIXEL_SINGULAR;
-            ps.done = true;
+            ps.stop(PIXEL_SINGULAR);
             continue;
           }
           if (ps.restarts > 0 && ps.status == PIXEL_NOT_CONVERGED) {  // L1 failed on the way:
@@ -397,19 +402,14 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             }
           }
           if (!std::isfinite(g)) {  // w r^2 overflows (absurd flux scales): no usable likelihood
-            if (ps.restarts > 0) {
-              ps.keep_best();
-              continue;
-            }
-            ps.status = PIXEL_SINGULAR;
-            ps.done = true;
+            ps.stop(PIXEL_SINGULAR);
             continue;
           }
-          // F, needed only once a restart compares minima
-          const double f = ps.restarts > 0
-              ? detail::profile_value(pixel_ivar, &resid(0, j), N, ps.s2, ps.theta, ps.free_terms,
-                                      data.penalized, opt.regularization)
-              : nan;
+          const auto profile_here = [&] {
+            return detail::profile_value(pixel_ivar, &resid(0, j), N, ps.s2, ps.theta,
+                                         ps.free_terms, data.penalized, opt.regularization);
+          };
+          const double f = ps.restarts > 0 ? profile_here() : nan;  // F: once minima compete
           // A local minimum at ps.s2: keep it (or the better earlier one), or restart above it.
           const auto finish = [&] {
             if (ps.restarts > 0 && !(f < ps.best_f)) {
@@ -419,10 +419,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
             if (ps.restarts < opt.s2_max_restarts) {
               const double s2_lower = check.lower_point(pixel_ivar, &resid(0, j), N, ps.s2);
               if (!std::isnan(s2_lower)) {
-                ps.best_f = ps.restarts > 0
-                    ? f
-                    : detail::profile_value(pixel_ivar, &resid(0, j), N, ps.s2, ps.theta,
-                                            ps.free_terms, data.penalized, opt.regularization);
+                ps.best_f = ps.restarts > 0 ? f : profile_here();
                 ps.best_s2 = ps.s2;
                 ps.best_theta = ps.theta;
                 ++ps.restarts;
@@ -511,12 +508,7 @@ inline void train_cannon(const CannonTrainingSet& data, const double* fixed_s2,
               (std::isfinite(ps.hi) && ps.hi - ps.lo <= opt.s2_rtol * ps.hi)) {
             finish();
           } else if (ps.n_eval >= opt.s2_max_iter) {
-            if (ps.restarts > 0) {
-              ps.keep_best();
-            } else {
-              ps.status = PIXEL_NOT_CONVERGED;
-              ps.done = true;
-            }
+            ps.stop(PIXEL_NOT_CONVERGED);
           } else {
             ps.s2 = next;
           }

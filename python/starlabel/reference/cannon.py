@@ -59,6 +59,14 @@ def _solve_theta(design, weight, flux, regularization, penalized, warm):
     return d * u, True, False
 
 
+def _root_above(g, lo, hi):
+    """The root of g (= -dF/ds2, > 0 at lo) in [lo, hi], hi first grown by factors of 4
+    until g(hi) <= 0."""
+    while g(hi) > 0:
+        hi *= 4.0
+    return brentq(g, lo, hi, xtol=1e-300, rtol=S2_RTOL)
+
+
 def _lower_point(iv, resid, s2_found):
     """An s2 above the local minimum s2_found where the profile objective F is provably lower.
 
@@ -90,10 +98,7 @@ def _lower_minimum(objective, s2_start, s2_floor):
     if g == 0:
         return s2_start
     if g > 0:
-        hi = 4.0 * s2_start
-        while objective(hi)[0] > 0:
-            hi *= 4.0
-        return brentq(lambda s: objective(s)[0], s2_start, hi, xtol=1e-300, rtol=S2_RTOL)
+        return _root_above(lambda s: objective(s)[0], s2_start, 4.0 * s2_start)
     floor, hi, f_hi = s2_floor, s2_start, f
     while hi - floor > S2_RTOL * hi:
         mid = 0.5 * (floor + hi)
@@ -198,9 +203,7 @@ def cannon_train(exponents, x, flux, ivar, *, regularization=0.0, term_mask=None
                     hi = np.sum(resid[used] ** 2) / used.sum()
                     if not np.isfinite(hi):
                         raise np.linalg.LinAlgError
-                    while evaluate(hi)[0] > 0:
-                        hi *= 4.0
-                    s2_value = brentq(lambda s: evaluate(s)[0], 0.0, hi, xtol=1e-300, rtol=S2_RTOL)
+                    s2_value = _root_above(lambda s: evaluate(s)[0], 0.0, hi)
                     evaluate(s2_value)  # theta at the root
                 if state["converged"]:
                     s2_value = _lowest_minimum(objective, value, state, iv, s2_value)
@@ -325,7 +328,6 @@ def cannon_fit(exponents, theta, s2, flux, ivar, initial, *, lower=None, upper=N
             weight = np.where(iv > 0, iv / (1.0 + iv * s2), 0.0)
         f = np.where(weight > 0, f, 0.0)
         exact = pixel_objective(model, f, weight)
-
         if tables is None:
             fits.append(fit_one(exact, starts, lower, upper, max_iter))
         else:
