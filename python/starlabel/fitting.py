@@ -31,7 +31,7 @@ from . import _validation as check
 from . import fast, reference
 from .augment import rotation_kernel
 from .preprocess import gaussian_kernel
-from .result import FitResult
+from .result import FitResult, LMSolution
 
 C_KMS = 299792.458
 BACKENDS = {"fast": fast, "reference": reference}
@@ -106,8 +106,8 @@ class SpectrumFitResult(FitResult):
 
 def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-500.0, 500.0),
                 rv_step=None, continuum_order=None, segments=None, broadening=None, mask=None,
-                bounds="training", initial=None, max_iter=100, return_model=False, backend=None,
-                n_threads=None):
+                bounds="training", initial=None, every_start=False, max_iter=100,
+                return_model=False, backend=None, n_threads=None):
     """Fit labels (and radial velocity, continuum and broadening) of observed spectra with an
     emulator.
 
@@ -143,6 +143,9 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
         or (n_spectra, n_starts, n_labels); default the centre of the training box (Payne) or
         the Cannon's 9 spread points. The RV search runs from every start of the labels (with
         the first start of each fitted width); LM from the start of lowest chi2.
+    every_start : run LM from every start and keep the fit of lowest chi2, instead of from
+        the start of lowest chi2 only: slower by the number of starts, for problems with
+        several minima (both widths fitted, double-lined binaries)
     max_iter : LM trial steps per spectrum
     return_model : also return the best-fit model spectra (``model_flux``)
     backend : "fast" or "reference"; default the model's
@@ -165,6 +168,8 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     if not isinstance(fit_rv, (bool, np.bool_)):
         raise TypeError(f"fit_rv must be a bool, got {type(fit_rv).__name__}")
     fit_rv = bool(fit_rv)
+    if not isinstance(every_start, (bool, np.bool_)):
+        raise TypeError(f"every_start must be a bool, got {type(every_start).__name__}")
     rv_lo, rv_hi = _rv_range(rv_range)
     n_coef = 0 if continuum_order is None else check.positive_int("continuum_order",
                                                                   continuum_order, 0) + 1
@@ -238,9 +243,12 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
                             [lo for _, lo, _ in widths.values()], np.full(n_cc, -np.inf)])
     upper = np.concatenate([upper_x, [rv_hi] if fit_rv else [],
                             [hi for _, _, hi in widths.values()], np.full(n_cc, np.inf)])
-    sol = backend.spectrum_fit(desc["emulator"], layout, flux, ivar_fit, initial_params,
-                               extra_variance=extra, lower=lower, upper=upper, max_iter=max_iter,
-                               n_threads=n_threads)
+    runs = [initial_params[:, j:j + 1] for j in range(initial_params.shape[1])] \
+        if every_start else [initial_params]
+    sol = _lowest_chi2([backend.spectrum_fit(desc["emulator"], layout, flux, ivar_fit, start,
+                                             extra_variance=extra, lower=lower, upper=upper,
+                                             max_iter=max_iter, n_threads=n_threads)
+                        for start in runs])
 
     jac_scale = np.concatenate([desc["label_scale"], np.ones(int(fit_rv) + len(widths) + n_cc)])
     covariance = sol.covariance * jac_scale[None, :, None] * jac_scale[None, None, :]
@@ -263,6 +271,17 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
 
 
 MAX_GRID_STARTS = 4096
+
+
+def _lowest_chi2(solutions):
+    """Per spectrum, the LMSolution row of lowest chi2 (NaN counts as +inf; the first on ties)."""
+    if len(solutions) == 1:
+        return solutions[0]
+    chi2 = np.array([np.where(np.isnan(sol.chi2), np.inf, sol.chi2) for sol in solutions])
+    best = np.argmin(chi2, axis=0)
+    rows = np.arange(len(best))
+    return LMSolution(*(np.array([getattr(sol, field) for sol in solutions])[best, rows]
+                        for field in LMSolution._fields))
 
 
 def start_grid(model, labels=None, n_per_label=3):
