@@ -115,7 +115,8 @@ def test_fit_writes_the_table_fit_spectra_gives(files, tmp_path, capsys):
 
 
 def test_fit_broadening_options(tmp_path, capsys):
-    """--sigma KMS and --vsini fit reach fit_spectra: the table has the fitted v sin i."""
+    """--sigma KMS, --vsini fit and --every-start reach fit_spectra: the table has the fitted
+    v sin i."""
     wave = 10 ** (np.log10(15200.0) + 2e-5 * np.arange(N_PIXELS))  # broadening: log-uniform
     train = synthetic_survey(N_TRAIN, wavelength=wave, seed=3)
     test = synthetic_survey(10, wavelength=wave, seed=4)
@@ -130,6 +131,19 @@ def test_fit_broadening_options(tmp_path, capsys):
                                    broadening={"sigma": 8.0, "vsini": "fit"})
     np.testing.assert_array_equal(np.asarray(written["vsini"]), result.vsini)
     assert "sigma" not in written.colnames and written["vsini"].unit == "km / s"
+    assert run(capsys, "fit", tmp_path / "model.npz", tmp_path / "test.npz", "-o", out,
+               "--sigma", "8", "--vsini", "fit", "--rv-range", "-200", "200", "--every-start",
+               "--overwrite", "-q")[0] == 0
+    every = starlabel.fit_spectra(model, test.flux, test.ivar, wave, rv_range=(-200, 200),
+                                  broadening={"sigma": 8.0, "vsini": "fit"}, every_start=True)
+    written = read_results(out)
+    np.testing.assert_array_equal(np.asarray(written["vsini"]), every.vsini)
+    for k, name in enumerate(test.label_names):
+        np.testing.assert_array_equal(np.asarray(written[name]), every.labels[:, k])
+    # unbroadened spectra fitted with sigma fixed at 8 km/s: minima the starts disagree on,
+    # so every start's fit differs from the default's (the flag reached fit_spectra)
+    assert np.all(every.chi2 <= result.chi2 * (1 + 1e-9))
+    assert np.any(every.chi2 < result.chi2 - 1)
     code, _, err = run(capsys, "fit", tmp_path / "model.npz", tmp_path / "test.npz", "-o", out,
                        "--vsini", "-3")
     assert code == 2 and "--vsini" in err

@@ -601,7 +601,8 @@ def fit_options(args):
             "continuum_order": args.continuum_order,
             "segments": _apogee_segments() if args.apogee_chips else None,
             "bounds": None if args.no_bounds else "training", "max_iter": args.max_iter,
-            "backend": args.backend, "broadening": _broadening(args)}
+            "every_start": args.every_start, "backend": args.backend,
+            "broadening": _broadening(args)}
 
 
 def _broadening(args):
@@ -955,6 +956,9 @@ def build_parser():
                      help="rotational broadening v sin i of the model, km/s, or 'fit' "
                      "(default: none)")
     fit.add_argument("--max-iter", type=_positive_int, default=100)
+    fit.add_argument("--every-start", action="store_true",
+                     help="run LM from every starting point and keep the lowest chi2 (default: "
+                     "from the start of lowest chi2 only)")
     fit.add_argument("--backend", choices=("fast", "reference"), default="fast")
     fit.add_argument("--shard", type=_shard, metavar="i/N",
                      help="fit only the i-th of N contiguous slices (from 0), into its own file "
