@@ -14,7 +14,7 @@ from . import _validation as check
 from . import fast, reference
 from .error_floor import DEFAULT_NEIGHBORS, ErrorFloor, calibration_stars
 from .model_io import read_model_file, write_model_file
-from .result import FitResult
+from .result import FitResult, lowest_chi2
 from .status import PixelStatus
 from .vectorizer import PolynomialVectorizer
 
@@ -223,8 +223,8 @@ class CannonModel:
 
     # -- the test step -----------------------------------------------------------------
 
-    def fit_labels(self, flux, ivar, *, initial=None, bounds=None, max_iter=100, n_threads=None,
-                   **spectrum_options):
+    def fit_labels(self, flux, ivar, *, initial=None, bounds=None, every_start=False,
+                   max_iter=100, n_threads=None, **spectrum_options):
         """Infer labels of spectra by Levenberg-Marquardt with weights 1 / (1/ivar + s2).
 
         Parameters
@@ -234,6 +234,8 @@ class CannonModel:
             (n_spectra, n_starts, n_labels); default: 9 points spread over the training set.
             chi2 is evaluated at every start and LM runs from the best.
         bounds : None, "training" (the training set's range) or (lower, upper) arrays
+        every_start : run LM from every start and keep the fit of lowest chi2 (slower by the
+            number of starts)
         max_iter : int, LM trial steps per spectrum
         spectrum_options : options of ``starlabel.fit_spectra`` (``wavelength``, ``fit_rv``,
             ``rv_range``, ``continuum_order``, ``segments``, ``broadening``, ``mask``, ...).
@@ -251,17 +253,24 @@ class CannonModel:
 
             wavelength = spectrum_options.pop("wavelength", None)
             return fit_spectra(self, flux, ivar, wavelength, initial=initial, bounds=bounds,
-                               max_iter=max_iter, n_threads=n_threads, **spectrum_options)
+                               every_start=every_start, max_iter=max_iter,
+                               n_threads=n_threads, **spectrum_options)
         self._require_trained()
+        if not isinstance(every_start, (bool, np.bool_)):
+            raise TypeError(f"every_start must be a bool, got {type(every_start).__name__}")
         # flux, ivar and the shape of initial are checked once, by the backend
         initial = self.initial_labels if initial is None else initial
         ndim = np.ndim(initial)
-        initial = check.as_float_array("initial", initial, ndim if ndim in (1, 2, 3) else 3)
+        initial = self.vectorizer.scale(
+            check.as_float_array("initial", initial, ndim if ndim in (1, 2, 3) else 3))
+        starts = [initial]
+        if every_start and initial.ndim > 1:  # one fit per start
+            starts = [initial[:, j:j + 1] if initial.ndim == 3 else initial[j]
+                      for j in range(initial.shape[-2])]
         lower, upper = self._scaled_bounds(bounds)
-        sol = BACKENDS[self.backend].cannon_fit(
-            self.vectorizer.exponents, self.theta, self.s2, flux, ivar,
-            self.vectorizer.scale(initial), lower=lower, upper=upper, max_iter=max_iter,
-            n_threads=n_threads)
+        sol = lowest_chi2([BACKENDS[self.backend].cannon_fit(
+            self.vectorizer.exponents, self.theta, self.s2, flux, ivar, start, lower=lower,
+            upper=upper, max_iter=max_iter, n_threads=n_threads) for start in starts])
         scales = self.vectorizer.scales
         labels = self.vectorizer.unscale(sol.x)
         return FitResult(self.label_names, labels,

@@ -31,7 +31,7 @@ from . import _validation as check
 from . import fast, reference
 from .augment import rotation_kernel
 from .preprocess import gaussian_kernel
-from .result import FitResult, LMSolution
+from .result import FitResult, lowest_chi2
 
 C_KMS = 299792.458
 BACKENDS = {"fast": fast, "reference": reference}
@@ -245,7 +245,7 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
                             [hi for _, _, hi in widths.values()], np.full(n_cc, np.inf)])
     runs = [initial_params[:, j:j + 1] for j in range(initial_params.shape[1])] \
         if every_start else [initial_params]
-    sol = _lowest_chi2([backend.spectrum_fit(desc["emulator"], layout, flux, ivar_fit, start,
+    sol = lowest_chi2([backend.spectrum_fit(desc["emulator"], layout, flux, ivar_fit, start,
                                              extra_variance=extra, lower=lower, upper=upper,
                                              max_iter=max_iter, n_threads=n_threads)
                         for start in runs])
@@ -271,17 +271,6 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
 
 
 MAX_GRID_STARTS = 4096
-
-
-def _lowest_chi2(solutions):
-    """Per spectrum, the LMSolution row of lowest chi2 (NaN counts as +inf; the first on ties)."""
-    if len(solutions) == 1:
-        return solutions[0]
-    chi2 = np.array([np.where(np.isnan(sol.chi2), np.inf, sol.chi2) for sol in solutions])
-    best = np.argmin(chi2, axis=0)
-    rows = np.arange(len(best))
-    return LMSolution(*(np.array([getattr(sol, field) for sol in solutions])[best, rows]
-                        for field in LMSolution._fields))
 
 
 def start_grid(model, labels=None, n_per_label=3):

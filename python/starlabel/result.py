@@ -22,6 +22,18 @@ class LMSolution(NamedTuple):
     status: np.ndarray
 
 
+def lowest_chi2(solutions):
+    """Per spectrum, the row of lowest chi2 among LMSolutions of the same spectra (fits from
+    different starts); NaN counts as +inf, and the first solution wins ties."""
+    if len(solutions) == 1:
+        return solutions[0]
+    chi2 = np.array([np.where(np.isnan(sol.chi2), np.inf, sol.chi2) for sol in solutions])
+    best = np.argmin(chi2, axis=0)
+    rows = np.arange(len(best))
+    return LMSolution(*(np.array([getattr(sol, field) for sol in solutions])[best, rows]
+                        for field in LMSolution._fields))
+
+
 class FitResult:
     """Labels fitted to spectra, in physical units; every field has one row per spectrum.
 
