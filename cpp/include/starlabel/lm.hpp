@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "normal_matrix.hpp"
 
 namespace starlabel {
 
@@ -174,7 +175,9 @@ struct PixelObjective {
     batch.model_flux.resize(per_item * pixel_block);
     if (with_jacobian) batch.jac.resize(per_item * np * pixel_block);
     batch.wresid.resize(pixel_block);
-    batch.wjac.resize(np * pixel_block);
+    // by pixel, the rows of sqrt(W) J are padded for NormalMatrix (the padding stays zero)
+    const index_t ld_wjac = Model::jacobian_by_pixel ? NormalMatrix::padded(np) : np;
+    batch.wjac.assign(ld_wjac * pixel_block, 0.0);
     double* wjac = batch.wjac.data();
     for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
       const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
@@ -200,15 +203,18 @@ struct PixelObjective {
         out[i].n_used += used;
         if (!with_jacobian) continue;
         // Zero-weight pixels may hold non-finite model derivatives (untrained pixels): drop them.
-        if constexpr (Model::jacobian_by_pixel) {  // jac and wjac (nb, np) row-major
+        if constexpr (Model::jacobian_by_pixel) {  // jac (nb, np), wjac (nb, ld_wjac) row-major
           for (index_t j = 0; j < nb; ++j) {
             const double sw = sqrt_weight[j];
             for (index_t a = 0; a < np; ++a)
-              wjac[j * np + a] = sw > 0.0 ? jac[j * np + a] * sw : 0.0;
+              wjac[j * ld_wjac + a] = sw > 0.0 ? jac[j * np + a] * sw : 0.0;
           }
-          const RowMatrix wj(wjac, nb, np);
+          const Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic,
+                                               Eigen::RowMajor>,
+                           0, Eigen::OuterStride<>>
+              wj(wjac, nb, np, Eigen::OuterStride<>(ld_wjac));
           out[i].grad.noalias() += wj.transpose() * wresid;
-          out[i].hess.template selfadjointView<Eigen::Upper>().rankUpdate(wj.transpose());
+          NormalMatrix::add_upper(wjac, nb, np, out[i].hess.data(), np);
         } else {  // (np, nb) row-major
           for (index_t a = 0; a < np; ++a)
             for (index_t j = 0; j < nb; ++j)
