@@ -427,11 +427,10 @@ def _rv_step(rv_step, model_wave):
 
 
 # Where a fitted broadening width starts and the largest value it may take (km/s). A fitted
-# width's kernel reaches 6 sigma_max (Gaussian) or vsini_max (rotation) each side.
-# default starts and upper bounds (km/s) of fitted widths. v sin i starts at 10 and 30 km/s:
-# fitted with sigma, from 10 alone 22 of 480 fits of rotators at 14-29 km/s slid along the
-# sigma-v sin i degeneracy to the lowest v sin i, at a chi2 up to 627 above that of the true
-# widths (tests/test_fit_spectra.py, test_all_effects_recovery_and_pulls[both]).
+# width's kernel reaches 6 sigma_max (Gaussian) or vsini_max (rotation) each side. v sin i
+# starts at 10 and 30 km/s: fitted with sigma, from 10 alone 22 of 480 fits of rotators at
+# 14-29 km/s slid along the sigma-v sin i degeneracy to the lowest v sin i, at a chi2 up to
+# 627 above that of the true widths (test_all_effects_recovery_and_pulls[both]).
 WIDTH_DEFAULTS = {"sigma": ((5.0,), 50.0), "vsini": ((10.0, 30.0), 100.0)}
 
 
