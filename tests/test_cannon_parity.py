@@ -73,6 +73,27 @@ def test_training_edge_pixels_get_the_same_status(isa_core):
     assert np.all(np.isnan(out_fast[0][1:])) and np.all(np.isinf(out_fast[1][1:]))
 
 
+@pytest.mark.parametrize("spread,rcond,status", [(7e-7, 8.3e-14, PixelStatus.SINGULAR),
+                                                  (1e-6, 1.7e-13, PixelStatus.OK)])
+def test_singular_at_the_condition_threshold(isa_core, spread, rcond, status):
+    """A pixel is SINGULAR where its scaled Gram's reciprocal condition number is below 1e-13,
+    however the core decides it (a proof from the Cholesky factor, else Eigen's estimate):
+    one label at 1 + spread * N(0, 1) for 40 stars, the measured rcond just below and above
+    the threshold. A bound of the condition looser by 2x (||G||_1 here) gets the first wrong."""
+    rng = np.random.default_rng(5)
+    x = 1.0 + spread * rng.normal(size=(40, 1))
+    flux = 0.5 + 0.1 * x + rng.normal(size=(40, 1)) * 1e-3
+    ivar = np.full((40, 1), 1e6)
+    exponents = np.array([[0], [1]], dtype=np.int32)
+    design = design_matrix(exponents, x)
+    gram = design.T @ (ivar * design)
+    scale = 1 / np.sqrt(np.diag(gram))
+    np.testing.assert_allclose(1 / np.linalg.cond(gram * np.outer(scale, scale), 1), rcond,
+                               rtol=0.05)
+    for backend in (fast, reference):
+        assert backend.cannon_train(exponents, x, flux, ivar, s2=np.zeros(1))[2][0] == status
+
+
 def test_fixed_s2_and_censoring_match_reference(isa_core):
     exponents, x, flux, ivar = random_problem(120, 3, 9, 2, seed=7)
     mask = np.ones((9, len(exponents)), bool)
