@@ -181,7 +181,7 @@ py::tuple fit(const py::handle& exponents_in, const py::handle& theta_t_in,
       const index_t threads = resolve_threads(n_threads);
       const index_t per_thread = (n_spectra + threads - 1) / threads;
       options.batch = std::clamp<index_t>(CannonPolynomialObjective::padded_rows(per_thread),
-                                          cannon_product_rows, 256);
+                                          CannonPolynomialObjective::product_rows, 256);
     } else {
       options.batch = 32;
     }

@@ -76,11 +76,9 @@ def layout(value, n_labels, n_model):
         raise ValueError(f"segment_coord must have shape {wave.shape}")
     if np.any(seg < -1) or np.any(seg >= n_segments):
         raise ValueError("segment_index must lie in [-1, n_segments)")
-    if not isinstance(fit_rv, (bool, np.bool_)):
-        raise TypeError("fit_rv must be a bool")
     out = {"model_wavelength": model_wave, "wavelength": wave,
            "segment_index": np.ascontiguousarray(seg, dtype=np.int32), "segment_coord": coord,
-           "n_segments": n_segments, "n_coef": n_coef, "fit_rv": bool(fit_rv),
+           "n_segments": n_segments, "n_coef": n_coef, "fit_rv": check.flag("fit_rv", fit_rv),
            "kernels": None, "kernel_segments": None, "fit_sigma": None, "fit_vsini": None}
     if value.get("fit_sigma") is not None:
         out["fit_sigma"] = _fit_sigma(value["fit_sigma"])

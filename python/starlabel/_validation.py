@@ -99,6 +99,13 @@ def choice(name, value, allowed):
     return value
 
 
+def flag(name, value):
+    """A bool (or NumPy bool) option as a bool; anything else is a TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def positive_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

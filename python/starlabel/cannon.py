@@ -256,8 +256,7 @@ class CannonModel:
                                every_start=every_start, max_iter=max_iter,
                                n_threads=n_threads, **spectrum_options)
         self._require_trained()
-        if not isinstance(every_start, (bool, np.bool_)):
-            raise TypeError(f"every_start must be a bool, got {type(every_start).__name__}")
+        every_start = check.flag("every_start", every_start)
         # flux, ivar and the shape of initial are checked once, by the backend
         initial = self.initial_labels if initial is None else initial
         ndim = np.ndim(initial)

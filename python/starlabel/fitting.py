@@ -165,11 +165,7 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, fit_rv=True, rv_range=(-5
     flux, ivar = check.spectra(flux, ivar, n_pixels=obs_wave.size)
     n_spectra = flux.shape[0]
     ivar = np.where(_mask(mask, flux.shape), 0.0, ivar)
-    if not isinstance(fit_rv, (bool, np.bool_)):
-        raise TypeError(f"fit_rv must be a bool, got {type(fit_rv).__name__}")
-    fit_rv = bool(fit_rv)
-    if not isinstance(every_start, (bool, np.bool_)):
-        raise TypeError(f"every_start must be a bool, got {type(every_start).__name__}")
+    fit_rv, every_start = check.flag("fit_rv", fit_rv), check.flag("every_start", every_start)
     rv_lo, rv_hi = _rv_range(rv_range)
     n_coef = 0 if continuum_order is None else check.positive_int("continuum_order",
                                                                   continuum_order, 0) + 1

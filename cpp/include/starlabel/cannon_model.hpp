@@ -16,10 +16,6 @@
 
 namespace starlabel {
 
-// CannonPolynomialObjective's products over spectra run on whole groups of this many rows
-// (see its begin_batch).
-constexpr index_t cannon_product_rows = 16;
-
 namespace detail {
 
 // Rows x 8 outputs of ordered_product: a points at the first row's depth entries, b and out
@@ -310,9 +306,10 @@ struct CannonPolynomialObjective {
   index_t n_params() const { return poly.n_labels; }
   index_t n_spectra() const { return n_spectra_total; }
 
-  // spectra padded to whole groups of cannon_product_rows (see begin_batch)
+  static constexpr index_t product_rows = 16;
+  // spectra padded to whole groups of product_rows (see begin_batch)
   static index_t padded_rows(index_t n) {
-    return (n + cannon_product_rows - 1) / cannon_product_rows * cannon_product_rows;
+    return (n + product_rows - 1) / product_rows * product_rows;
   }
 
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
@@ -321,10 +318,10 @@ struct CannonPolynomialObjective {
     const index_t nbatch = s1 - s0;
     const Eigen::Map<const RowMatrix> theta_map(theta_t, K, n_pixels);
     batch.n_used.assign(nbatch, 0);
-    // The matrix products below run on whole groups of cannon_product_rows spectra, the rows
-    // past the batch zero: how Eigen's kernels sum a row depends on the row count, and a
-    // spectrum's result must not depend on how many others share its batch (a survey fitted
-    // in pieces equals the survey fitted whole).
+    // The matrix products below run on whole groups of product_rows spectra, the rows past
+    // the batch zero: how Eigen's kernels sum a row depends on the row count, and a spectrum's
+    // result must not depend on how many others share its batch (a survey fitted in pieces
+    // equals the survey fitted whole).
     const index_t rows = padded_rows(nbatch);
     batch.weights.setZero(rows, n_pixels);
     batch.weighted_flux.setZero(rows, n_pixels);
