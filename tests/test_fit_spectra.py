@@ -189,6 +189,93 @@ def test_float32_network_jacobian(isa_core):
     np.testing.assert_allclose(jacs[0], jacs[1], rtol=0, atol=1e-6 * scale)
 
 
+
+REMEMBERED = [  # hidden and output widths after 6 inputs
+    (40, 30, 200),      # The Payne's depth: sign changes of layer 0 carried through layer 1
+    (50, 200),          # one hidden layer: unit columns only
+    (12, 12, 12, 200),  # three: carried twice
+    (200,),             # no hidden layer: J is constant
+]
+
+
+@pytest.mark.parametrize("float32", [False, True], ids=["f64", "f32"])
+@pytest.mark.parametrize("activation", ["leaky_relu", "relu", "sigmoid"])
+@pytest.mark.parametrize("widths", REMEMBERED, ids=[str(w) for w in REMEMBERED])
+def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, float32):
+    """In a fit an MLP updates each spectrum's Jacobian by the low-rank change of its
+    activation pattern since its last one (jacobian_memory.hpp). Along walks of 8 keys with
+    shrinking steps, keys leaving and new ones taking their room, every Jacobian equals the
+    reference's whole one; the updates ran, across sign changes in every hidden layer."""
+    from starlabel.fast.fitting import _core_emulator
+
+    sizes = (6,) + widths
+    rng = np.random.default_rng(len(sizes))
+    weights = [rng.normal(size=(o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [rng.normal(0, 0.1, o) for o in sizes[1:]]
+    if float32:  # a float32 network as the fit sees it: widened, its last layer also as stored
+        weights = [w.astype(np.float32).astype(np.float64) for w in weights]
+    emulator = {"kind": "mlp", "weights": weights, "biases": biases, "activation": activation,
+                "slope": 0.01, "last_weights_f32": weights[-1].astype(np.float32) if float32
+                else None}
+    n_calls, n = 40, 5
+    keys = np.empty((n_calls, n), dtype=np.int64)
+    x = np.empty((n_calls, n, 6))
+    position = {}
+    for c in range(n_calls):
+        # 5 of 8 keys per call (in a new order): a key that sat out comes back from where it was
+        keys[c] = rng.permutation(8)[:n] if c % 10 == 9 else np.arange(n)
+        for i, key in enumerate(keys[c]):
+            start = position.get(key, rng.uniform(-0.5, 0.5, 6))
+            position[key] = x[c, i] = start + rng.normal(0, 0.08 * 0.9 ** c, 6)
+    flux, jac, n_whole, n_updated = isa_core.fit_emulator_remembered(_core_emulator(emulator), x,
+                                                                     keys)
+    want_flux, want_jac = reference.mlp_forward(weights, biases, x.reshape(-1, 6),
+                                                activation=activation, slope=0.01, jacobian=True)
+    np.testing.assert_allclose(flux.reshape(want_flux.shape), want_flux, rtol=0,
+                               atol=1e-13 * np.abs(want_flux).max())
+    # float64: rounding of the updates (~1e-16 each); float32: the products' float32 rounding
+    tol = 1e-6 if float32 else 1e-12
+    np.testing.assert_allclose(jac.reshape(want_jac.shape), want_jac, rtol=0,
+                               atol=tol * np.abs(want_jac).max())
+    assert n_whole + n_updated == n_calls * n
+    if activation == "sigmoid":
+        assert n_updated == 0  # smooth: nothing to update
+        return
+    assert n_whole >= 8 and n_updated > n_calls * n / 2
+    # sign changes between a key's successive inputs, per hidden layer
+    changes = np.zeros(len(widths) - 1, dtype=int)
+    last = {}
+    for c in range(n_calls):
+        for i, key in enumerate(keys[c]):
+            a, pattern = x[c, i], []
+            for w, b in zip(weights[:-1], biases[:-1]):
+                z = w @ a + b
+                pattern.append(z > 0)
+                a = np.maximum(z, 0.01 * z)
+            if key in last:
+                changes += np.array([np.sum(p != q) for p, q in zip(pattern, last[key])],
+                                    dtype=int)
+            last[key] = pattern
+    assert np.all(changes > 10), changes
+
+
+def test_remembered_jacobians_bad_keys():
+    from starlabel._core import core
+    from starlabel.fast.fitting import _core_emulator
+
+    emulator = {"kind": "mlp", "weights": [np.ones((4, 2)), np.ones((3, 4))],
+                "biases": [np.zeros(4), np.zeros(3)], "activation": "relu", "slope": 0.01,
+                "last_weights_f32": None}
+    with pytest.raises(ValueError, match="keys must be distinct"):
+        core.fit_emulator_remembered(_core_emulator(emulator), np.zeros((1, 2, 2)),
+                                     np.zeros((1, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="only an MLP"):
+        core.fit_emulator_remembered({"kind": "perpixel", "w0": np.ones((3, 2, 2)),
+                                      "b0": np.ones((3, 2)), "w1": np.ones((3, 2)),
+                                      "b1": np.ones(3), "w2": None, "b2": None},
+                                     np.zeros((1, 1, 2)),
+                                     np.zeros((1, 1), dtype=np.int64))
+
 def assert_rv_grids_agree(layout, templates, flux, weight, v):
     """Fast and reference RV grids: chi2, best velocity, continuum at it."""
     a = fast.rv_chi2_grid(layout, templates, flux, weight, v)

@@ -16,6 +16,7 @@
 
 #include "checks.hpp"
 #include "starlabel/cannon_model.hpp"
+#include "starlabel/jacobian_memory.hpp"
 #include "starlabel/lm.hpp"
 #include "starlabel/mlp.hpp"
 #include "starlabel/perpixel_network.hpp"
@@ -51,6 +52,27 @@ template <class Forward>
 Emulator<Forward> make_emulator(Forward f, index_t n_labels, index_t n_pixels) {
   return Emulator<Forward>{f, n_labels, n_pixels};
 }
+
+// An MLP, which in a fit updates each spectrum's last Jacobian where that is cheaper.
+struct MLPEmulator {
+  const MLP<double>& net;
+  index_t n_labels, n_pixels;
+  using Memory = JacobianMemory<double>;
+
+  MLPBlocking blocking(index_t n) const {
+    MLPBlocking b;
+    b.jac_columns = n * n_labels;  // one star tile: the weights stream once per batch
+    b.pixel_block = FIT_PIXEL_BLOCK;
+    return b;
+  }
+  void spectra(const double* x, index_t n, double* flux, double* jac) const {
+    mlp_forward(net, x, n, flux, jac, 1, blocking(n));
+  }
+  void spectra(const double* x, const index_t* keys, index_t n, double* flux, Memory& memory,
+               const double** jac) const {
+    mlp_forward_remembered(net, x, keys, n, flux, jac, memory, blocking(n));
+  }
+};
 
 py::object item(const py::dict& spec, const char* key) {
   if (!spec.contains(key)) throw py::value_error(std::string("emulator lacks '") + key + "'");
@@ -91,13 +113,7 @@ void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
       packed.pack(net.weights[L - 1], H);
       net.packed_last = &packed;
     }
-    const MLP<double>* netp = &net;
-    visit(make_emulator([netp](const double* x, index_t n, double* f, double* j) {
-      MLPBlocking blocking;
-      blocking.jac_columns = n * netp->n_in();  // one star tile: the weights stream once per batch
-      blocking.pixel_block = FIT_PIXEL_BLOCK;
-      mlp_forward(*netp, x, n, f, j, 1, blocking);
-    }, net.n_in(), net.n_out()));
+    visit(MLPEmulator{net, net.n_in(), net.n_out()});
   } else if (kind == "cannon") {
     auto exponents = require<std::int32_t>(item(spec, "exponents"), "exponents", {ANY, ANY});
     const index_t T = exponents.shape(0), L = exponents.shape(1);
@@ -311,6 +327,46 @@ py::tuple rv_grid(const py::handle& mw, const py::handle& ow, const py::handle& 
   return py::make_tuple(chi2, best, coef);
 }
 
+// The emulator along a sequence of calls as a fit makes them, one memory throughout (for
+// tests: an updated Jacobian must equal the whole one).
+//   x (n_calls, n, n_labels), keys (n_calls, n) -> flux (n_calls, n, n_pixels),
+//   jac (n_calls, n, n_pixels, n_labels), Jacobians computed whole, Jacobians updated
+py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::handle& keys_in) {
+  py::tuple result;
+  with_emulator(spec, true, [&](const auto& emu) {
+    using E = std::decay_t<decltype(emu)>;
+    if constexpr (!spectrum_detail::MemoryOf<E>::remembers) {
+      throw py::value_error("only an MLP emulator remembers its Jacobians");
+    } else {
+      const index_t L = emu.n_labels, P = emu.n_pixels;
+      auto x = require<double>(x_in, "x", {ANY, ANY, L});
+      const index_t n_calls = x.shape(0), n = x.shape(1);
+      auto keys = require<std::int64_t>(keys_in, "keys", {n_calls, n});
+      for (index_t c = 0; c < n_calls; ++c)
+        for (index_t i = 0; i < n; ++i)
+          for (index_t j = 0; j < i; ++j)
+            if (keys.at(c, i) == keys.at(c, j))
+              throw py::value_error("keys must be distinct within a call");
+      py::array_t<double> flux({n_calls, n, P}), jac({n_calls, n, P, L});
+      typename E::Memory memory;
+      {
+        py::gil_scoped_release release;
+        std::vector<const double*> jac_of(n);
+        std::vector<index_t> call_keys(n);
+        for (index_t c = 0; c < n_calls; ++c) {
+          std::copy_n(keys.data() + c * n, n, call_keys.data());
+          emu.spectra(x.data() + c * n * L, call_keys.data(), n, flux.mutable_data() + c * n * P,
+                      memory, jac_of.data());
+          for (index_t i = 0; i < n; ++i)
+            std::copy_n(jac_of[i], P * L, jac.mutable_data() + (c * n + i) * P * L);
+        }
+      }
+      result = py::make_tuple(flux, jac, memory.n_whole, memory.n_updated);
+    }
+  });
+  return result;
+}
+
 }  // namespace
 
 void bind_fit(py::module_& m) {
@@ -330,4 +386,6 @@ void bind_fit(py::module_& m) {
         py::arg("segment_index"), py::arg("segment_coord"), py::arg("n_segments"),
         py::arg("n_coef"), py::arg("templates"), py::arg("flux"), py::arg("weight"),
         py::arg("velocities"), py::arg("n_threads"));
+  m.def("fit_emulator_remembered", &remembered, py::arg("emulator"), py::arg("x"),
+        py::arg("keys"));
 }

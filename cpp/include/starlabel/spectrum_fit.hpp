@@ -28,8 +28,15 @@
 //   void spectra(const double* x, index_t n, double* flux, double* jac) const;
 //        x (n, n_labels), flux (n, n_pixels), jac (n, n_pixels, n_labels) or null
 // (the adapters in bind_fit.cpp call the batched kernels with one thread: the fit's own
-// OpenMP loop owns the threads). All parameter vectors of an LM batch go through the
-// emulator together, so an MLP's Jacobian is matrix-matrix work.
+// OpenMP loop owns the threads), and optionally
+//   struct Memory;   kept by each thread's workspace from call to call
+//   void spectra(const double* x, const index_t* keys, index_t n, double* flux, Memory&,
+//                const double** jac) const;
+//        the same with each Jacobian returned as a pointer (n,) to (n_pixels, n_labels), and
+//        keys[i] the spectrum that x[i] belongs to: an MLP updates that spectrum's last
+//        Jacobian where it can (jacobian_memory.hpp)
+// All parameter vectors of an LM batch go through the emulator together, so an MLP's
+// Jacobian is matrix-matrix work.
 // ShiftedSpectrumModel is a per-pixel spectrum model for PixelObjective / fit_lm (lm.hpp).
 #pragma once
 
@@ -41,6 +48,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "common.hpp"
@@ -282,6 +290,18 @@ inline void doppler(double v, double& inv_doppler, double& dlnw_dv) {
   dlnw_dv = -1.0 / (SPEED_OF_LIGHT_KMS * (1.0 - beta * beta));
 }
 
+// The emulator's Memory, or nothing
+template <class E, class = void>
+struct MemoryOf {
+  struct type {};
+  static constexpr bool remembers = false;
+};
+template <class E>
+struct MemoryOf<E, std::void_t<typename E::Memory>> {
+  using type = typename E::Memory;
+  static constexpr bool remembers = true;
+};
+
 }  // namespace spectrum_detail
 
 template <class Emulator>
@@ -308,6 +328,8 @@ struct ShiftedSpectrumModel {
     GrowingBuffer<double> broad_flux, broad_jac;  // the same, broadened
     GrowingBuffer<double> dflux_dsigma, dflux_dvsini;  // (n, n_model) each, when fitted
     spectrum_detail::FittedKernel fitted;             // one item's kernel
+    typename spectrum_detail::MemoryOf<Emulator>::type memory;
+    std::vector<const double*> jac_of;  // (n,) each item's Jacobian (n_model, n_labels)
   };
 
   ShiftedSpectrumModel(const Emulator& emu, const FitLayout& lay)
@@ -320,11 +342,20 @@ struct ShiftedSpectrumModel {
     const index_t n = static_cast<index_t>(xs.size()), L = layout.n_labels, M = layout.n_model;
     double* labels = ws.labels.at_least(n * L);
     double* emulated_flux = ws.flux.at_least(n * M);
-    double* emulated_jac = with_jacobian ? ws.jac.at_least(n * M * L) : nullptr;
     for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, labels + i * L);
-    emulator.spectra(labels, n, emulated_flux, emulated_jac);
+    std::vector<const double*>& jac_of = ws.jac_of;
+    jac_of.assign(n, nullptr);
+    if constexpr (spectrum_detail::MemoryOf<Emulator>::remembers) {
+      if (with_jacobian)
+        emulator.spectra(labels, rows.data(), n, emulated_flux, ws.memory, jac_of.data());
+      else
+        emulator.spectra(labels, n, emulated_flux, nullptr);
+    } else {
+      double* emulated_jac = with_jacobian ? ws.jac.at_least(n * M * L) : nullptr;
+      emulator.spectra(labels, n, emulated_flux, emulated_jac);
+      for (index_t i = 0; i < n && with_jacobian; ++i) jac_of[i] = emulated_jac + i * M * L;
+    }
     const double* flux = emulated_flux;
-    const double* jac = emulated_jac;
     double* dflux_dsigma = nullptr;
     double* dflux_dvsini = nullptr;
     if (with_jacobian && layout.fit_sigma) dflux_dsigma = ws.dflux_dsigma.at_least(n * M);
@@ -344,8 +375,9 @@ struct ShiftedSpectrumModel {
         double* broad = broad_flux + i * M;
         spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad);
         if (!with_jacobian) continue;
-        spectrum_detail::broaden_columns(layout, kernel, n_taps, jac + i * M * L, L,
+        spectrum_detail::broaden_columns(layout, kernel, n_taps, jac_of[i], L,
                                          broad_jac + i * M * L);
+        jac_of[i] = broad_jac + i * M * L;
         // each width's derivative: one more pass over the flux column (recomputes `broad`)
         if (layout.fit_sigma)
           spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad,
@@ -355,13 +387,12 @@ struct ShiftedSpectrumModel {
                                            ws.fitted.dvsini.data(), dflux_dvsini + i * M);
       }
       flux = broad_flux;
-      jac = broad_jac;
     }
     states.resize(n);
     for (index_t i = 0; i < n; ++i) {
       State& state = states[i];
       state.flux = flux + i * M;
-      state.jac = with_jacobian ? jac + i * M * L : nullptr;
+      state.jac = jac_of[i];
       state.dflux_dsigma = dflux_dsigma ? dflux_dsigma + i * M : nullptr;
       state.dflux_dvsini = dflux_dvsini ? dflux_dvsini + i * M : nullptr;
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,

@@ -1,0 +1,310 @@
+// Jacobians of a piecewise-linear network remembered from call to call, for label fitting.
+//
+// With ReLU or leaky-ReLU hidden layers an MLP (mlp.hpp) is piecewise linear in its inputs.
+// Its Jacobian is
+//     J = W_{L-1} M_{L-2},   M_l = D_l A_l,   A_l = W_l M_{l-1},   M_{-1} = I,
+// with D_l = diag g'(z_l) a pattern of 1 and the slope, so J changes only where a hidden
+// pre-activation changes sign. From one accepted LM step to the next (a 25 -> 300 -> 300 ->
+// 7214 emulator fitting a spectrum: median one sign change per layer, 90% of steps <= 15)
+// the change is of low rank. With F_l the units of layer l whose sign changed and Δd their
+// change of g',
+//     ΔM_l = D'_l W_l ΔM_{l-1} + E_{F_l} diag(Δd) A_l[F_l, :]
+// (E_F: the unit columns of F; A_l the old value), so ΔM_l = U_l V_l with
+//     U_l = [D'_l W_l U_{l-1} | E_{F_l}],   V_l = [V_{l-1}; diag(Δd) A_l[F_l, :]],
+// and J' = J + W_{L-1} U V. The unit columns of the last hidden layer only select columns of
+// W_{L-1}; each column carried from an earlier layer ("dense") costs a product with the
+// whole last layer, n_out * H multiply-adds against n_out * H * n_in for J itself.
+//
+// JacobianMemory keeps, per key (a spectrum of an LM fit), J and the A_l and D_l it was built
+// from. mlp_forward_remembered updates a key's J this way when that is much cheaper than
+// computing it, and computes it whole otherwise (a new key, many sign changes, a smooth
+// activation, a non-finite pre-activation). An updated J equals the whole one up to rounding:
+// the update is exact, and the A_l and D_l are computed afresh at every call, so only J's own
+// rounding accumulates (~1e-16 relative per update in double, ~1e-7 when the last layer's
+// products run in float32, MLP::last_weights_f32).
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common.hpp"
+#include "gemm.hpp"
+#include "mlp.hpp"
+
+namespace starlabel {
+
+template <class T>
+struct JacobianMemory {
+  struct Entry {
+    index_t key = -1;            // -1: none yet
+    std::uint64_t last_use = 0;  // the call that last used it (least recently used is reused)
+    std::vector<T> jac;          // (n_out, n_in)
+    std::vector<std::vector<T>> deriv;  // deriv[l] (sizes[l + 1],): D_l of hidden layer l
+    std::vector<std::vector<T>> pre;    // pre[l] (sizes[l + 1], n_in): A_l (l >= 1; A_0 = W_0)
+  };
+  // One item's change of J, U V (see above)
+  struct Change {
+    bool update = false;         // J is updated (else computed whole)
+    index_t n_dense = 0;         // carried columns of U
+    std::vector<T> dense;        // (H, n_dense) column-major
+    std::vector<index_t> units;  // the last hidden layer's changed units: U's other columns
+    std::vector<T> v;            // (n_dense + units, n_in) row-major
+  };
+
+  std::vector<Entry> entries;
+  std::uint64_t calls = 0;
+  // Jacobians computed whole and by update since the memory was made (tests, benchmarks)
+  std::int64_t n_whole = 0, n_updated = 0;
+
+  // per call, kept so that a call allocates nothing once the first calls have sized them
+  // (Dask workers: allocations that reach the top of the heap are trimmed and fault in again)
+  std::vector<index_t> slot, items, first_col;
+  std::vector<Entry> fresh;  // each item's new D_l and A_l
+  std::vector<Change> changes;
+  std::vector<T> act, z, m, carried, dense, product, gathered;
+  std::vector<float> dense_f32, product_f32;
+};
+
+namespace jacobian_memory_detail {
+
+// D_l and A_l (l >= 1) of every hidden layer at input x, into e.deriv and e.pre; whether
+// every pre-activation is finite.
+template <class T>
+bool hidden_state(const MLP<T>& net, const T* x, typename JacobianMemory<T>::Entry& e,
+                  JacobianMemory<T>& memory) {
+  using namespace mlp_detail;
+  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  const int L = net.n_layers();
+  const index_t n_in = net.n_in();
+  e.deriv.resize(std::max(L - 1, 0));
+  e.pre.resize(std::max(L - 1, 0));
+  memory.act.assign(x, x + n_in);
+  bool finite = true;
+  for (int l = 0; l + 1 < L; ++l) {
+    const index_t wi = net.sizes[l], wo = net.sizes[l + 1];
+    memory.z.resize(wo);
+    Eigen::Map<Vector>(memory.z.data(), wo).noalias() =
+        cmap(net.weights[l], wo, wi, wi) * Eigen::Map<const Vector>(memory.act.data(), wi);
+    e.deriv[l].resize(wo);
+    finite &= bias_activation(memory.z.data(), wo, 1, wo, net.biases[l], net.activation,
+                              net.slope, e.deriv[l].data(), wo);
+    memory.act.swap(memory.z);
+    if (l == 0) continue;
+    // A_l = W_l M_{l-1} = W_l D_{l-1} A_{l-1}
+    const T* prev = l == 1 ? net.weights[0] : e.pre[l - 1].data();
+    memory.m.assign(prev, prev + wi * n_in);
+    for (index_t h = 0; h < wi; ++h)
+      for (index_t k = 0; k < n_in; ++k) memory.m[h * n_in + k] *= e.deriv[l - 1][h];
+    e.pre[l].resize(wo * n_in);
+    assign_product(map(e.pre[l].data(), wo, n_in, n_in), cmap(net.weights[l], wo, wi, wi),
+                   cmap(memory.m.data(), wi, n_in, n_in));
+  }
+  return finite;
+}
+
+// The change U V from `old` to `now` (both of the same network), into c.
+template <class T>
+void low_rank_change(const MLP<T>& net, const typename JacobianMemory<T>::Entry& old,
+                     const typename JacobianMemory<T>::Entry& now,
+                     typename JacobianMemory<T>::Change& c, std::vector<T>& carried) {
+  const index_t n_in = net.n_in();
+  c.n_dense = 0;
+  c.dense.clear();
+  c.units.clear();
+  c.v.clear();
+  index_t width = n_in;  // of the layer U's columns live in
+  for (int l = 0; l + 1 < net.n_layers(); ++l) {
+    const index_t wo = net.sizes[l + 1];
+    const T* d_new = now.deriv[l].data();
+    const T* d_old = old.deriv[l].data();
+    // carry U into this layer, D'_l W_l U: every column, unit ones included, becomes dense
+    const index_t n_cols = c.n_dense + static_cast<index_t>(c.units.size());
+    carried.resize(wo * n_cols);
+    for (index_t h = 0; h < wo; ++h) {
+      const T* w = net.weights[l] + h * width;
+      for (index_t j = 0; j < c.n_dense; ++j) {
+        T s = T(0);
+        for (index_t k = 0; k < width; ++k) s += w[k] * c.dense[j * width + k];
+        carried[j * wo + h] = d_new[h] * s;
+      }
+      for (std::size_t j = 0; j < c.units.size(); ++j)
+        carried[(c.n_dense + j) * wo + h] = d_new[h] * w[c.units[j]];
+    }
+    c.dense.swap(carried);
+    c.n_dense = n_cols;
+    c.units.clear();
+    // this layer's sign changes: unit columns of U, rows diag(Δd) A_l[F, :] of V
+    const T* a_old = l == 0 ? net.weights[0] : old.pre[l].data();
+    for (index_t h = 0; h < wo; ++h) {
+      if (d_new[h] == d_old[h]) continue;
+      c.units.push_back(h);
+      for (index_t k = 0; k < n_in; ++k) c.v.push_back((d_new[h] - d_old[h]) * a_old[h * n_in + k]);
+    }
+    width = wo;
+  }
+}
+
+}  // namespace jacobian_memory_detail
+
+// mlp_forward for n inputs, each with a key, and each input's Jacobian kept in the memory.
+//   x        (n, n_in)
+//   keys     (n,)  distinct within a call; a key seen before names an input near its last one
+//   out      (n, n_out)
+//   jac      (n,) filled with pointers to each input's Jacobian (n_out, n_in) row-major,
+//            valid until the next call with this memory
+// Runs on the calling thread (each thread of an LM fit owns a memory).
+template <class T>
+void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, index_t n,
+                            T* out, const T** jac, JacobianMemory<T>& memory,
+                            const MLPBlocking& blocking) {
+  using namespace mlp_detail;
+  using Entry = typename JacobianMemory<T>::Entry;
+  using Change = typename JacobianMemory<T>::Change;
+  if (n <= 0) return;
+  const int L = net.n_layers();
+  const index_t n_in = net.n_in(), n_out = net.n_out(), H = net.sizes[L - 1];
+  const bool piecewise_linear = net.activation == ACT_LEAKY_RELU || net.activation == ACT_RELU;
+  const std::uint64_t call = ++memory.calls;
+  std::vector<Entry>& entries = memory.entries;
+  std::vector<index_t>& slot = memory.slot;
+  std::vector<Change>& changes = memory.changes;
+  if (memory.fresh.size() < std::size_t(n)) memory.fresh.resize(n);
+  if (changes.size() < std::size_t(n)) changes.resize(n);
+
+  // an entry per item: its key's, or else the least recently used one not taken by this call
+  slot.assign(n, -1);
+  for (index_t i = 0; i < n; ++i) {
+    changes[i].update = false;
+    for (std::size_t e = 0; e < entries.size() && slot[i] < 0; ++e)
+      if (entries[e].key == keys[i] && entries[e].last_use != call) slot[i] = index_t(e);
+    if (slot[i] >= 0) {
+      entries[slot[i]].last_use = call;
+      changes[i].update = piecewise_linear;  // if cheap, decided below
+    }
+  }
+  for (index_t i = 0; i < n; ++i) {
+    if (slot[i] >= 0) continue;
+    for (std::size_t e = 0; e < entries.size(); ++e)
+      if (entries[e].last_use != call &&
+          (slot[i] < 0 || entries[e].last_use < entries[slot[i]].last_use))
+        slot[i] = index_t(e);
+    if (slot[i] < 0) {
+      slot[i] = index_t(entries.size());
+      entries.emplace_back();
+    }
+    entries[slot[i]].key = keys[i];
+    entries[slot[i]].last_use = call;
+  }
+
+  // each item's new D_l and A_l, and its change where J can be updated
+  for (index_t i = 0; i < n; ++i) {
+    Change& c = changes[i];
+    const bool finite = jacobian_memory_detail::hidden_state(net, x + i * n_in, memory.fresh[i],
+                                                             memory);
+    if (!c.update || !finite) {
+      c.update = false;
+      continue;
+    }
+    // multiply-adds per output, H n_dense + (n_dense + units) n_in against H n_in whole;
+    // counted twice, as the update's small products run less efficiently than J's GEMM
+    const Entry& old = entries[slot[i]];
+    index_t n_dense = 0, n_units = 0;
+    for (int l = 0; l + 1 < L; ++l) {
+      n_dense += n_units;
+      n_units = 0;
+      for (std::size_t h = 0; h < old.deriv[l].size(); ++h)
+        n_units += old.deriv[l][h] != memory.fresh[i].deriv[l][h];
+    }
+    const double cost = double(H) * n_dense + double(n_dense + n_units) * n_in;
+    c.update = 2.0 * cost <= double(H) * n_in;
+    if (c.update)
+      jacobian_memory_detail::low_rank_change(net, old, memory.fresh[i], c, memory.carried);
+  }
+
+  // whole Jacobians (for one star tile: the last layer streams once per call), then the
+  // spectra of the updated items; scratch kept by the thread, its contents meaningless
+  // between calls
+  thread_local std::vector<T> x_sub, flux_sub, jac_sub;
+  std::vector<index_t>& items = memory.items;
+  for (const bool whole : {true, false}) {
+    items.clear();
+    for (index_t i = 0; i < n; ++i)
+      if (changes[i].update != whole) items.push_back(i);
+    const index_t m = static_cast<index_t>(items.size());
+    if (m == 0) continue;
+    x_sub.resize(m * n_in);
+    flux_sub.resize(m * n_out);
+    if (whole) jac_sub.resize(m * n_out * n_in);
+    for (index_t j = 0; j < m; ++j) std::copy_n(x + items[j] * n_in, n_in, x_sub.data() + j * n_in);
+    MLPBlocking tiles = blocking;
+    tiles.jac_columns = std::max(blocking.jac_columns, m * n_in);
+    mlp_forward(net, x_sub.data(), m, flux_sub.data(), whole ? jac_sub.data() : nullptr, 1, tiles);
+    for (index_t j = 0; j < m; ++j) {
+      std::copy_n(flux_sub.data() + j * n_out, n_out, out + items[j] * n_out);
+      if (!whole) continue;
+      std::vector<T>& dst = entries[slot[items[j]]].jac;
+      dst.resize(n_out * n_in);
+      std::copy_n(jac_sub.data() + j * n_out * n_in, n_out * n_in, dst.data());
+    }
+    (whole ? memory.n_whole : memory.n_updated) += m;
+  }
+
+  // the updates (`items` now lists them): per block of outputs, P = W_{L-1} [every item's
+  // dense columns] in one product, then J_i += [P_i | W_{L-1}[:, units_i]] V_i per item
+  std::vector<index_t>& first_col = memory.first_col;
+  first_col.assign(n, 0);
+  index_t n_cols = 0;
+  for (index_t i : items) {
+    first_col[i] = n_cols;
+    n_cols += changes[i].n_dense;
+  }
+  std::vector<T>& dense = memory.dense;  // (H, n_cols) row-major
+  dense.resize(H * n_cols);
+  for (index_t i : items)
+    for (index_t j = 0; j < changes[i].n_dense; ++j)
+      for (index_t h = 0; h < H; ++h) dense[h * n_cols + first_col[i] + j] = changes[i].dense[j * H + h];
+  const bool f32 = net.last_weights_f32 != nullptr;
+  if (f32) memory.dense_f32.assign(dense.begin(), dense.end());
+  const T* w_last = net.weights[L - 1];
+  const index_t pb = blocking.pixel_block;
+  for (index_t p0 = 0; p0 < n_out && !items.empty(); p0 += pb) {
+    const index_t nb = std::min(pb, n_out - p0);
+    memory.product.resize(nb * n_cols);  // P (nb, n_cols) row-major
+    if (n_cols > 0 && f32) {
+      memory.product_f32.resize(nb * n_cols);
+      assign_product(map(memory.product_f32.data(), nb, n_cols, n_cols),
+                     cmap(net.last_weights_f32 + p0 * H, nb, H, H),
+                     cmap(memory.dense_f32.data(), H, n_cols, n_cols));
+      std::copy(memory.product_f32.begin(), memory.product_f32.end(), memory.product.begin());
+    } else if (n_cols > 0) {
+      assign_product(map(memory.product.data(), nb, n_cols, n_cols),
+                     cmap(w_last + p0 * H, nb, H, H), cmap(dense.data(), H, n_cols, n_cols));
+    }
+    for (index_t i : items) {
+      const Change& c = changes[i];
+      const index_t r = c.n_dense + static_cast<index_t>(c.units.size());
+      if (r == 0) continue;  // no sign changed: J is unchanged
+      memory.gathered.resize(nb * r);
+      T* g = memory.gathered.data();  // (nb, r) row-major
+      for (index_t p = 0; p < nb; ++p) {
+        const T* pr = memory.product.data() + p * n_cols + first_col[i];
+        std::copy(pr, pr + c.n_dense, g + p * r);
+        const T* w = w_last + (p0 + p) * H;
+        for (std::size_t j = 0; j < c.units.size(); ++j) g[p * r + c.n_dense + j] = w[c.units[j]];
+      }
+      add_product(map(entries[slot[i]].jac.data() + p0 * n_in, nb, n_in, n_in),
+                  cmap(g, nb, r, r), cmap(c.v.data(), r, n_in, n_in));
+    }
+  }
+
+  for (index_t i = 0; i < n; ++i) {
+    Entry& e = entries[slot[i]];
+    e.deriv.swap(memory.fresh[i].deriv);
+    e.pre.swap(memory.fresh[i].pre);
+    jac[i] = e.jac.data();
+  }
+}
+
+}  // namespace starlabel
