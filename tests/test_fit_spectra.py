@@ -203,9 +203,10 @@ REMEMBERED = [  # hidden and output widths after 6 inputs
 @pytest.mark.parametrize("widths", REMEMBERED, ids=[str(w) for w in REMEMBERED])
 def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, float32):
     """In a fit an MLP updates each spectrum's Jacobian by the low-rank change of its
-    activation pattern since its last one (jacobian_memory.hpp). Along walks of 8 keys with
-    shrinking steps, keys leaving and new ones taking their room, every Jacobian equals the
-    reference's whole one; the updates ran, across sign changes in every hidden layer."""
+    activation pattern since its last one, or since another spectrum's in the same call
+    (jacobian_memory.hpp). Along walks of 8 keys from one start (an LM batch's first call)
+    with shrinking steps, keys leaving and new ones taking their room, every Jacobian equals
+    the reference's whole one; the updates ran, across sign changes in every hidden layer."""
     from starlabel.fast.fitting import _core_emulator
 
     sizes = (6,) + widths
@@ -220,13 +221,14 @@ def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, flo
     n_calls, n = 40, 5
     keys = np.empty((n_calls, n), dtype=np.int64)
     x = np.empty((n_calls, n, 6))
-    position = {}
+    start = rng.uniform(-0.5, 0.5, 6)  # the first call: near one point, as in an LM batch
+    position = {key: start + rng.normal(0, 0.02, 6) for key in range(n)}
     for c in range(n_calls):
         # 5 of 8 keys per call (in a new order): a key that sat out comes back from where it was
         keys[c] = rng.permutation(8)[:n] if c % 10 == 9 else np.arange(n)
         for i, key in enumerate(keys[c]):
             start = position.get(key, rng.uniform(-0.5, 0.5, 6))
-            position[key] = x[c, i] = start + rng.normal(0, 0.08 * 0.9 ** c, 6)
+            position[key] = x[c, i] = start + (c > 0) * rng.normal(0, 0.08 * 0.9 ** c, 6)
     flux, jac, n_whole, n_updated = isa_core.fit_emulator_remembered(_core_emulator(emulator), x,
                                                                      keys)
     want_flux, want_jac = reference.mlp_forward(weights, biases, x.reshape(-1, 6),
@@ -241,7 +243,11 @@ def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, flo
     if activation == "sigmoid":
         assert n_updated == 0  # smooth: nothing to update
         return
-    assert n_whole >= 8 and n_updated > n_calls * n / 2
+    assert n_updated > n_calls * n / 2
+    # the first call: some Jacobians start from another one computed whole
+    first_whole, first_updated = isa_core.fit_emulator_remembered(_core_emulator(emulator),
+                                                                  x[:1], keys[:1])[2:]
+    assert first_whole < n and first_whole + first_updated == n
     # sign changes between a key's successive inputs, per hidden layer
     changes = np.zeros(len(widths) - 1, dtype=int)
     last = {}
@@ -256,7 +262,7 @@ def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, flo
                 changes += np.array([np.sum(p != q) for p, q in zip(pattern, last[key])],
                                     dtype=int)
             last[key] = pattern
-    assert np.all(changes > 10), changes
+    assert np.all(changes >= 5), changes
 
 
 def test_remembered_jacobians_bad_keys():

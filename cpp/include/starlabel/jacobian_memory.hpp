@@ -15,13 +15,16 @@
 // W_{L-1}; each column carried from an earlier layer ("dense") costs a product with the
 // whole last layer, n_out * H multiply-adds against n_out * H * n_in for J itself.
 //
+// The A_l follow the same way: A'_l = A_l + (W_l U_{l-1}) V_{l-1}.
+//
 // JacobianMemory keeps, per key (a spectrum of an LM fit), J and the A_l and D_l it was built
-// from. mlp_forward_remembered updates a key's J this way when that is much cheaper than
-// computing it, and computes it whole otherwise (a new key, many sign changes, a smooth
-// activation, a non-finite pre-activation). An updated J equals the whole one up to rounding:
-// the update is exact, and the A_l and D_l are computed afresh at every call, so only J's own
-// rounding accumulates (~1e-16 relative per update in double, ~1e-7 when the last layer's
-// products run in float32, MLP::last_weights_f32).
+// from. mlp_forward_remembered updates a key's J this way when that is cheaper than computing
+// it; a new key, or one with many sign changes, starts from the J of another input of the
+// same call when one is near (an LM batch's first call: every spectrum at the same labels);
+// the others are computed whole (as are all with a smooth activation or a non-finite
+// pre-activation). An updated J equals the whole one up to rounding: the update is exact,
+// and only rounding accumulates (~1e-16 relative per update in double, ~1e-7 when the last
+// layer's products run in float32, MLP::last_weights_f32).
 #pragma once
 
 #include <Eigen/Core>
@@ -47,6 +50,7 @@ struct JacobianMemory {
   // One item's change of J, U V (see above)
   struct Change {
     bool update = false;         // J is updated (else computed whole)
+    index_t from = -1;           // updated from: -1 its own entry, else this call's item `from`
     index_t n_dense = 0;         // carried columns of U
     std::vector<T> dense;        // (H, n_dense) column-major
     std::vector<index_t> units;  // the last hidden layer's changed units: U's other columns
@@ -60,27 +64,25 @@ struct JacobianMemory {
 
   // per call, kept so that a call allocates nothing once the first calls have sized them
   // (Dask workers: allocations that reach the top of the heap are trimmed and fault in again)
-  std::vector<index_t> slot, items, first_col;
+  std::vector<index_t> slot, whole, items, first_col;
+  std::vector<char> known;
   std::vector<Entry> fresh;  // each item's new D_l and A_l
   std::vector<Change> changes;
-  std::vector<T> act, z, m, carried, dense, product, gathered;
+  std::vector<T> act, z, m, raw, carried, dense, product, gathered;
   std::vector<float> dense_f32, product_f32;
 };
 
 namespace jacobian_memory_detail {
 
-// D_l and A_l (l >= 1) of every hidden layer at input x, into e.deriv and e.pre; whether
-// every pre-activation is finite.
+// D_l of every hidden layer at input x, into e.deriv; whether every pre-activation is finite.
 template <class T>
-bool hidden_state(const MLP<T>& net, const T* x, typename JacobianMemory<T>::Entry& e,
-                  JacobianMemory<T>& memory) {
+bool patterns(const MLP<T>& net, const T* x, typename JacobianMemory<T>::Entry& e,
+              JacobianMemory<T>& memory) {
   using namespace mlp_detail;
   using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   const int L = net.n_layers();
-  const index_t n_in = net.n_in();
   e.deriv.resize(std::max(L - 1, 0));
-  e.pre.resize(std::max(L - 1, 0));
-  memory.act.assign(x, x + n_in);
+  memory.act.assign(x, x + net.n_in());
   bool finite = true;
   for (int l = 0; l + 1 < L; ++l) {
     const index_t wi = net.sizes[l], wo = net.sizes[l + 1];
@@ -91,47 +93,88 @@ bool hidden_state(const MLP<T>& net, const T* x, typename JacobianMemory<T>::Ent
     finite &= bias_activation(memory.z.data(), wo, 1, wo, net.biases[l], net.activation,
                               net.slope, e.deriv[l].data(), wo);
     memory.act.swap(memory.z);
-    if (l == 0) continue;
-    // A_l = W_l M_{l-1} = W_l D_{l-1} A_{l-1}
-    const T* prev = l == 1 ? net.weights[0] : e.pre[l - 1].data();
-    memory.m.assign(prev, prev + wi * n_in);
-    for (index_t h = 0; h < wi; ++h)
-      for (index_t k = 0; k < n_in; ++k) memory.m[h * n_in + k] *= e.deriv[l - 1][h];
-    e.pre[l].resize(wo * n_in);
-    assign_product(map(e.pre[l].data(), wo, n_in, n_in), cmap(net.weights[l], wo, wi, wi),
-                   cmap(memory.m.data(), wi, n_in, n_in));
   }
   return finite;
 }
 
-// The change U V from `old` to `now` (both of the same network), into c.
+// e.pre: A_l = W_l D_{l-1} A_{l-1} (l >= 1, A_0 = W_0) from e.deriv.
+template <class T>
+void whole_pre(const MLP<T>& net, typename JacobianMemory<T>::Entry& e, std::vector<T>& m) {
+  using namespace mlp_detail;
+  const index_t n_in = net.n_in();
+  e.pre.resize(e.deriv.size());
+  for (std::size_t l = 1; l < e.deriv.size(); ++l) {
+    const index_t wi = net.sizes[l], wo = net.sizes[l + 1];
+    const T* prev = l == 1 ? net.weights[0] : e.pre[l - 1].data();
+    m.assign(prev, prev + wi * n_in);
+    for (index_t h = 0; h < wi; ++h)
+      for (index_t k = 0; k < n_in; ++k) m[h * n_in + k] *= e.deriv[l - 1][h];
+    e.pre[l].resize(wo * n_in);
+    assign_product(map(e.pre[l].data(), wo, n_in, n_in), cmap(net.weights[l], wo, wi, wi),
+                   cmap(m.data(), wi, n_in, n_in));
+  }
+}
+
+// Whether updating J from `old`'s patterns to `now`'s is cheaper than computing it whole. In
+// multiply-adds per output: H per dense column (one more column of the product with the last
+// layer, as efficient as J's own) and 2 n_in per column of U (the small product U V in
+// double), against H n_in.
+template <class T>
+bool cheap_change(const MLP<T>& net, const typename JacobianMemory<T>::Entry& old,
+                  const typename JacobianMemory<T>::Entry& now) {
+  const index_t n_in = net.n_in(), H = net.sizes[net.n_layers() - 1];
+  index_t n_dense = 0, n_units = 0;
+  for (std::size_t l = 0; l < now.deriv.size(); ++l) {
+    n_dense += n_units;
+    n_units = 0;
+    for (std::size_t h = 0; h < now.deriv[l].size(); ++h)
+      n_units += old.deriv[l][h] != now.deriv[l][h];
+  }
+  return double(H) * n_dense + 2.0 * double(n_dense + n_units) * n_in <= double(H) * n_in;
+}
+
+// The change U V from `old` to `now` (of the same network) into c, and now.pre from old.pre.
 template <class T>
 void low_rank_change(const MLP<T>& net, const typename JacobianMemory<T>::Entry& old,
-                     const typename JacobianMemory<T>::Entry& now,
-                     typename JacobianMemory<T>::Change& c, std::vector<T>& carried) {
+                     typename JacobianMemory<T>::Entry& now, typename JacobianMemory<T>::Change& c,
+                     JacobianMemory<T>& memory) {
+  using namespace mlp_detail;
   const index_t n_in = net.n_in();
+  std::vector<T>& raw = memory.raw;
+  std::vector<T>& carried = memory.carried;
   c.n_dense = 0;
   c.dense.clear();
   c.units.clear();
   c.v.clear();
+  now.pre.resize(now.deriv.size());
   index_t width = n_in;  // of the layer U's columns live in
-  for (int l = 0; l + 1 < net.n_layers(); ++l) {
+  for (std::size_t l = 0; l < now.deriv.size(); ++l) {
     const index_t wo = net.sizes[l + 1];
     const T* d_new = now.deriv[l].data();
     const T* d_old = old.deriv[l].data();
-    // carry U into this layer, D'_l W_l U: every column, unit ones included, becomes dense
+    // W_l U (wo, n_cols) column-major: every column, unit ones included, becomes dense
     const index_t n_cols = c.n_dense + static_cast<index_t>(c.units.size());
-    carried.resize(wo * n_cols);
+    raw.resize(wo * n_cols);
     for (index_t h = 0; h < wo; ++h) {
       const T* w = net.weights[l] + h * width;
       for (index_t j = 0; j < c.n_dense; ++j) {
         T s = T(0);
         for (index_t k = 0; k < width; ++k) s += w[k] * c.dense[j * width + k];
-        carried[j * wo + h] = d_new[h] * s;
+        raw[j * wo + h] = s;
       }
-      for (std::size_t j = 0; j < c.units.size(); ++j)
-        carried[(c.n_dense + j) * wo + h] = d_new[h] * w[c.units[j]];
+      for (std::size_t j = 0; j < c.units.size(); ++j) raw[(c.n_dense + j) * wo + h] = w[c.units[j]];
     }
+    if (l > 0) {  // A'_l = A_l + (W_l U) V
+      now.pre[l] = old.pre[l];
+      if (n_cols > 0)
+        add_product(map(now.pre[l].data(), wo, n_in, n_in),
+                    Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>>(
+                        raw.data(), wo, n_cols),
+                    cmap(c.v.data(), n_cols, n_in, n_in));
+    }
+    carried.resize(wo * n_cols);  // D'_l W_l U
+    for (index_t j = 0; j < n_cols; ++j)
+      for (index_t h = 0; h < wo; ++h) carried[j * wo + h] = d_new[h] * raw[j * wo + h];
     c.dense.swap(carried);
     c.n_dense = n_cols;
     c.units.clear();
@@ -160,6 +203,7 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
                             T* out, const T** jac, JacobianMemory<T>& memory,
                             const MLPBlocking& blocking) {
   using namespace mlp_detail;
+  using namespace jacobian_memory_detail;
   using Entry = typename JacobianMemory<T>::Entry;
   using Change = typename JacobianMemory<T>::Change;
   if (n <= 0) return;
@@ -168,20 +212,22 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   const bool piecewise_linear = net.activation == ACT_LEAKY_RELU || net.activation == ACT_RELU;
   const std::uint64_t call = ++memory.calls;
   std::vector<Entry>& entries = memory.entries;
+  std::vector<Entry>& fresh = memory.fresh;
   std::vector<index_t>& slot = memory.slot;
   std::vector<Change>& changes = memory.changes;
-  if (memory.fresh.size() < std::size_t(n)) memory.fresh.resize(n);
+  if (fresh.size() < std::size_t(n)) fresh.resize(n);
   if (changes.size() < std::size_t(n)) changes.resize(n);
 
   // an entry per item: its key's, or else the least recently used one not taken by this call
   slot.assign(n, -1);
+  std::vector<char>& known = memory.known;
+  known.assign(n, 0);
   for (index_t i = 0; i < n; ++i) {
-    changes[i].update = false;
     for (std::size_t e = 0; e < entries.size() && slot[i] < 0; ++e)
       if (entries[e].key == keys[i] && entries[e].last_use != call) slot[i] = index_t(e);
     if (slot[i] >= 0) {
       entries[slot[i]].last_use = call;
-      changes[i].update = piecewise_linear;  // if cheap, decided below
+      known[i] = 1;
     }
   }
   for (index_t i = 0; i < n; ++i) {
@@ -198,67 +244,66 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     entries[slot[i]].last_use = call;
   }
 
-  // each item's new D_l and A_l, and its change where J can be updated
+  // how each item gets its J: updated from its own last one, else from an earlier item of
+  // this call computed whole ("whole" items hold the J the others start from), else whole
+  std::vector<index_t>& whole = memory.whole;
+  whole.clear();
   for (index_t i = 0; i < n; ++i) {
     Change& c = changes[i];
-    const bool finite = jacobian_memory_detail::hidden_state(net, x + i * n_in, memory.fresh[i],
-                                                             memory);
-    if (!c.update || !finite) {
-      c.update = false;
-      continue;
-    }
-    // multiply-adds per output, H n_dense + (n_dense + units) n_in against H n_in whole;
-    // counted twice, as the update's small products run less efficiently than J's GEMM
-    const Entry& old = entries[slot[i]];
-    index_t n_dense = 0, n_units = 0;
-    for (int l = 0; l + 1 < L; ++l) {
-      n_dense += n_units;
-      n_units = 0;
-      for (std::size_t h = 0; h < old.deriv[l].size(); ++h)
-        n_units += old.deriv[l][h] != memory.fresh[i].deriv[l][h];
-    }
-    const double cost = double(H) * n_dense + double(n_dense + n_units) * n_in;
-    c.update = 2.0 * cost <= double(H) * n_in;
-    if (c.update)
-      jacobian_memory_detail::low_rank_change(net, old, memory.fresh[i], c, memory.carried);
+    const bool finite = patterns(net, x + i * n_in, fresh[i], memory);
+    c.update = piecewise_linear && finite && known[i] && cheap_change(net, entries[slot[i]], fresh[i]);
+    c.from = -1;
+    for (std::size_t j = 0; j < whole.size() && !c.update && piecewise_linear && finite; ++j)
+      if (cheap_change(net, fresh[whole[j]], fresh[i])) {
+        c.update = true;
+        c.from = whole[j];
+      }
+    if (c.update) continue;
+    whole.push_back(i);
+    whole_pre(net, fresh[i], memory.m);
   }
+  memory.n_whole += static_cast<index_t>(whole.size());
+  memory.n_updated += n - static_cast<index_t>(whole.size());
 
-  // whole Jacobians (for one star tile: the last layer streams once per call), then the
-  // spectra of the updated items; scratch kept by the thread, its contents meaningless
-  // between calls
+  // the spectra, and the whole Jacobians (for one star tile: the last layer streams once per
+  // call); scratch kept by the thread, its contents meaningless between calls
   thread_local std::vector<T> x_sub, flux_sub, jac_sub;
   std::vector<index_t>& items = memory.items;
-  for (const bool whole : {true, false}) {
+  for (const bool with_jac : {true, false}) {
     items.clear();
     for (index_t i = 0; i < n; ++i)
-      if (changes[i].update != whole) items.push_back(i);
+      if (changes[i].update != with_jac) items.push_back(i);
     const index_t m = static_cast<index_t>(items.size());
     if (m == 0) continue;
     x_sub.resize(m * n_in);
     flux_sub.resize(m * n_out);
-    if (whole) jac_sub.resize(m * n_out * n_in);
+    if (with_jac) jac_sub.resize(m * n_out * n_in);
     for (index_t j = 0; j < m; ++j) std::copy_n(x + items[j] * n_in, n_in, x_sub.data() + j * n_in);
     MLPBlocking tiles = blocking;
     tiles.jac_columns = std::max(blocking.jac_columns, m * n_in);
-    mlp_forward(net, x_sub.data(), m, flux_sub.data(), whole ? jac_sub.data() : nullptr, 1, tiles);
+    mlp_forward(net, x_sub.data(), m, flux_sub.data(), with_jac ? jac_sub.data() : nullptr, 1,
+                tiles);
     for (index_t j = 0; j < m; ++j) {
       std::copy_n(flux_sub.data() + j * n_out, n_out, out + items[j] * n_out);
-      if (!whole) continue;
+      if (!with_jac) continue;
       std::vector<T>& dst = entries[slot[items[j]]].jac;
       dst.resize(n_out * n_in);
       std::copy_n(jac_sub.data() + j * n_out * n_in, n_out * n_in, dst.data());
     }
-    (whole ? memory.n_whole : memory.n_updated) += m;
   }
 
-  // the updates (`items` now lists them): per block of outputs, P = W_{L-1} [every item's
-  // dense columns] in one product, then J_i += [P_i | W_{L-1}[:, units_i]] V_i per item
+  // the updates (`items` now lists them): their changes, then per block of outputs P =
+  // W_{L-1} [every item's dense columns] in one product and J_i += [P_i | W_{L-1}[:, units_i]] V_i
   std::vector<index_t>& first_col = memory.first_col;
   first_col.assign(n, 0);
   index_t n_cols = 0;
   for (index_t i : items) {
+    Change& c = changes[i];
+    const Entry& from = c.from < 0 ? entries[slot[i]] : fresh[c.from];
+    low_rank_change(net, from, fresh[i], c, memory);
+    if (c.from >= 0) entries[slot[i]].jac = entries[slot[c.from]].jac;
     first_col[i] = n_cols;
-    n_cols += changes[i].n_dense;
+    n_cols += c.n_dense;
   }
   std::vector<T>& dense = memory.dense;  // (H, n_cols) row-major
   dense.resize(H * n_cols);
