@@ -293,7 +293,8 @@ def assert_rv_grids_agree(layout, templates, flux, weight, v):
     np.testing.assert_allclose(a[2], b[2], rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("n_coef", [0, 3])
+# 1-4 coefficients: ContinuumSolver's one-pass sums; 6: its general path
+@pytest.mark.parametrize("n_coef", [0, 1, 2, 3, 4, 6])
 def test_rv_grid_parity(isa_core, n_coef):
     emu, layout, params = emulator_and_layout("perpixel")
     layout = dict(layout, n_coef=n_coef, fit_rv=False)

@@ -103,15 +103,22 @@ void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
       last_f32 = require<float>(last, "last_weights_f32", {net.sizes[L], net.sizes[L - 1]});
       net.last_weights_f32 = last_f32->data();
     }
-    // 17 MB for The Payne's network; kept by the calling thread, as the core's other
-    // buffers, so that a call does not fault in fresh pages for it (Dask workers)
+    // 17 MB each for The Payne's network; kept by the calling thread, as the core's other
+    // buffers, so that a call does not fault in fresh pages for them (Dask workers)
     thread_local PackedMatrix<double, Eigen::RowMajor> packed;
+    thread_local std::vector<double> transposed;
     if (reused) {
-      const index_t L = net.n_layers(), H = net.sizes[L - 1];
+      const index_t L = net.n_layers(), H = net.sizes[L - 1], P = net.n_out();
       py::gil_scoped_release release;
-      packed.reset(net.n_out(), H, FIT_PIXEL_BLOCK, FIT_SPECTRA_BATCH);
+      packed.reset(P, H, FIT_PIXEL_BLOCK, FIT_SPECTRA_BATCH);
       packed.pack(net.weights[L - 1], H);
       net.packed_last = &packed;
+      transposed.resize(H * P);
+      Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+          transposed.data(), H, P) =
+          Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+              net.weights[L - 1], P, H).transpose();
+      net.last_weights_t = transposed.data();
     }
     visit(MLPEmulator{net, net.n_in(), net.n_out()});
   } else if (kind == "cannon") {

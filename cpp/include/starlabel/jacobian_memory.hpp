@@ -22,7 +22,8 @@
 // it; a new key, or one with many sign changes, starts from the J of another input of the
 // same call when one is near (an LM batch's first call: every spectrum at the same labels);
 // the others are computed whole (as are all with a smooth activation or a non-finite
-// pre-activation). An updated J equals the whole one up to rounding: the update is exact,
+// pre-activation, or when the caller gives no MLP::last_weights_t: an LM fit does, a single
+// evaluation need not). An updated J equals the whole one up to rounding: the update is exact,
 // and only rounding accumulates (~1e-16 relative per update in double, ~1e-7 when the last
 // layer's products run in float32, MLP::last_weights_f32).
 #pragma once
@@ -209,7 +210,8 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   if (n <= 0) return;
   const int L = net.n_layers();
   const index_t n_in = net.n_in(), n_out = net.n_out(), H = net.sizes[L - 1];
-  const bool piecewise_linear = net.activation == ACT_LEAKY_RELU || net.activation == ACT_RELU;
+  const bool updates = (net.activation == ACT_LEAKY_RELU || net.activation == ACT_RELU) &&
+                       net.last_weights_t != nullptr;
   const std::uint64_t call = ++memory.calls;
   std::vector<Entry>& entries = memory.entries;
   std::vector<Entry>& fresh = memory.fresh;
@@ -251,9 +253,9 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   for (index_t i = 0; i < n; ++i) {
     Change& c = changes[i];
     const bool finite = patterns(net, x + i * n_in, fresh[i], memory);
-    c.update = piecewise_linear && finite && known[i] && cheap_change(net, entries[slot[i]], fresh[i]);
+    c.update = updates && finite && known[i] && cheap_change(net, entries[slot[i]], fresh[i]);
     c.from = -1;
-    for (std::size_t j = 0; j < whole.size() && !c.update && piecewise_linear && finite; ++j)
+    for (std::size_t j = 0; j < whole.size() && !c.update && updates && finite; ++j)
       if (cheap_change(net, fresh[whole[j]], fresh[i])) {
         c.update = true;
         c.from = whole[j];
@@ -313,6 +315,7 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   const bool f32 = net.last_weights_f32 != nullptr;
   if (f32) memory.dense_f32.assign(dense.begin(), dense.end());
   const T* w_last = net.weights[L - 1];
+  const T* w_last_t = net.last_weights_t;
   const index_t pb = blocking.pixel_block;
   for (index_t p0 = 0; p0 < n_out && !items.empty(); p0 += pb) {
     const index_t nb = std::min(pb, n_out - p0);
@@ -336,8 +339,10 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
       for (index_t p = 0; p < nb; ++p) {
         const T* pr = memory.product.data() + p * n_cols + first_col[i];
         std::copy(pr, pr + c.n_dense, g + p * r);
-        const T* w = w_last + (p0 + p) * H;
-        for (std::size_t j = 0; j < c.units.size(); ++j) g[p * r + c.n_dense + j] = w[c.units[j]];
+      }
+      for (std::size_t j = 0; j < c.units.size(); ++j) {  // columns of W_{L-1}, read whole
+        const T* column = w_last_t + c.units[j] * n_out + p0;
+        for (index_t p = 0; p < nb; ++p) g[p * r + c.n_dense + j] = column[p];
       }
       add_product(map(entries[slot[i]].jac.data() + p0 * n_in, nb, n_in, n_in),
                   cmap(g, nb, r, r), cmap(c.v.data(), r, n_in, n_in));

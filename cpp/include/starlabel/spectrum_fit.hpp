@@ -556,16 +556,16 @@ class ContinuumSolver {
   // (n_obs,). A segment with fewer used pixels than coefficients, or singular normal
   // equations, keeps the flat continuum (1, 0, ..., 0).
   double solve(const double* m, double* coef_out) {
-    squared_.resize(n_obs_);
-    for (index_t p = 0; p < n_obs_; ++p) squared_[p] = m[p] * m[p];
     sums_.assign((S_ + 1) * n_terms_, 0.0);
-    using Vec = Eigen::Map<const Eigen::VectorXd>;
     for (const Run& run : runs_) {
-      const index_t n = run.stop - run.start;
-      const Vec mv(m + run.start, n), m2(squared_.data() + run.start, n);
       double* sum = sums_.data() + run.group * n_terms_;
-      for (index_t j = 0; j < n_terms_; ++j)
-        sum[j] += (j < K_ ? mv : m2).dot(Vec(table_.data() + j * n_obs_ + run.start, n));
+      switch (K_) {  // continuum orders 0-3 in one pass over the pixels
+        case 1: add_sums<1>(m, run, sum); break;
+        case 2: add_sums<2>(m, run, sum); break;
+        case 3: add_sums<3>(m, run, sum); break;
+        case 4: add_sums<4>(m, run, sum); break;
+        default: add_sums_any(m, run, sum);
+      }
     }
     double chi2 = 0.0;
     a_.resize(K_, K_);
@@ -603,6 +603,39 @@ class ContinuumSolver {
   std::vector<index_t> counts_; // (S + 1,) used pixels per group
   std::vector<Run> runs_;       // maximal runs of consecutive pixels of one group
   std::vector<double> squared_, sums_;
+
+  // sum[j] += the dot product of table row j with m (j < K) or m^2 over the run's pixels: one
+  // pass, 8 pixels at a time, with an accumulator per row, so that the FMAs do not wait on
+  // each other as they did in one dot product per row (the RV grid of a 7214-pixel spectrum
+  // in 3 segments with order 2, 387 velocities: 4.7 instead of 6.9 ms on one thread)
+  template <int K>
+  void add_sums(const double* m, const Run& run, double* sum) const {
+    constexpr int n_terms = K + K * (K + 1) / 2;
+    using Lanes = Eigen::Array<double, 8, 1>;
+    Lanes acc[n_terms];
+    for (Lanes& a : acc) a.setZero();
+    index_t p = run.start;
+    for (; p + 8 <= run.stop; p += 8) {
+      const Lanes mv = Eigen::Map<const Lanes>(m + p), m2 = mv * mv;
+      for (int j = 0; j < n_terms; ++j)
+        acc[j] += (j < K ? mv : m2) * Eigen::Map<const Lanes>(table_.data() + j * n_obs_ + p);
+    }
+    for (int j = 0; j < n_terms; ++j) {
+      double tail = 0.0;
+      for (index_t q = p; q < run.stop; ++q)
+        tail += (j < K ? m[q] : m[q] * m[q]) * table_[j * n_obs_ + q];
+      sum[j] += acc[j].sum() + tail;
+    }
+  }
+  void add_sums_any(const double* m, const Run& run, double* sum) {
+    using Vec = Eigen::Map<const Eigen::VectorXd>;
+    const index_t n = run.stop - run.start;
+    squared_.resize(n);
+    for (index_t p = 0; p < n; ++p) squared_[p] = m[run.start + p] * m[run.start + p];
+    const Vec mv(m + run.start, n), m2(squared_.data(), n);
+    for (index_t j = 0; j < n_terms_; ++j)
+      sum[j] += (j < K_ ? mv : m2).dot(Vec(table_.data() + j * n_obs_ + run.start, n));
+  }
   // scratch of solve, kept so that no velocity allocates: one group's A, its coefficients
   Eigen::MatrixXd a_;
   Eigen::VectorXd c_, solution_, ac_;
