@@ -62,7 +62,7 @@ def fit_spectra(model, flux, ivar, wavelength=None, *, chunk_size=2000, **option
         ``chunk_size`` spectra. A (n_pixels,) pair is one spectrum.
     wavelength : (n_pixels,) observed wavelengths, as for ``starlabel.fit_spectra``
     chunk_size : int >= 1, spectra per chunk when neither flux nor ivar is a Dask array.
-        Chunks (also a Dask array's) are rounded up to whole LM batches (FIT_BATCH = 16
+        Chunks (also a Dask array's) are rounded up to whole LM batches (FIT_BATCH = 32
         spectra), so that every spectrum is fitted exactly as the local call fits it
     **options : the keyword options of ``starlabel.fit_spectra`` (fit_rv, rv_range, rv_step,
         continuum_order, segments, mask, bounds, initial, max_iter, return_model, backend,
