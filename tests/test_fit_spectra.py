@@ -203,10 +203,13 @@ REMEMBERED = [  # hidden and output widths after 6 inputs
 @pytest.mark.parametrize("widths", REMEMBERED, ids=[str(w) for w in REMEMBERED])
 def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, float32):
     """In a fit an MLP updates each spectrum's Jacobian by the low-rank change of its
-    activation pattern since its last one, or since another spectrum's in the same call
-    (jacobian_memory.hpp). Along walks of 8 keys from one start (an LM batch's first call)
-    with shrinking steps, keys leaving and new ones taking their room, every Jacobian equals
-    the reference's whole one; the updates ran, across sign changes in every hidden layer."""
+    activation pattern since its last one, or since another spectrum's in the same call, and
+    reuses the spectrum of the spectrum's last trial step (jacobian_memory.hpp). Calls as LM
+    makes them: along walks of 8 keys from one start (an LM batch's first call) with
+    shrinking steps, keys leaving and new ones taking their room, each call for Jacobians
+    after a trial call without them, at the same input for half the keys and elsewhere for
+    the others, once with a key repeated (LM's starts). Every spectrum and Jacobian equals the
+    reference's; the updates ran, across sign changes in every hidden layer."""
     from starlabel.fast.fitting import _core_emulator
 
     sizes = (6,) + widths
@@ -215,43 +218,53 @@ def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, flo
     biases = [rng.normal(0, 0.1, o) for o in sizes[1:]]
     if float32:  # a float32 network as the fit sees it: widened, its last layer also as stored
         weights = [w.astype(np.float32).astype(np.float64) for w in weights]
-    emulator = {"kind": "mlp", "weights": weights, "biases": biases, "activation": activation,
-                "slope": 0.01, "last_weights_f32": weights[-1].astype(np.float32) if float32
-                else None}
-    n_calls, n = 40, 5
-    keys = np.empty((n_calls, n), dtype=np.int64)
-    x = np.empty((n_calls, n, 6))
+    emulator = _core_emulator({"kind": "mlp", "weights": weights, "biases": biases,
+                               "activation": activation, "slope": 0.01,
+                               "last_weights_f32": weights[-1].astype(np.float32) if float32
+                               else None})
+    n_steps, n = 40, 5
+    keys = np.empty((n_steps, n), dtype=np.int64)
+    x = np.empty((n_steps, n, 6))  # the calls for Jacobians
     start = rng.uniform(-0.5, 0.5, 6)  # the first call: near one point, as in an LM batch
     position = {key: start + rng.normal(0, 0.02, 6) for key in range(n)}
-    for c in range(n_calls):
+    for c in range(n_steps):
         # 5 of 8 keys per call (in a new order): a key that sat out comes back from where it was
         keys[c] = rng.permutation(8)[:n] if c % 10 == 9 else np.arange(n)
         for i, key in enumerate(keys[c]):
             start = position.get(key, rng.uniform(-0.5, 0.5, 6))
             position[key] = x[c, i] = start + (c > 0) * rng.normal(0, 0.08 * 0.9 ** c, 6)
-    flux, jac, n_whole, n_updated = isa_core.fit_emulator_remembered(_core_emulator(emulator), x,
-                                                                     keys)
-    want_flux, want_jac = reference.mlp_forward(weights, biases, x.reshape(-1, 6),
+    trial_x = x[1:] + np.where(np.arange(n) % 2, 1e-3, 0.0)[None, :, None]
+    trial_keys = keys[1:].copy()
+    trial_keys[4] = [0, 0, 1, 1, 2]  # several inputs of a key: none kept
+    calls_x = np.concatenate([x[:1], np.stack([trial_x, x[1:]], 1).reshape(-1, n, 6)])
+    calls_keys = np.concatenate([keys[:1], np.stack([trial_keys, keys[1:]], 1).reshape(-1, n)])
+    jacobian = [True] + [False, True] * (n_steps - 1)
+    flux, jac, n_whole, n_updated = isa_core.fit_emulator_remembered(emulator, calls_x,
+                                                                     calls_keys, jacobian)
+    want_flux, want_jac = reference.mlp_forward(weights, biases, calls_x.reshape(-1, 6),
                                                 activation=activation, slope=0.01, jacobian=True)
     np.testing.assert_allclose(flux.reshape(want_flux.shape), want_flux, rtol=0,
                                atol=1e-13 * np.abs(want_flux).max())
     # float64: rounding of the updates (~1e-16 each); float32: the products' float32 rounding
     tol = 1e-6 if float32 else 1e-12
-    np.testing.assert_allclose(jac.reshape(want_jac.shape), want_jac, rtol=0,
-                               atol=tol * np.abs(want_jac).max())
-    assert n_whole + n_updated == n_calls * n
+    with_jac = np.array(jacobian)
+    assert np.isnan(jac[~with_jac]).all()
+    np.testing.assert_allclose(jac[with_jac].reshape(-1, n, *want_jac.shape[1:]),
+                               want_jac.reshape(len(jacobian), n, *want_jac.shape[1:])[with_jac],
+                               rtol=0, atol=tol * np.abs(want_jac).max())
+    assert n_whole + n_updated == n_steps * n
     if activation == "sigmoid":
         assert n_updated == 0  # smooth: nothing to update
         return
-    assert n_updated > n_calls * n / 2
+    assert n_updated > n_steps * n / 2
     # the first call: some Jacobians start from another one computed whole
-    first_whole, first_updated = isa_core.fit_emulator_remembered(_core_emulator(emulator),
-                                                                  x[:1], keys[:1])[2:]
+    first_whole, first_updated = isa_core.fit_emulator_remembered(emulator, x[:1], keys[:1],
+                                                                  [True])[2:]
     assert first_whole < n and first_whole + first_updated == n
     # sign changes between a key's successive inputs, per hidden layer
     changes = np.zeros(len(widths) - 1, dtype=int)
     last = {}
-    for c in range(n_calls):
+    for c in range(n_steps):
         for i, key in enumerate(keys[c]):
             a, pattern = x[c, i], []
             for w, b in zip(weights[:-1], biases[:-1]):
@@ -274,13 +287,13 @@ def test_remembered_jacobians_bad_keys():
                 "last_weights_f32": None}
     with pytest.raises(ValueError, match="keys must be distinct"):
         core.fit_emulator_remembered(_core_emulator(emulator), np.zeros((1, 2, 2)),
-                                     np.zeros((1, 2), dtype=np.int64))
+                                     np.zeros((1, 2), dtype=np.int64), [True])
     with pytest.raises(ValueError, match="only an MLP"):
         core.fit_emulator_remembered({"kind": "perpixel", "w0": np.ones((3, 2, 2)),
                                       "b0": np.ones((3, 2)), "w1": np.ones((3, 2)),
                                       "b1": np.ones(3), "w2": None, "b2": None},
                                      np.zeros((1, 1, 2)),
-                                     np.zeros((1, 1), dtype=np.int64))
+                                     np.zeros((1, 1), dtype=np.int64), [True])
 
 def assert_rv_grids_agree(layout, templates, flux, weight, v):
     """Fast and reference RV grids: chi2, best velocity, continuum at it."""

@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -335,10 +336,12 @@ py::tuple rv_grid(const py::handle& mw, const py::handle& ow, const py::handle& 
 }
 
 // The emulator along a sequence of calls as a fit makes them, one memory throughout (for
-// tests: an updated Jacobian must equal the whole one).
-//   x (n_calls, n, n_labels), keys (n_calls, n) -> flux (n_calls, n, n_pixels),
+// tests: an updated Jacobian must equal the whole one, a kept spectrum the computed one).
+//   x (n_calls, n, n_labels), keys (n_calls, n), jacobian (n_calls,) bools: whether a call
+//   asks for Jacobians (else its jac is NaN) -> flux (n_calls, n, n_pixels),
 //   jac (n_calls, n, n_pixels, n_labels), Jacobians computed whole, Jacobians updated
-py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::handle& keys_in) {
+py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::handle& keys_in,
+                     const std::vector<bool>& jacobian) {
   py::tuple result;
   with_emulator(spec, true, [&](const auto& emu) {
     using E = std::decay_t<decltype(emu)>;
@@ -349,11 +352,13 @@ py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::han
       auto x = require<double>(x_in, "x", {ANY, ANY, L});
       const index_t n_calls = x.shape(0), n = x.shape(1);
       auto keys = require<std::int64_t>(keys_in, "keys", {n_calls, n});
+      if (index_t(jacobian.size()) != n_calls)
+        throw py::value_error("jacobian must hold one bool per call");
       for (index_t c = 0; c < n_calls; ++c)
-        for (index_t i = 0; i < n; ++i)
+        for (index_t i = 0; i < n && jacobian[c]; ++i)
           for (index_t j = 0; j < i; ++j)
             if (keys.at(c, i) == keys.at(c, j))
-              throw py::value_error("keys must be distinct within a call");
+              throw py::value_error("keys must be distinct within a call for Jacobians");
       py::array_t<double> flux({n_calls, n, P}), jac({n_calls, n, P, L});
       typename E::Memory memory;
       {
@@ -363,9 +368,14 @@ py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::han
         for (index_t c = 0; c < n_calls; ++c) {
           std::copy_n(keys.data() + c * n, n, call_keys.data());
           emu.spectra(x.data() + c * n * L, call_keys.data(), n, flux.mutable_data() + c * n * P,
-                      memory, jac_of.data());
-          for (index_t i = 0; i < n; ++i)
-            std::copy_n(jac_of[i], P * L, jac.mutable_data() + (c * n + i) * P * L);
+                      memory, jacobian[c] ? jac_of.data() : nullptr);
+          for (index_t i = 0; i < n; ++i) {
+            double* dst = jac.mutable_data() + (c * n + i) * P * L;
+            if (jacobian[c])
+              std::copy_n(jac_of[i], P * L, dst);
+            else
+              std::fill_n(dst, P * L, std::numeric_limits<double>::quiet_NaN());
+          }
         }
       }
       result = py::make_tuple(flux, jac, memory.n_whole, memory.n_updated);
@@ -394,5 +404,5 @@ void bind_fit(py::module_& m) {
         py::arg("n_coef"), py::arg("templates"), py::arg("flux"), py::arg("weight"),
         py::arg("velocities"), py::arg("n_threads"));
   m.def("fit_emulator_remembered", &remembered, py::arg("emulator"), py::arg("x"),
-        py::arg("keys"));
+        py::arg("keys"), py::arg("jacobian"));
 }

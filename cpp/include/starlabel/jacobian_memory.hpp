@@ -47,6 +47,9 @@ struct JacobianMemory {
     std::vector<T> jac;          // (n_out, n_in)
     std::vector<std::vector<T>> deriv;  // deriv[l] (sizes[l + 1],): D_l of hidden layer l
     std::vector<std::vector<T>> pre;    // pre[l] (sizes[l + 1], n_in): A_l (l >= 1; A_0 = W_0)
+    // the input and spectrum of the key's last call without Jacobians (an LM trial step),
+    // reused when the next call asks for the Jacobian at that input (the step was accepted)
+    std::vector<T> x, flux;
   };
   // One item's change of J, U V (see above)
   struct Change {
@@ -65,7 +68,7 @@ struct JacobianMemory {
 
   // per call, kept so that a call allocates nothing once the first calls have sized them
   // (Dask workers: allocations that reach the top of the heap are trimmed and fault in again)
-  std::vector<index_t> slot, whole, items, first_col;
+  std::vector<index_t> slot, whole, items, to_run, first_col;
   std::vector<char> known;
   std::vector<Entry> fresh;  // each item's new D_l and A_l
   std::vector<Change> changes;
@@ -194,10 +197,12 @@ void low_rank_change(const MLP<T>& net, const typename JacobianMemory<T>::Entry&
 
 // mlp_forward for n inputs, each with a key, and each input's Jacobian kept in the memory.
 //   x        (n, n_in)
-//   keys     (n,)  distinct within a call; a key seen before names an input near its last one
+//   keys     (n,)  a key seen before names an input near its last one; distinct within a
+//            call that asks for Jacobians
 //   out      (n, n_out)
 //   jac      (n,) filled with pointers to each input's Jacobian (n_out, n_in) row-major,
-//            valid until the next call with this memory
+//            valid until the next call with this memory; or null: the spectra only, kept
+//            for a next call at the same inputs (with distinct keys)
 // Runs on the calling thread (each thread of an LM fit owns a memory).
 template <class T>
 void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, index_t n,
@@ -210,10 +215,23 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   if (n <= 0) return;
   const int L = net.n_layers();
   const index_t n_in = net.n_in(), n_out = net.n_out(), H = net.sizes[L - 1];
+  std::vector<Entry>& entries = memory.entries;
+  if (!jac) {
+    mlp_forward(net, x, n, out, static_cast<T*>(nullptr), 1, blocking);
+    for (index_t i = 0; i < n; ++i)
+      for (index_t j = 0; j < i; ++j)
+        if (keys[i] == keys[j]) return;  // several inputs of one key (LM's starts): none kept
+    for (index_t i = 0; i < n; ++i)
+      for (Entry& e : entries)
+        if (e.key == keys[i]) {
+          e.x.assign(x + i * n_in, x + (i + 1) * n_in);
+          e.flux.assign(out + i * n_out, out + (i + 1) * n_out);
+        }
+    return;
+  }
   const bool updates = (net.activation == ACT_LEAKY_RELU || net.activation == ACT_RELU) &&
                        net.last_weights_t != nullptr;
   const std::uint64_t call = ++memory.calls;
-  std::vector<Entry>& entries = memory.entries;
   std::vector<Entry>& fresh = memory.fresh;
   std::vector<index_t>& slot = memory.slot;
   std::vector<Change>& changes = memory.changes;
@@ -244,6 +262,7 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     }
     entries[slot[i]].key = keys[i];
     entries[slot[i]].last_use = call;
+    entries[slot[i]].x.clear();
   }
 
   // how each item gets its J: updated from its own last one, else from an earlier item of
@@ -271,24 +290,33 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   // call); scratch kept by the thread, its contents meaningless between calls
   thread_local std::vector<T> x_sub, flux_sub, jac_sub;
   std::vector<index_t>& items = memory.items;
+  std::vector<index_t>& to_run = memory.to_run;
   for (const bool with_jac : {true, false}) {
     items.clear();
-    for (index_t i = 0; i < n; ++i)
-      if (changes[i].update != with_jac) items.push_back(i);
-    const index_t m = static_cast<index_t>(items.size());
+    to_run.clear();
+    for (index_t i = 0; i < n; ++i) {
+      if (changes[i].update == with_jac) continue;
+      items.push_back(i);
+      const Entry& e = entries[slot[i]];  // the spectrum of the trial step being accepted
+      if (!with_jac && e.x.size() == std::size_t(n_in) && std::equal(e.x.begin(), e.x.end(), x + i * n_in))
+        std::copy(e.flux.begin(), e.flux.end(), out + i * n_out);
+      else
+        to_run.push_back(i);
+    }
+    const index_t m = static_cast<index_t>(to_run.size());
     if (m == 0) continue;
     x_sub.resize(m * n_in);
     flux_sub.resize(m * n_out);
     if (with_jac) jac_sub.resize(m * n_out * n_in);
-    for (index_t j = 0; j < m; ++j) std::copy_n(x + items[j] * n_in, n_in, x_sub.data() + j * n_in);
+    for (index_t j = 0; j < m; ++j) std::copy_n(x + to_run[j] * n_in, n_in, x_sub.data() + j * n_in);
     MLPBlocking tiles = blocking;
     tiles.jac_columns = std::max(blocking.jac_columns, m * n_in);
     mlp_forward(net, x_sub.data(), m, flux_sub.data(), with_jac ? jac_sub.data() : nullptr, 1,
                 tiles);
     for (index_t j = 0; j < m; ++j) {
-      std::copy_n(flux_sub.data() + j * n_out, n_out, out + items[j] * n_out);
+      std::copy_n(flux_sub.data() + j * n_out, n_out, out + to_run[j] * n_out);
       if (!with_jac) continue;
-      std::vector<T>& dst = entries[slot[items[j]]].jac;
+      std::vector<T>& dst = entries[slot[to_run[j]]].jac;
       dst.resize(n_out * n_in);
       std::copy_n(jac_sub.data() + j * n_out * n_in, n_out * n_in, dst.data());
     }

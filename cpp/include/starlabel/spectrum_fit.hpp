@@ -32,9 +32,10 @@
 //   struct Memory;   kept by each thread's workspace from call to call
 //   void spectra(const double* x, const index_t* keys, index_t n, double* flux, Memory&,
 //                const double** jac) const;
-//        the same with each Jacobian returned as a pointer (n,) to (n_pixels, n_labels), and
-//        keys[i] the spectrum that x[i] belongs to: an MLP updates that spectrum's last
-//        Jacobian where it can (jacobian_memory.hpp)
+//        the same with each Jacobian returned as a pointer (n,) to (n_pixels, n_labels) (jac
+//        null: none), and keys[i] the spectrum that x[i] belongs to: an MLP updates that
+//        spectrum's last Jacobian where it can, and reuses the spectrum of its last trial
+//        step (jacobian_memory.hpp)
 // All parameter vectors of an LM batch go through the emulator together, so an MLP's
 // Jacobian is matrix-matrix work.
 // ShiftedSpectrumModel is a per-pixel spectrum model for PixelObjective / fit_lm (lm.hpp).
@@ -346,10 +347,8 @@ struct ShiftedSpectrumModel {
     std::vector<const double*>& jac_of = ws.jac_of;
     jac_of.assign(n, nullptr);
     if constexpr (spectrum_detail::MemoryOf<Emulator>::remembers) {
-      if (with_jacobian)
-        emulator.spectra(labels, rows.data(), n, emulated_flux, ws.memory, jac_of.data());
-      else
-        emulator.spectra(labels, n, emulated_flux, nullptr);
+      emulator.spectra(labels, rows.data(), n, emulated_flux, ws.memory,
+                       with_jacobian ? jac_of.data() : nullptr);
     } else {
       double* emulated_jac = with_jacobian ? ws.jac.at_least(n * M * L) : nullptr;
       emulator.spectra(labels, n, emulated_flux, emulated_jac);
