@@ -278,6 +278,33 @@ def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, flo
     assert np.all(changes >= 5), changes
 
 
+def test_remembered_jacobians_after_non_finite_inputs(isa_core):
+    """Non-finite inputs (the Jacobian depends on the activation pattern alone, where a NaN
+    unit takes the slope) leave the next Jacobians right: the same key's next one, and another
+    key's beside it in the same call."""
+    from starlabel.fast.fitting import _core_emulator
+
+    rng = np.random.default_rng(3)
+    sizes = (4, 20, 20, 50)
+    weights = [rng.normal(size=(o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [rng.normal(0, 0.1, o) for o in sizes[1:]]
+    emulator = _core_emulator({"kind": "mlp", "weights": weights, "biases": biases,
+                               "activation": "leaky_relu", "slope": 0.01,
+                               "last_weights_f32": None})
+    x = np.tile(rng.uniform(-0.5, 0.5, 4), (4, 3, 1)) + rng.normal(0, 1e-3, (4, 3, 4))
+    x[1, 0] = np.nan      # key 0 at NaN, then back near where it was
+    x[2, 1, 2] = np.inf   # key 4 (new) at inf, beside key 5 (new) near it
+    keys = np.array([[0, 1, 2], [0, 1, 2], [3, 4, 5], [0, 4, 5]])
+    flux, jac, n_whole, n_updated = isa_core.fit_emulator_remembered(emulator, x, keys,
+                                                                     [True] * 4)
+    good = np.isfinite(x).all(axis=2)
+    assert np.isfinite(jac).all()
+    _, want = reference.mlp_forward(weights, biases, x[good], activation="leaky_relu",
+                                    slope=0.01, jacobian=True)
+    np.testing.assert_allclose(jac[good], want, rtol=0, atol=1e-12 * np.abs(want).max())
+    assert n_updated > 0
+
+
 def test_remembered_jacobians_bad_keys():
     from starlabel._core import core
     from starlabel.fast.fitting import _core_emulator
@@ -288,6 +315,9 @@ def test_remembered_jacobians_bad_keys():
     with pytest.raises(ValueError, match="keys must be distinct"):
         core.fit_emulator_remembered(_core_emulator(emulator), np.zeros((1, 2, 2)),
                                      np.zeros((1, 2), dtype=np.int64), [True])
+    with pytest.raises(ValueError, match="one bool per call"):
+        core.fit_emulator_remembered(_core_emulator(emulator), np.zeros((2, 1, 2)),
+                                     np.zeros((2, 1), dtype=np.int64), [True])
     with pytest.raises(ValueError, match="only an MLP"):
         core.fit_emulator_remembered({"kind": "perpixel", "w0": np.ones((3, 2, 2)),
                                       "b0": np.ones((3, 2)), "w1": np.ones((3, 2)),

@@ -21,9 +21,8 @@
 // from. mlp_forward_remembered updates a key's J this way when that is cheaper than computing
 // it; a new key, or one with many sign changes, starts from the J of another input of the
 // same call when one is near (an LM batch's first call: every spectrum at the same labels);
-// the others are computed whole (as are all with a smooth activation or a non-finite
-// pre-activation, or when the caller gives no MLP::last_weights_t: an LM fit does, a single
-// evaluation need not). An updated J equals the whole one up to rounding: the update is exact,
+// the others are computed whole (as are all with a smooth activation, or when the caller
+// gives no MLP::last_weights_t: an LM fit does, a single evaluation need not). An updated J equals the whole one up to rounding: the update is exact,
 // and only rounding accumulates (~1e-16 relative per update in double, ~1e-7 when the last
 // layer's products run in float32, MLP::last_weights_f32).
 #pragma once
@@ -78,27 +77,27 @@ struct JacobianMemory {
 
 namespace jacobian_memory_detail {
 
-// D_l of every hidden layer at input x, into e.deriv; whether every pre-activation is finite.
+// D_l of every hidden layer at input x, into e.deriv, as mlp_forward sets them (a NaN
+// pre-activation takes the slope: J depends on the patterns alone, so a non-finite input's
+// J, computed whole or updated, is the same).
 template <class T>
-bool patterns(const MLP<T>& net, const T* x, typename JacobianMemory<T>::Entry& e,
+void patterns(const MLP<T>& net, const T* x, typename JacobianMemory<T>::Entry& e,
               JacobianMemory<T>& memory) {
   using namespace mlp_detail;
   using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   const int L = net.n_layers();
   e.deriv.resize(std::max(L - 1, 0));
   memory.act.assign(x, x + net.n_in());
-  bool finite = true;
   for (int l = 0; l + 1 < L; ++l) {
     const index_t wi = net.sizes[l], wo = net.sizes[l + 1];
     memory.z.resize(wo);
     Eigen::Map<Vector>(memory.z.data(), wo).noalias() =
         cmap(net.weights[l], wo, wi, wi) * Eigen::Map<const Vector>(memory.act.data(), wi);
     e.deriv[l].resize(wo);
-    finite &= bias_activation(memory.z.data(), wo, 1, wo, net.biases[l], net.activation,
-                              net.slope, e.deriv[l].data(), wo);
+    bias_activation(memory.z.data(), wo, 1, wo, net.biases[l], net.activation, net.slope,
+                    e.deriv[l].data(), wo);
     memory.act.swap(memory.z);
   }
-  return finite;
 }
 
 // e.pre: A_l = W_l D_{l-1} A_{l-1} (l >= 1, A_0 = W_0) from e.deriv.
@@ -166,7 +165,8 @@ void low_rank_change(const MLP<T>& net, const typename JacobianMemory<T>::Entry&
         for (index_t k = 0; k < width; ++k) s += w[k] * c.dense[j * width + k];
         raw[j * wo + h] = s;
       }
-      for (std::size_t j = 0; j < c.units.size(); ++j) raw[(c.n_dense + j) * wo + h] = w[c.units[j]];
+      for (std::size_t j = 0; j < c.units.size(); ++j)
+        raw[(c.n_dense + j) * wo + h] = w[c.units[j]];
     }
     if (l > 0) {  // A'_l = A_l + (W_l U) V
       now.pre[l] = old.pre[l];
@@ -197,8 +197,8 @@ void low_rank_change(const MLP<T>& net, const typename JacobianMemory<T>::Entry&
 
 // mlp_forward for n inputs, each with a key, and each input's Jacobian kept in the memory.
 //   x        (n, n_in)
-//   keys     (n,)  a key seen before names an input near its last one; distinct within a
-//            call that asks for Jacobians
+//   keys     (n,)  >= 0; a key seen before names an input near its last one; distinct
+//            within a call that asks for Jacobians (a negative key: nothing remembered)
 //   out      (n, n_out)
 //   jac      (n,) filled with pointers to each input's Jacobian (n_out, n_in) row-major,
 //            valid until the next call with this memory; or null: the spectra only, kept
@@ -223,7 +223,7 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
         if (keys[i] == keys[j]) return;  // several inputs of one key (LM's starts): none kept
     for (index_t i = 0; i < n; ++i)
       for (Entry& e : entries)
-        if (e.key == keys[i]) {
+        if (e.key == keys[i] && keys[i] >= 0) {
           e.x.assign(x + i * n_in, x + (i + 1) * n_in);
           e.flux.assign(out + i * n_out, out + (i + 1) * n_out);
         }
@@ -244,7 +244,8 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   known.assign(n, 0);
   for (index_t i = 0; i < n; ++i) {
     for (std::size_t e = 0; e < entries.size() && slot[i] < 0; ++e)
-      if (entries[e].key == keys[i] && entries[e].last_use != call) slot[i] = index_t(e);
+      if (entries[e].key == keys[i] && keys[i] >= 0 && entries[e].last_use != call)
+        slot[i] = index_t(e);
     if (slot[i] >= 0) {
       entries[slot[i]].last_use = call;
       known[i] = 1;
@@ -271,10 +272,10 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   whole.clear();
   for (index_t i = 0; i < n; ++i) {
     Change& c = changes[i];
-    const bool finite = patterns(net, x + i * n_in, fresh[i], memory);
-    c.update = updates && finite && known[i] && cheap_change(net, entries[slot[i]], fresh[i]);
+    patterns(net, x + i * n_in, fresh[i], memory);
+    c.update = updates && known[i] && cheap_change(net, entries[slot[i]], fresh[i]);
     c.from = -1;
-    for (std::size_t j = 0; j < whole.size() && !c.update && updates && finite; ++j)
+    for (std::size_t j = 0; j < whole.size() && !c.update && updates; ++j)
       if (cheap_change(net, fresh[whole[j]], fresh[i])) {
         c.update = true;
         c.from = whole[j];
@@ -298,7 +299,9 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
       if (changes[i].update == with_jac) continue;
       items.push_back(i);
       const Entry& e = entries[slot[i]];  // the spectrum of the trial step being accepted
-      if (!with_jac && e.x.size() == std::size_t(n_in) && std::equal(e.x.begin(), e.x.end(), x + i * n_in))
+      const bool kept = e.x.size() == std::size_t(n_in) &&
+                        std::equal(e.x.begin(), e.x.end(), x + i * n_in);
+      if (!with_jac && kept)
         std::copy(e.flux.begin(), e.flux.end(), out + i * n_out);
       else
         to_run.push_back(i);
@@ -308,7 +311,8 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     x_sub.resize(m * n_in);
     flux_sub.resize(m * n_out);
     if (with_jac) jac_sub.resize(m * n_out * n_in);
-    for (index_t j = 0; j < m; ++j) std::copy_n(x + to_run[j] * n_in, n_in, x_sub.data() + j * n_in);
+    for (index_t j = 0; j < m; ++j)
+      std::copy_n(x + to_run[j] * n_in, n_in, x_sub.data() + j * n_in);
     MLPBlocking tiles = blocking;
     tiles.jac_columns = std::max(blocking.jac_columns, m * n_in);
     mlp_forward(net, x_sub.data(), m, flux_sub.data(), with_jac ? jac_sub.data() : nullptr, 1,
@@ -339,7 +343,8 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   dense.resize(H * n_cols);
   for (index_t i : items)
     for (index_t j = 0; j < changes[i].n_dense; ++j)
-      for (index_t h = 0; h < H; ++h) dense[h * n_cols + first_col[i] + j] = changes[i].dense[j * H + h];
+      for (index_t h = 0; h < H; ++h)
+        dense[h * n_cols + first_col[i] + j] = changes[i].dense[j * H + h];
   const bool f32 = net.last_weights_f32 != nullptr;
   if (f32) memory.dense_f32.assign(dense.begin(), dense.end());
   const T* w_last = net.weights[L - 1];
