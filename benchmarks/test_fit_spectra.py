@@ -64,12 +64,15 @@ def test_fit_fast(timed, benchmark, problem, reference_fit, n_threads):
         print(f"\nfast, {n_threads} thread(s): {problem['n_spectra'] / t:.1f} spectra/s")
     k = problem["ref_spectra"]
     # The same LM on the same float64 arithmetic up to summation order (the float32 network is
-    # converted to float64 for the fit). A leaky-ReLU network is piecewise linear, so chi2 has
-    # kinks where LM may stop; rounding decides at which, and the two backends stop at
-    # different ones, close together: chi2 alike to 1e-5 (observed 2e-7 here, 5e-6 at survey
-    # size), labels and RV to a fraction of their errors.
+    # converted to float64 for the fit, its Jacobian's products stay float32). A leaky-ReLU
+    # network is piecewise linear, so chi2 has kinks where LM may stop; rounding decides at
+    # which, and the two backends stop at different ones, close together: chi2 alike to 1e-4,
+    # labels and RV to a fraction of their errors. Measured on 64 spectra of the small
+    # problem: fast against reference up to 2.5e-5 (core e5b1040) and 3.7e-5 (with the
+    # Jacobian memory, 8c37b41), both ways (mean -8e-7); the reference against itself
+    # started 1e-5 away, 2.3e-5; at survey size 5e-6.
     assert np.all(res.status[:k] == reference_fit.status)
-    np.testing.assert_allclose(res.chi2[:k], reference_fit.chi2, rtol=1e-5)
+    np.testing.assert_allclose(res.chi2[:k], reference_fit.chi2, rtol=1e-4)
     np.testing.assert_allclose(res.rv[:k], reference_fit.rv, atol=0.5 * reference_fit.rv_error.min())
     np.testing.assert_allclose(res.labels[:k], reference_fit.labels,
                                atol=0.5 * reference_fit.errors.min())
