@@ -109,17 +109,12 @@ void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
     thread_local PackedMatrix<double, Eigen::RowMajor> packed;
     thread_local std::vector<double> transposed;
     if (reused) {
-      const index_t L = net.n_layers(), H = net.sizes[L - 1], P = net.n_out();
+      const index_t L = net.n_layers(), H = net.sizes[L - 1];
       py::gil_scoped_release release;
-      packed.reset(P, H, FIT_PIXEL_BLOCK, FIT_SPECTRA_BATCH);
+      packed.reset(net.n_out(), H, FIT_PIXEL_BLOCK, FIT_SPECTRA_BATCH);
       packed.pack(net.weights[L - 1], H);
       net.packed_last = &packed;
-      transposed.resize(H * P);
-      Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
-          transposed.data(), H, P) =
-          Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
-              net.weights[L - 1], P, H).transpose();
-      net.last_weights_t = transposed.data();
+      keep_transposed_last_layer(net, transposed);
     }
     visit(MLPEmulator{net, net.n_in(), net.n_out()});
   } else if (kind == "cannon") {

@@ -195,6 +195,19 @@ void low_rank_change(const MLP<T>& net, const typename JacobianMemory<T>::Entry&
 
 }  // namespace jacobian_memory_detail
 
+// For a caller that fits with mlp_forward_remembered: the last layer's weights transposed
+// into `storage`, (H, n_out) row-major, and net.last_weights_t pointing at them (without them
+// every Jacobian is computed whole).
+template <class T>
+void keep_transposed_last_layer(MLP<T>& net, std::vector<T>& storage) {
+  using Rows = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const index_t H = net.sizes[net.n_layers() - 1], n_out = net.n_out();
+  storage.resize(H * n_out);
+  Eigen::Map<Rows>(storage.data(), H, n_out) =
+      Eigen::Map<const Rows>(net.weights[net.n_layers() - 1], n_out, H).transpose();
+  net.last_weights_t = storage.data();
+}
+
 // mlp_forward for n inputs, each with a key, and each input's Jacobian kept in the memory.
 //   x        (n, n_in)
 //   keys     (n,)  >= 0; a key seen before names an input near its last one; distinct
@@ -287,8 +300,9 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   memory.n_whole += static_cast<index_t>(whole.size());
   memory.n_updated += n - static_cast<index_t>(whole.size());
 
-  // the spectra, and the whole Jacobians (for one star tile: the last layer streams once per
-  // call); scratch kept by the thread, its contents meaningless between calls
+  // the spectra, and the whole Jacobians (the caller's blocking, one star tile for all n
+  // items, covers any subset); scratch kept by the thread, its contents meaningless between
+  // calls
   thread_local std::vector<T> x_sub, flux_sub, jac_sub;
   std::vector<index_t>& items = memory.items;
   std::vector<index_t>& to_run = memory.to_run;
@@ -313,10 +327,8 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     if (with_jac) jac_sub.resize(m * n_out * n_in);
     for (index_t j = 0; j < m; ++j)
       std::copy_n(x + to_run[j] * n_in, n_in, x_sub.data() + j * n_in);
-    MLPBlocking tiles = blocking;
-    tiles.jac_columns = std::max(blocking.jac_columns, m * n_in);
     mlp_forward(net, x_sub.data(), m, flux_sub.data(), with_jac ? jac_sub.data() : nullptr, 1,
-                tiles);
+                blocking);
     for (index_t j = 0; j < m; ++j) {
       std::copy_n(flux_sub.data() + j * n_out, n_out, out + to_run[j] * n_out);
       if (!with_jac) continue;
@@ -352,14 +364,14 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
   const index_t pb = blocking.pixel_block;
   for (index_t p0 = 0; p0 < n_out && !items.empty(); p0 += pb) {
     const index_t nb = std::min(pb, n_out - p0);
-    memory.product.resize(nb * n_cols);  // P (nb, n_cols) row-major
+    // P (nb, n_cols) row-major, in float32 with the float32 last layer
     if (n_cols > 0 && f32) {
       memory.product_f32.resize(nb * n_cols);
       assign_product(map(memory.product_f32.data(), nb, n_cols, n_cols),
                      cmap(net.last_weights_f32 + p0 * H, nb, H, H),
                      cmap(memory.dense_f32.data(), H, n_cols, n_cols));
-      std::copy(memory.product_f32.begin(), memory.product_f32.end(), memory.product.begin());
     } else if (n_cols > 0) {
+      memory.product.resize(nb * n_cols);
       assign_product(map(memory.product.data(), nb, n_cols, n_cols),
                      cmap(w_last + p0 * H, nb, H, H), cmap(dense.data(), H, n_cols, n_cols));
     }
@@ -370,8 +382,11 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
       memory.gathered.resize(nb * r);
       T* g = memory.gathered.data();  // (nb, r) row-major
       for (index_t p = 0; p < nb; ++p) {
-        const T* pr = memory.product.data() + p * n_cols + first_col[i];
-        std::copy(pr, pr + c.n_dense, g + p * r);
+        const index_t at = p * n_cols + first_col[i];
+        if (f32)
+          std::copy_n(memory.product_f32.data() + at, c.n_dense, g + p * r);
+        else
+          std::copy_n(memory.product.data() + at, c.n_dense, g + p * r);
       }
       for (std::size_t j = 0; j < c.units.size(); ++j) {  // columns of W_{L-1}, read whole
         const T* column = w_last_t + c.units[j] * n_out + p0;

@@ -175,9 +175,11 @@ struct PixelObjective {
     batch.model_flux.resize(per_item * pixel_block);
     if (with_jacobian) batch.jac.resize(per_item * np * pixel_block);
     batch.wresid.resize(pixel_block);
-    // by pixel, the rows of sqrt(W) J are padded for NormalMatrix (the padding stays zero)
+    // by pixel, the rows of sqrt(W) J are padded for NormalMatrix: zeroed once, the padding
+    // is never written
     const index_t ld_wjac = Model::jacobian_by_pixel ? NormalMatrix::padded(np) : np;
-    batch.wjac.assign(ld_wjac * pixel_block, 0.0);
+    if (batch.wjac.size() != std::size_t(ld_wjac * pixel_block))
+      batch.wjac.assign(ld_wjac * pixel_block, 0.0);
     double* wjac = batch.wjac.data();
     for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
       const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
