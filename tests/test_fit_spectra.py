@@ -190,9 +190,9 @@ def test_float32_network_jacobian(isa_core):
 
 
 
-REMEMBERED = [  # hidden and output widths after 6 inputs
-    (40, 30, 200),      # The Payne's depth: sign changes of layer 0 carried through layer 1
-    (50, 200),          # one hidden layer: unit columns only
+REMEMBERED = [  # hidden and output widths after 6 inputs (600 outputs: 3 blocks of the fit's)
+    (40, 30, 600),      # The Payne's depth: sign changes of layer 0 carried through layer 1
+    (50, 600),          # one hidden layer: unit columns only
     (12, 12, 12, 200),  # three: carried twice
     (200,),             # no hidden layer: J is constant
 ]

@@ -104,9 +104,10 @@ void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
       last_f32 = require<float>(last, "last_weights_f32", {net.sizes[L], net.sizes[L - 1]});
       net.last_weights_f32 = last_f32->data();
     }
-    // 17 MB each for The Payne's network; kept by the calling thread, as the core's other
-    // buffers, so that a call does not fault in fresh pages for them (Dask workers)
+    // 17 MB each for The Payne's network (the float32 one 8.7); kept by the calling thread,
+    // as the core's other buffers, so that a call does not fault in fresh pages for them
     thread_local PackedMatrix<double, Eigen::RowMajor> packed;
+    thread_local PackedMatrix<float, Eigen::RowMajor> packed_f32;
     thread_local std::vector<double> transposed;
     if (reused) {
       const index_t L = net.n_layers(), H = net.sizes[L - 1];
@@ -114,6 +115,11 @@ void with_emulator(const py::dict& spec, bool reused, Visitor&& visit) {
       packed.reset(net.n_out(), H, FIT_PIXEL_BLOCK, FIT_SPECTRA_BATCH);
       packed.pack(net.weights[L - 1], H);
       net.packed_last = &packed;
+      if (net.last_weights_f32) {
+        packed_f32.reset(net.n_out(), H, FIT_PIXEL_BLOCK, FIT_SPECTRA_BATCH);
+        packed_f32.pack(net.last_weights_f32, H);
+        net.packed_last_f32 = &packed_f32;
+      }
       keep_transposed_last_layer(net, transposed);
     }
     visit(MLPEmulator{net, net.n_in(), net.n_out()});

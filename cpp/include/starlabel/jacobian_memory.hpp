@@ -22,8 +22,9 @@
 // it; a new key, or one with many sign changes, starts from the J of another input of the
 // same call when one is near (an LM batch's first call: every spectrum at the same labels);
 // the others are computed whole (as are all with a smooth activation, or when the caller
-// gives no MLP::last_weights_t: an LM fit does, a single evaluation need not). An updated J equals the whole one up to rounding: the update is exact,
-// and only rounding accumulates (~1e-16 relative per update in double, ~1e-7 when the last
+// gives no MLP::last_weights_t and packed last layer, MLP::packed_last or packed_last_f32:
+// an LM fit does, a single evaluation need not). An updated J equals the whole one up to
+// rounding: the update is exact, and only rounding accumulates (~1e-16 relative per update in double, ~1e-7 when the last
 // layer's products run in float32, MLP::last_weights_f32).
 #pragma once
 
@@ -196,8 +197,8 @@ void low_rank_change(const MLP<T>& net, const typename JacobianMemory<T>::Entry&
 }  // namespace jacobian_memory_detail
 
 // For a caller that fits with mlp_forward_remembered: the last layer's weights transposed
-// into `storage`, (H, n_out) row-major, and net.last_weights_t pointing at them (without them
-// every Jacobian is computed whole).
+// into `storage`, (H, n_out) row-major, and net.last_weights_t pointing at them (without them,
+// or without the packed last layer, every Jacobian is computed whole).
 template <class T>
 void keep_transposed_last_layer(MLP<T>& net, std::vector<T>& storage) {
   using Rows = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -243,7 +244,9 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     return;
   }
   const bool updates = (net.activation == ACT_LEAKY_RELU || net.activation == ACT_RELU) &&
-                       net.last_weights_t != nullptr;
+                       net.last_weights_t != nullptr &&
+                       (net.last_weights_f32 ? net.packed_last_f32 != nullptr
+                                             : net.packed_last != nullptr);
   const std::uint64_t call = ++memory.calls;
   std::vector<Entry>& fresh = memory.fresh;
   std::vector<index_t>& slot = memory.slot;
@@ -351,42 +354,39 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     first_col[i] = n_cols;
     n_cols += c.n_dense;
   }
-  std::vector<T>& dense = memory.dense;  // (H, n_cols) row-major
-  dense.resize(H * n_cols);
+  // dense (n_cols, H) row-major: every item's dense columns, as rows
+  std::vector<T>& dense = memory.dense;
+  dense.resize(n_cols * H);
   for (index_t i : items)
-    for (index_t j = 0; j < changes[i].n_dense; ++j)
-      for (index_t h = 0; h < H; ++h)
-        dense[h * n_cols + first_col[i] + j] = changes[i].dense[j * H + h];
+    std::copy_n(changes[i].dense.data(), changes[i].n_dense * H, dense.data() + first_col[i] * H);
   const bool f32 = net.last_weights_f32 != nullptr;
   if (f32) memory.dense_f32.assign(dense.begin(), dense.end());
-  const T* w_last = net.weights[L - 1];
   const T* w_last_t = net.last_weights_t;
-  const index_t pb = blocking.pixel_block;
+  const index_t pb = items.empty() ? n_out  // no update
+                   : f32 ? net.packed_last_f32->block() : net.packed_last->block();
   for (index_t p0 = 0; p0 < n_out && !items.empty(); p0 += pb) {
     const index_t nb = std::min(pb, n_out - p0);
-    // P (nb, n_cols) row-major, in float32 with the float32 last layer
-    if (n_cols > 0 && f32) {
-      memory.product_f32.resize(nb * n_cols);
-      assign_product(map(memory.product_f32.data(), nb, n_cols, n_cols),
-                     cmap(net.last_weights_f32 + p0 * H, nb, H, H),
-                     cmap(memory.dense_f32.data(), H, n_cols, n_cols));
-    } else if (n_cols > 0) {
-      memory.product.resize(nb * n_cols);
-      assign_product(map(memory.product.data(), nb, n_cols, n_cols),
-                     cmap(w_last + p0 * H, nb, H, H), cmap(dense.data(), H, n_cols, n_cols));
-    }
+    // P^T (n_cols, nb) row-major, in float32 with the float32 last layer; from the layer as
+    // packed once by the caller (Eigen's product would pack this block of it again for every
+    // call, as long as the product itself when n_cols is a few tens)
+    auto product_into = [&](auto& product, const auto& packed, const auto& x) {
+      product.assign(n_cols * nb, 0);
+      packed.add_product(product.data(), nb, x.data(), H, n_cols, p0);
+    };
+    if (n_cols > 0 && f32)
+      product_into(memory.product_f32, *net.packed_last_f32, memory.dense_f32);
+    else if (n_cols > 0)
+      product_into(memory.product, *net.packed_last, dense);
     for (index_t i : items) {
       const Change& c = changes[i];
       const index_t r = c.n_dense + static_cast<index_t>(c.units.size());
       if (r == 0) continue;  // no sign changed: J is unchanged
       memory.gathered.resize(nb * r);
       T* g = memory.gathered.data();  // (nb, r) row-major
-      for (index_t p = 0; p < nb; ++p) {
-        const index_t at = p * n_cols + first_col[i];
-        if (f32)
-          std::copy_n(memory.product_f32.data() + at, c.n_dense, g + p * r);
-        else
-          std::copy_n(memory.product.data() + at, c.n_dense, g + p * r);
+      for (index_t j = 0; j < c.n_dense; ++j) {
+        const index_t at = (first_col[i] + j) * nb;
+        for (index_t p = 0; p < nb; ++p)
+          g[p * r + j] = f32 ? memory.product_f32[at + p] : memory.product[at + p];
       }
       for (std::size_t j = 0; j < c.units.size(); ++j) {  // columns of W_{L-1}, read whole
         const T* column = w_last_t + c.units[j] * n_out + p0;

@@ -185,6 +185,9 @@ struct MLP {
   // Optional: the last layer's weights packed once by a caller that evaluates the network
   // many times (an LM fit), in blocks that then set mlp_forward's pixel block.
   const PackedMatrix<T, Eigen::RowMajor>* packed_last = nullptr;
+  // Optional, with last_weights_f32: those weights packed once the same way, for the
+  // Jacobian updates' products (jacobian_memory.hpp).
+  const PackedMatrix<float, Eigen::RowMajor>* packed_last_f32 = nullptr;
   // Optional: the last layer's weights transposed, (H, n_out) row-major, for such a caller's
   // Jacobian updates (jacobian_memory.hpp), which read a few of its columns whole.
   const T* last_weights_t = nullptr;
