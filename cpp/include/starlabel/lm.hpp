@@ -136,6 +136,8 @@ struct PixelObjective {
     typename Model::Workspace workspace;
     std::vector<index_t> rows;
     std::vector<double> model_flux, wresid, jac, wjac;
+    // by pixel: per item, [J r]^T W [J r] over the upper triangle, (n_params + 1) square
+    std::vector<Eigen::MatrixXd> extended;
     typename detail::ManyScratchOf<Model, many>::type scratch;
   };
 
@@ -175,9 +177,13 @@ struct PixelObjective {
     batch.model_flux.resize(per_item * pixel_block);
     if (with_jacobian) batch.jac.resize(per_item * np * pixel_block);
     batch.wresid.resize(pixel_block);
-    // by pixel, the rows of sqrt(W) J are padded for NormalMatrix: zeroed once, the padding
-    // is never written
-    const index_t ld_wjac = Model::jacobian_by_pixel ? NormalMatrix::padded(np) : np;
+    // by pixel, the rows of sqrt(W) [J r] are padded for NormalMatrix: zeroed once, the
+    // padding is never written
+    const index_t ld_wjac = Model::jacobian_by_pixel ? NormalMatrix::padded(np + 1) : np;
+    if (Model::jacobian_by_pixel && with_jacobian) {
+      batch.extended.resize(n_items);
+      for (Eigen::MatrixXd& e : batch.extended) e.setZero(np + 1, np + 1);
+    }
     if (batch.wjac.size() != std::size_t(ld_wjac * pixel_block))
       batch.wjac.assign(ld_wjac * pixel_block, 0.0);
     double* wjac = batch.wjac.data();
@@ -206,17 +212,15 @@ struct PixelObjective {
         if (!with_jacobian) continue;
         // Zero-weight pixels may hold non-finite model derivatives (untrained pixels): drop them.
         if constexpr (Model::jacobian_by_pixel) {  // jac (nb, np), wjac (nb, ld_wjac) row-major
+          // the weighted residual as one more column: J^T W r comes with J^T W J, in its last
+          // column, instead of from a separate pass over sqrt(W) J
           for (index_t j = 0; j < nb; ++j) {
             const double sw = sqrt_weight[j];
             for (index_t a = 0; a < np; ++a)
               wjac[j * ld_wjac + a] = sw > 0.0 ? jac[j * np + a] * sw : 0.0;
+            wjac[j * ld_wjac + np] = batch.wresid[j];
           }
-          const Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic,
-                                               Eigen::RowMajor>,
-                           0, Eigen::OuterStride<>>
-              wj(wjac, nb, np, Eigen::OuterStride<>(ld_wjac));
-          out[i].grad.noalias() += wj.transpose() * wresid;
-          NormalMatrix::add_upper(wjac, nb, np, out[i].hess.data(), np);
+          NormalMatrix::add_upper(wjac, nb, np + 1, batch.extended[i].data(), np + 1);
         } else {  // (np, nb) row-major
           for (index_t a = 0; a < np; ++a)
             for (index_t j = 0; j < nb; ++j)
@@ -227,8 +231,13 @@ struct PixelObjective {
         }
       }
     }
-    for (index_t i = 0; i < n_items; ++i)
+    for (index_t i = 0; i < n_items && with_jacobian; ++i) {
+      if constexpr (Model::jacobian_by_pixel) {
+        out[i].hess = batch.extended[i].topLeftCorner(np, np);
+        out[i].grad = batch.extended[i].col(np).head(np);
+      }
       out[i].hess.template triangularView<Eigen::StrictlyLower>() = out[i].hess.transpose();
+    }
   }
 };
 
