@@ -24,8 +24,8 @@
 // the others are computed whole (as are all with a smooth activation, or when the caller
 // gives no MLP::last_weights_t and packed last layer, MLP::packed_last or packed_last_f32:
 // an LM fit does, a single evaluation need not). An updated J equals the whole one up to
-// rounding: the update is exact, and only rounding accumulates (~1e-16 relative per update in double, ~1e-7 when the last
-// layer's products run in float32, MLP::last_weights_f32).
+// rounding: the update is exact, and only rounding accumulates (~1e-16 relative per update
+// in double, ~1e-7 when the last layer's products run in float32, MLP::last_weights_f32).
 #pragma once
 
 #include <Eigen/Core>
