@@ -366,9 +366,9 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
                    : f32 ? net.packed_last_f32->block() : net.packed_last->block();
   for (index_t p0 = 0; p0 < n_out && !items.empty(); p0 += pb) {
     const index_t nb = std::min(pb, n_out - p0);
-    // P^T (n_cols, nb) row-major, in float32 with the float32 last layer; from the layer as
-    // packed once by the caller (Eigen's product would pack this block of it again for every
-    // call, as long as the product itself when n_cols is a few tens)
+    // P^T (n_cols, nb) row-major, in float32 with the float32 last layer, from the layer as
+    // the caller packed it once: Eigen's product packs the block of the layer on every call,
+    // which costs about as much as the product itself when n_cols is a few tens
     auto product_into = [&](auto& product, const auto& packed, const auto& x) {
       product.assign(n_cols * nb, 0);
       packed.add_product(product.data(), nb, x.data(), H, n_cols, p0);
