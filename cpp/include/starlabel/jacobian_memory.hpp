@@ -383,15 +383,18 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
       if (r == 0) continue;  // no sign changed: J is unchanged
       memory.gathered.resize(nb * r);
       T* g = memory.gathered.data();  // (nb, r) row-major
+      auto put = [&](index_t col, const auto* values) {  // values (nb,): g's column col
+        for (index_t p = 0; p < nb; ++p) g[p * r + col] = values[p];
+      };
       for (index_t j = 0; j < c.n_dense; ++j) {
         const index_t at = (first_col[i] + j) * nb;
-        for (index_t p = 0; p < nb; ++p)
-          g[p * r + j] = f32 ? memory.product_f32[at + p] : memory.product[at + p];
+        if (f32)
+          put(j, memory.product_f32.data() + at);
+        else
+          put(j, memory.product.data() + at);
       }
-      for (std::size_t j = 0; j < c.units.size(); ++j) {  // columns of W_{L-1}, read whole
-        const T* column = w_last_t + c.units[j] * n_out + p0;
-        for (index_t p = 0; p < nb; ++p) g[p * r + c.n_dense + j] = column[p];
-      }
+      for (std::size_t j = 0; j < c.units.size(); ++j)  // columns of W_{L-1}, read whole
+        put(c.n_dense + j, w_last_t + c.units[j] * n_out + p0);
       add_product(map(entries[slot[i]].jac.data() + p0 * n_in, nb, n_in, n_in),
                   cmap(g, nb, r, r), cmap(c.v.data(), r, n_in, n_in));
     }

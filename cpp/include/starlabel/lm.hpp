@@ -129,8 +129,9 @@ struct PixelObjective {
   struct Batch {
     index_t s0 = 0;
     // (batch, n_pixels) square root of the effective inverse variance: residuals and
-    // Jacobian rows are weighted by it, so that J^T W J is one symmetric rank-k update
-    // (Eigen's blocked kernel) rather than n_params^2 / 2 separate dot products
+    // Jacobian rows are weighted by it, so that J^T W J is one product of sqrt(W) J with
+    // itself (NormalMatrix, or Eigen's rank-k update) rather than n_params^2 / 2 separate
+    // dot products
     std::vector<double> sqrt_weights;
     std::vector<typename Model::State> states;
     typename Model::Workspace workspace;
