@@ -766,6 +766,44 @@ def test_start_grid_spans_the_box_and_starts_a_fit(lines):
             starlabel.start_grid(lines, *args)
 
 
+def coverage_by_pixel(model_wave, bad, obs_wave, v_lo, v_hi):
+    """_coverage's rule written pixel by pixel: a pixel is usable when its rest-frame range
+    [w_lo, w_hi] over the velocities lies on the grid, holds no bad knot, and meets no bad
+    interval (a gap, or one touching a bad knot) in more than an end point."""
+    gaps, c = starlabel.fitting._gaps(model_wave, bad), starlabel.fitting.C_KMS
+    rows = []
+    for lo, hi in zip(np.atleast_1d(v_lo), np.atleast_1d(v_hi)):
+        row = []
+        for w in obs_wave:
+            w_lo = w * np.sqrt((1 - hi / c) / (1 + hi / c))
+            w_hi = w * np.sqrt((1 - lo / c) / (1 + lo / c))
+            ok = model_wave[0] <= w_lo and w_hi <= model_wave[-1]
+            ok &= not any(bad[i] and w_lo <= model_wave[i] <= w_hi for i in range(model_wave.size))
+            ok &= not any(gaps[k] and w_lo < model_wave[k + 1] and model_wave[k] < w_hi
+                          for k in range(model_wave.size - 1))
+            row.append(float(ok))
+        rows.append(row)
+    return np.array(rows) if np.ndim(v_lo) else np.array(rows[0])
+
+
+def test_coverage_matches_the_rule_pixel_by_pixel():
+    """Random grids with gaps and bad knots; observed pixels on knots, between them and off
+    the grid; a single velocity (zero-width ranges, exactly on knots) and ranges per spectrum."""
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n = int(rng.integers(1, 12))
+        model_wave = np.sort(rng.choice(np.arange(1.0, 60.0), n, replace=False))
+        model_wave[model_wave > 30] += 40.0 * rng.integers(0, 2)  # sometimes a gap
+        bad = rng.random(n) < 0.2
+        obs_wave = np.concatenate([model_wave, rng.uniform(0.5, 110.0, 8)])
+        if rng.random() < 0.5:
+            v_lo = v_hi = 0.0
+        else:
+            v_lo, v_hi = np.sort(rng.uniform(-2e4, 2e4, (2, 3)), axis=0)
+        got = starlabel.fitting._coverage(model_wave, bad, obs_wave, v_lo, v_hi)
+        np.testing.assert_array_equal(got, coverage_by_pixel(model_wave, bad, obs_wave, v_lo, v_hi))
+
+
 def test_edges(lines):
     """One spectrum with every pixel ignored: NO_PIXELS, no crash; one label fitted alone."""
     flux = np.full((2, lines.n_pixels), np.nan)
