@@ -353,7 +353,7 @@ bool mlp_forward(const MLP<T>& net, const T* x, index_t n_stars, T* out, T* jac_
       // Jacobian (the tile's M) or with the weights packed ahead (the tile's activations stay
       // in cache); otherwise the chunk's few star tiles in one product per output block, so
       // that Eigen packs each block of weights once, not once per star tile (forward pass,
-      // 256 stars, 1 thread: 7.3 against 8.7 ms, that packing was 15% of the time).
+      // 256 stars, 1 thread: 7.3 against 8.5 ms; that packing was 15% of the time).
       const T* wl = net.weights[L - 1];
       const T* bl = net.biases[L - 1];
       const bool by_chunk = !want_jac && !packed;
