@@ -252,6 +252,12 @@ def test_remembered_jacobians_equal_whole_ones(isa_core, widths, activation, flo
     np.testing.assert_allclose(jac[with_jac].reshape(-1, n, *want_jac.shape[1:]),
                                want_jac.reshape(len(jacobian), n, *want_jac.shape[1:])[with_jac],
                                rtol=0, atol=tol * np.abs(want_jac).max())
+    # the updates left pending, as in a fit, and completed by pixel in any order or by the
+    # next call: the same arithmetic
+    deferred = isa_core.fit_emulator_remembered(emulator, calls_x, calls_keys, jacobian,
+                                                deferred=True)
+    np.testing.assert_array_equal(deferred[0], flux)
+    np.testing.assert_array_equal(deferred[1], jac)
     assert n_whole + n_updated == n_steps * n
     if activation == "sigmoid":
         assert n_updated == 0  # smooth: nothing to update

@@ -70,8 +70,11 @@ struct MLPEmulator {
     mlp_forward(net, x, n, flux, jac, 1, blocking(n));
   }
   void spectra(const double* x, const index_t* keys, index_t n, double* flux, Memory& memory,
-               const double** jac) const {
-    mlp_forward_remembered(net, x, keys, n, flux, jac, memory, blocking(n));
+               const double** jac, bool defer) const {
+    mlp_forward_remembered(net, x, keys, n, flux, jac, memory, blocking(n), defer);
+  }
+  void complete(Memory& memory, index_t row0, index_t row1, index_t* ready) const {
+    complete_jacobians(net, memory, row0, row1, ready);
   }
 };
 
@@ -341,8 +344,11 @@ py::tuple rv_grid(const py::handle& mw, const py::handle& ow, const py::handle& 
 //   x (n_calls, n, n_labels), keys (n_calls, n), jacobian (n_calls,) bools: whether a call
 //   asks for Jacobians (else its jac is NaN) -> flux (n_calls, n, n_pixels),
 //   jac (n_calls, n, n_pixels, n_labels), Jacobians computed whole, Jacobians updated
+// deferred: calls for Jacobians leave their updates pending (as in a fit); every other one is
+// completed pixel by pixel in a scattered order starting mid-spectrum, the others by the next
+// call, before the Jacobians are copied.
 py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::handle& keys_in,
-                     const std::vector<bool>& jacobian) {
+                     const std::vector<bool>& jacobian, bool deferred) {
   py::tuple result;
   with_emulator(spec, true, [&](const auto& emu) {
     using E = std::decay_t<decltype(emu)>;
@@ -366,17 +372,34 @@ py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::han
         py::gil_scoped_release release;
         std::vector<const double*> jac_of(n);
         std::vector<index_t> call_keys(n);
+        index_t unread = -1;  // a call whose Jacobians are copied after the next call
+        auto copy_jacobians = [&](index_t c) {
+          for (index_t i = 0; i < n; ++i)
+            std::copy_n(jac_of[i], P * L, jac.mutable_data() + (c * n + i) * P * L);
+        };
         for (index_t c = 0; c < n_calls; ++c) {
           std::copy_n(keys.data() + c * n, n, call_keys.data());
           emu.spectra(x.data() + c * n * L, call_keys.data(), n, flux.mutable_data() + c * n * P,
-                      memory, jacobian[c] ? jac_of.data() : nullptr);
-          for (index_t i = 0; i < n; ++i) {
-            double* dst = jac.mutable_data() + (c * n + i) * P * L;
-            if (jacobian[c])
-              std::copy_n(jac_of[i], P * L, dst);
-            else
-              std::fill_n(dst, P * L, std::numeric_limits<double>::quiet_NaN());
+                      memory, jacobian[c] ? jac_of.data() : nullptr, deferred);
+          if (unread >= 0) copy_jacobians(unread);  // a call without Jacobians came between
+          unread = -1;
+          if (!jacobian[c]) {
+            std::fill_n(jac.mutable_data() + c * n * P * L, n * P * L,
+                        std::numeric_limits<double>::quiet_NaN());
+          } else if (!deferred || c % 4 == 0) {
+            index_t ready[2] = {0, 0};
+            for (index_t j = 0; j < P && deferred; ++j) {
+              const index_t p = (P / 2 + j * 7919) % P;  // each pixel once (7919 is prime)
+              if (p < ready[0] || p >= ready[1]) emu.complete(memory, p, p, ready);
+            }
+            copy_jacobians(c);
+          } else {
+            unread = c;
           }
+        }
+        if (unread >= 0) {
+          emu.complete(memory, 0, P - 1, nullptr);
+          copy_jacobians(unread);
         }
       }
       result = py::make_tuple(flux, jac, memory.n_whole, memory.n_updated);
@@ -405,5 +428,5 @@ void bind_fit(py::module_& m) {
         py::arg("n_coef"), py::arg("templates"), py::arg("flux"), py::arg("weight"),
         py::arg("velocities"), py::arg("n_threads"));
   m.def("fit_emulator_remembered", &remembered, py::arg("emulator"), py::arg("x"),
-        py::arg("keys"), py::arg("jacobian"));
+        py::arg("keys"), py::arg("jacobian"), py::arg("deferred") = false);
 }

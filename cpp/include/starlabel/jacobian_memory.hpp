@@ -26,6 +26,9 @@
 // an LM fit does, a single evaluation need not). An updated J equals the whole one up to
 // rounding: the update is exact, and only rounding accumulates (~1e-16 relative per update
 // in double, ~1e-7 when the last layer's products run in float32, MLP::last_weights_f32).
+// The updates run block by block of outputs; a fit defers each block until its pass over the
+// pixels reads it (complete_jacobians), so that the updated rows are read from cache: one
+// pass over each Jacobian in memory per LM step instead of two.
 #pragma once
 
 #include <Eigen/Core>
@@ -74,6 +77,10 @@ struct JacobianMemory {
   std::vector<Change> changes;
   std::vector<T> act, z, m, raw, carried, dense, product, gathered;
   std::vector<float> dense_f32, product_f32;
+  index_t n_cols = 0;  // the updates' dense columns, all items
+  // the last call's updates by block of outputs (1: not yet applied to the Jacobians)
+  std::vector<char> pending;
+  index_t n_pending = 0;
 };
 
 namespace jacobian_memory_detail {
@@ -209,6 +216,90 @@ void keep_transposed_last_layer(MLP<T>& net, std::vector<T>& storage) {
   net.last_weights_t = storage.data();
 }
 
+namespace jacobian_memory_detail {
+
+// Outputs per block of the updates: the packed last layer's (only read when there are updates)
+template <class T>
+index_t update_block(const MLP<T>& net) {
+  return net.last_weights_f32 ? net.packed_last_f32->block() : net.packed_last->block();
+}
+
+// The last call's updates of outputs [p0, p0 + block): P^T = (W_{L-1} [every item's dense
+// columns])^T in one product, then J_i += [P_i | W_{L-1}[:, units_i]] V_i item by item.
+template <class T>
+void apply_update_block(const MLP<T>& net, JacobianMemory<T>& memory, index_t p0) {
+  using namespace mlp_detail;
+  const index_t n_in = net.n_in(), n_out = net.n_out(), H = net.sizes[net.n_layers() - 1];
+  const index_t n_cols = memory.n_cols, nb = std::min(update_block(net), n_out - p0);
+  const bool f32 = net.last_weights_f32 != nullptr;
+  // P^T (n_cols, nb) row-major, in float32 with the float32 last layer, from the layer as
+  // the caller packed it once: Eigen's product packs the block of the layer on every call,
+  // which costs about as much as the product itself when n_cols is a few tens
+  auto product_into = [&](auto& product, const auto& packed, const auto& x) {
+    product.assign(n_cols * nb, 0);
+    packed.add_product(product.data(), nb, x.data(), H, n_cols, p0);
+  };
+  if (n_cols > 0 && f32)
+    product_into(memory.product_f32, *net.packed_last_f32, memory.dense_f32);
+  else if (n_cols > 0)
+    product_into(memory.product, *net.packed_last, memory.dense);
+  for (index_t i : memory.items) {
+    const auto& c = memory.changes[i];
+    const index_t r = c.n_dense + static_cast<index_t>(c.units.size());
+    if (r == 0) continue;  // no sign changed: J is unchanged
+    memory.gathered.resize(nb * r);
+    T* g = memory.gathered.data();  // (nb, r) row-major
+    auto put = [&](index_t col, const auto* values) {  // values (nb,): g's column col
+      for (index_t p = 0; p < nb; ++p) g[p * r + col] = values[p];
+    };
+    for (index_t j = 0; j < c.n_dense; ++j) {
+      const index_t at = (memory.first_col[i] + j) * nb;
+      if (f32)
+        put(j, memory.product_f32.data() + at);
+      else
+        put(j, memory.product.data() + at);
+    }
+    for (std::size_t j = 0; j < c.units.size(); ++j)  // columns of W_{L-1}, read whole
+      put(c.n_dense + j, net.last_weights_t + c.units[j] * n_out + p0);
+    add_product(map(memory.entries[memory.slot[i]].jac.data() + p0 * n_in, nb, n_in, n_in),
+                cmap(g, nb, r, r), cmap(c.v.data(), r, n_in, n_in));
+  }
+}
+
+}  // namespace jacobian_memory_detail
+
+// Completes the Jacobians of the last call to mlp_forward_remembered with `defer` on outputs
+// [row0, row1] (rows outside [0, n_out) are clamped): applies the updates of the blocks of
+// outputs that hold them. ready (or null): [ready[0], ready[1]) the run of outputs around
+// them that are complete. Blocks are independent, so any order gives the same Jacobians.
+template <class T>
+void complete_jacobians(const MLP<T>& net, JacobianMemory<T>& memory, index_t row0,
+                        index_t row1, index_t* ready = nullptr) {
+  using namespace jacobian_memory_detail;
+  const index_t n_out = net.n_out();
+  if (memory.n_pending == 0) {
+    if (ready) ready[0] = 0, ready[1] = n_out;
+    return;
+  }
+  std::vector<char>& pending = memory.pending;
+  const index_t pb = update_block(net), n_blocks = static_cast<index_t>(pending.size());
+  auto block_of = [&](index_t row) { return std::clamp<index_t>(row, 0, n_out - 1) / pb; };
+  const index_t k0 = std::min(block_of(row0), block_of(row1));
+  const index_t k1 = std::max(block_of(row0), block_of(row1));
+  for (index_t k = k0; k <= k1; ++k) {
+    if (!pending[k]) continue;
+    apply_update_block(net, memory, k * pb);
+    pending[k] = 0;
+    --memory.n_pending;
+  }
+  if (!ready) return;
+  index_t a = k0, b = k1 + 1;
+  while (a > 0 && !pending[a - 1]) --a;
+  while (b < n_blocks && !pending[b]) ++b;
+  ready[0] = a * pb;
+  ready[1] = std::min(b * pb, n_out);
+}
+
 // mlp_forward for n inputs, each with a key, and each input's Jacobian kept in the memory.
 //   x        (n, n_in)
 //   keys     (n,)  >= 0; a key seen before names an input near its last one; distinct
@@ -217,15 +308,20 @@ void keep_transposed_last_layer(MLP<T>& net, std::vector<T>& storage) {
 //   jac      (n,) filled with pointers to each input's Jacobian (n_out, n_in) row-major,
 //            valid until the next call with this memory; or null: the spectra only, kept
 //            for a next call at the same inputs (with distinct keys)
+//   defer    leave the Jacobians' updates to complete_jacobians (block by block of outputs,
+//            when the caller reads them: an LM fit's pass over the pixels, which then finds
+//            each block in cache instead of reading every Jacobian from memory once more);
+//            the next call completes whatever is left first
 // Runs on the calling thread (each thread of an LM fit owns a memory).
 template <class T>
 void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, index_t n,
                             T* out, const T** jac, JacobianMemory<T>& memory,
-                            const MLPBlocking& blocking) {
+                            const MLPBlocking& blocking, bool defer = false) {
   using namespace mlp_detail;
   using namespace jacobian_memory_detail;
   using Entry = typename JacobianMemory<T>::Entry;
   using Change = typename JacobianMemory<T>::Change;
+  complete_jacobians(net, memory, 0, net.n_out() - 1);
   if (n <= 0) return;
   const int L = net.n_layers();
   const index_t n_in = net.n_in(), n_out = net.n_out(), H = net.sizes[L - 1];
@@ -354,58 +450,25 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     first_col[i] = n_cols;
     n_cols += c.n_dense;
   }
+  memory.n_cols = n_cols;
   // dense (n_cols, H) row-major: every item's dense columns, as rows
   std::vector<T>& dense = memory.dense;
   dense.resize(n_cols * H);
   for (index_t i : items)
     std::copy_n(changes[i].dense.data(), changes[i].n_dense * H, dense.data() + first_col[i] * H);
-  const bool f32 = net.last_weights_f32 != nullptr;
-  if (f32) memory.dense_f32.assign(dense.begin(), dense.end());
-  const T* w_last_t = net.last_weights_t;
-  const index_t pb = items.empty() ? n_out  // no update
-                   : f32 ? net.packed_last_f32->block() : net.packed_last->block();
-  for (index_t p0 = 0; p0 < n_out && !items.empty(); p0 += pb) {
-    const index_t nb = std::min(pb, n_out - p0);
-    // P^T (n_cols, nb) row-major, in float32 with the float32 last layer, from the layer as
-    // the caller packed it once: Eigen's product packs the block of the layer on every call,
-    // which costs about as much as the product itself when n_cols is a few tens
-    auto product_into = [&](auto& product, const auto& packed, const auto& x) {
-      product.assign(n_cols * nb, 0);
-      packed.add_product(product.data(), nb, x.data(), H, n_cols, p0);
-    };
-    if (n_cols > 0 && f32)
-      product_into(memory.product_f32, *net.packed_last_f32, memory.dense_f32);
-    else if (n_cols > 0)
-      product_into(memory.product, *net.packed_last, dense);
-    for (index_t i : items) {
-      const Change& c = changes[i];
-      const index_t r = c.n_dense + static_cast<index_t>(c.units.size());
-      if (r == 0) continue;  // no sign changed: J is unchanged
-      memory.gathered.resize(nb * r);
-      T* g = memory.gathered.data();  // (nb, r) row-major
-      auto put = [&](index_t col, const auto* values) {  // values (nb,): g's column col
-        for (index_t p = 0; p < nb; ++p) g[p * r + col] = values[p];
-      };
-      for (index_t j = 0; j < c.n_dense; ++j) {
-        const index_t at = (first_col[i] + j) * nb;
-        if (f32)
-          put(j, memory.product_f32.data() + at);
-        else
-          put(j, memory.product.data() + at);
-      }
-      for (std::size_t j = 0; j < c.units.size(); ++j)  // columns of W_{L-1}, read whole
-        put(c.n_dense + j, w_last_t + c.units[j] * n_out + p0);
-      add_product(map(entries[slot[i]].jac.data() + p0 * n_in, nb, n_in, n_in),
-                  cmap(g, nb, r, r), cmap(c.v.data(), r, n_in, n_in));
-    }
+  if (net.last_weights_f32) memory.dense_f32.assign(dense.begin(), dense.end());
+  if (!items.empty()) {
+    const index_t pb = update_block(net);
+    memory.pending.assign((n_out + pb - 1) / pb, 1);
+    memory.n_pending = static_cast<index_t>(memory.pending.size());
   }
-
   for (index_t i = 0; i < n; ++i) {
     Entry& e = entries[slot[i]];
     e.deriv.swap(memory.fresh[i].deriv);
     e.pre.swap(memory.fresh[i].pre);
     jac[i] = e.jac.data();
   }
+  if (!defer) complete_jacobians(net, memory, 0, n_out - 1);
 }
 
 }  // namespace starlabel

@@ -31,11 +31,13 @@
 // OpenMP loop owns the threads), and optionally
 //   struct Memory;   kept by each thread's workspace from call to call
 //   void spectra(const double* x, const index_t* keys, index_t n, double* flux, Memory&,
-//                const double** jac) const;
+//                const double** jac, bool defer) const;
 //        the same with each Jacobian returned as a pointer (n,) to (n_pixels, n_labels) (jac
 //        null: none), and keys[i] the spectrum that x[i] belongs to: an MLP updates that
 //        spectrum's last Jacobian where it can, and reuses the spectrum of its last trial
-//        step (jacobian_memory.hpp)
+//        step (jacobian_memory.hpp); with defer, rows of the Jacobians are only valid once
+//   void complete(Memory&, index_t row0, index_t row1, index_t* ready) const;
+//        has been called for them (ready: the run of valid rows around [row0, row1])
 // All parameter vectors of an LM batch go through the emulator together, so an MLP's
 // Jacobian is matrix-matrix work.
 // ShiftedSpectrumModel is a per-pixel spectrum model for PixelObjective / fit_lm (lm.hpp).
@@ -319,6 +321,8 @@ struct ShiftedSpectrumModel {
     const double* dflux_dvsini = nullptr;  // (n_model,) when vsini is fitted
     const double* coef = nullptr;  // continuum coefficients inside the parameter vector
     double inv_doppler = 1.0, dlnw_dv = 0.0;
+    // the emulator's memory when rows of jac must be completed before they are read
+    typename spectrum_detail::MemoryOf<Emulator>::type* memory = nullptr;
   };
   // LM alternates between all of a batch's trial steps and the accepted ones: the buffers only
   // grow, and are never zeroed (every value is written before it is read; zeroing was tens of
@@ -346,9 +350,11 @@ struct ShiftedSpectrumModel {
     for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, labels + i * L);
     std::vector<const double*>& jac_of = ws.jac_of;
     jac_of.assign(n, nullptr);
+    // broadening reads whole Jacobians: no deferred updates then
+    const bool defer = with_jacobian && !layout.broadens();
     if constexpr (spectrum_detail::MemoryOf<Emulator>::remembers) {
       emulator.spectra(labels, rows.data(), n, emulated_flux, ws.memory,
-                       with_jacobian ? jac_of.data() : nullptr);
+                       with_jacobian ? jac_of.data() : nullptr, defer);
     } else {
       double* emulated_jac = with_jacobian ? ws.jac.at_least(n * M * L) : nullptr;
       emulator.spectra(labels, n, emulated_flux, emulated_jac);
@@ -397,6 +403,8 @@ struct ShiftedSpectrumModel {
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
                                state.dlnw_dv);
       state.coef = xs[i] + layout.coef_index();  // xs outlive the evaluation (lm.hpp keeps them)
+      if constexpr (spectrum_detail::MemoryOf<Emulator>::remembers)
+        state.memory = defer ? &ws.memory : nullptr;
     }
   }
 
@@ -411,11 +419,16 @@ struct ShiftedSpectrumModel {
     const double* f = state.flux;
     const double* jm = state.jac;
     index_t hint = 0;
+    // model rows [ready[0], ready[1]) of jm are valid (the emulator completes them on demand)
+    index_t ready[2] = {0, state.memory ? 0 : layout.n_model};
     for (index_t j = 0; j < nb; ++j) {
       const index_t p = p0 + j;
       const double w = layout.obs_wave[p] * state.inv_doppler;
       const spectrum_detail::Interp in =
           spectrum_detail::locate(layout.model_wave, layout.n_model, w, hint);
+      if constexpr (spectrum_detail::MemoryOf<Emulator>::remembers)
+        if (jac_out && (in.i0 < ready[0] || in.i1 >= ready[1]))
+          emulator.complete(*state.memory, in.i0, in.i1, ready);
       const double model = f[in.i0] + in.t * (f[in.i1] - f[in.i0]);
       const std::int32_t s = layout.segment[p];
       const double* t = cheb.data() + p * K;
