@@ -112,11 +112,15 @@ struct Interp {
 };
 
 // hint: the previous call's interval end (0 to start). Consecutive observed pixels fall in
-// the same or a following interval, so the search walks on from there; otherwise it bisects.
+// the same or a following interval, so the search walks on from there, a few intervals at
+// most (a pixel past a chip gap would walk thousands); otherwise it bisects.
 inline Interp locate(const double* grid, index_t n, double w, index_t& hint) {
+  constexpr index_t max_walk = 8;
   index_t hi = hint;
   if (hi > 0 && hi < n && grid[hi - 1] <= w) {
-    while (hi < n && grid[hi] <= w) ++hi;
+    const index_t stop = std::min(n, hi + max_walk);
+    while (hi < stop && grid[hi] <= w) ++hi;
+    if (hi == stop) hi = std::upper_bound(grid + hi, grid + n, w) - grid;
   } else {
     hi = std::upper_bound(grid, grid + n, w) - grid;
   }
