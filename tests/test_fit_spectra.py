@@ -748,6 +748,38 @@ def test_mlp_fit_parity_and_recovery(isa_core, dtype):
     np.testing.assert_allclose(a.labels, lab, atol=1e-4)
 
 
+def test_float32_relu_mlp_fit_with_broadening_parity(isa_core):
+    """A float32 network's Jacobians are kept and updated in float32 (jacobian_memory.hpp),
+    and broadening reads them whole: a leaky-ReLU network's fit of labels, RV and a fitted
+    Gaussian width agrees between backends and recovers the truth of noiseless spectra."""
+    wave = log_grid(15200.0, 400)
+    rng = np.random.default_rng(12)
+    model = PayneModel(["A", "B"], hidden=(24, 24), activation="leaky_relu", dtype="float32",
+                       wavelength=wave)
+    sizes = (2, 24, 24, wave.size)
+    weights = [(rng.normal(size=(o, i)) / np.sqrt(i) * (0.1 if o == wave.size else 1.0))
+               .astype(np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [rng.normal(0, 0.1, o).astype(np.float32) for o in sizes[1:]]
+    biases[-1] += 1
+    model._set_network(weights, biases, np.zeros(2), np.ones(2))
+    lab, rv, sigma = np.array([[0.35, 0.6], [0.7, 0.4]]), np.array([-40.0, 25.0]), [6.0, 9.0]
+    kernels = starlabel.fitting._broadening({"sigma": np.array(sigma)}, wave, 2)["kernels"]
+    broad, _ = starlabel.preprocess.broaden(wave, model.predict(lab).astype(np.float64),
+                                            np.ones((2, wave.size)), kernels, min_weight=1e-9)
+    flux = np.array([np.interp(wave / doppler_factor(v), wave, f) for v, f in zip(rv, broad)])
+    ivar = np.full_like(flux, 1e6)
+    kw = dict(rv_range=(-100, 100), initial=[0.5, 0.5],
+              broadening={"sigma": "fit", "sigma_max": 30.0})
+    a = starlabel.fit_spectra(model, flux, ivar, backend="fast", **kw)
+    b = starlabel.fit_spectra(model, flux, ivar, backend="reference", **kw)
+    assert np.all(a.status == FitStatus.CONVERGED) and np.all(b.status == FitStatus.CONVERGED)
+    np.testing.assert_allclose(a.labels, b.labels, rtol=0, atol=1e-6 * a.errors.min())
+    np.testing.assert_allclose(a.sigma, b.sigma, rtol=0, atol=1e-6 * a.sigma_error.min())
+    np.testing.assert_allclose(a.labels, lab, atol=1e-4)
+    np.testing.assert_allclose(a.rv, rv, atol=1e-2)
+    np.testing.assert_allclose(a.sigma, sigma, atol=1e-2)
+
+
 def test_start_grid_spans_the_box_and_starts_a_fit(lines):
     """start_grid: a Cartesian grid at the centres of equal slices of the gridded labels'
     training ranges, the others at the box centre; as ``initial`` it leads a fit to a truth in

@@ -70,7 +70,7 @@ struct MLPEmulator {
     mlp_forward(net, x, n, flux, jac, 1, blocking(n));
   }
   void spectra(const double* x, const index_t* keys, index_t n, double* flux, Memory& memory,
-               const double** jac, bool defer) const {
+               EitherPrecision<double>* jac, bool defer) const {
     mlp_forward_remembered(net, x, keys, n, flux, jac, memory, blocking(n), defer);
   }
   void complete(Memory& memory, index_t row0, index_t row1, index_t* ready) const {
@@ -370,12 +370,17 @@ py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::han
       typename E::Memory memory;
       {
         py::gil_scoped_release release;
-        std::vector<const double*> jac_of(n);
+        std::vector<EitherPrecision<double>> jac_of(n);
         std::vector<index_t> call_keys(n);
         index_t unread = -1;  // a call whose Jacobians are copied after the next call
         auto copy_jacobians = [&](index_t c) {
-          for (index_t i = 0; i < n; ++i)
-            std::copy_n(jac_of[i], P * L, jac.mutable_data() + (c * n + i) * P * L);
+          for (index_t i = 0; i < n; ++i) {
+            double* dst = jac.mutable_data() + (c * n + i) * P * L;
+            if (jac_of[i].values_f32)
+              std::copy_n(jac_of[i].values_f32, P * L, dst);
+            else
+              std::copy_n(jac_of[i].values, P * L, dst);
+          }
         };
         for (index_t c = 0; c < n_calls; ++c) {
           std::copy_n(keys.data() + c * n, n, call_keys.data());

@@ -67,6 +67,14 @@ enum PixelStatus : std::int8_t {
   PIXEL_NOT_CONVERGED = 3     // s2 or L1 iterations hit their limit (theta, s2 usable but not final)
 };
 
+// A matrix an emulator keeps in one of two precisions (exactly one pointer is set): a float32
+// network's Jacobian in float32 (its products are float32), any other in T.
+template <class T>
+struct EitherPrecision {
+  const T* values = nullptr;
+  const float* values_f32 = nullptr;
+};
+
 // Number of threads for a kernel: n_threads <= 0 means the OpenMP default
 // (OMP_NUM_THREADS, omp_set_num_threads or threadpoolctl's limit).
 inline int resolve_threads(int n_threads) {

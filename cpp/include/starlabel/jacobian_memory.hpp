@@ -25,7 +25,8 @@
 // gives no MLP::last_weights_t and packed last layer, MLP::packed_last or packed_last_f32:
 // an LM fit does, a single evaluation need not). An updated J equals the whole one up to
 // rounding: the update is exact, and only rounding accumulates (~1e-16 relative per update
-// in double, ~1e-7 when the last layer's products run in float32, MLP::last_weights_f32).
+// in double, ~1e-7 for a float32 network, MLP::last_weights_f32, whose J is kept and updated
+// in float32).
 // The updates run block by block of outputs; a fit defers each block until its pass over the
 // pixels reads it (complete_jacobians), so that the updated rows are read from cache: one
 // pass over each Jacobian in memory per LM step instead of two.
@@ -47,7 +48,8 @@ struct JacobianMemory {
   struct Entry {
     index_t key = -1;            // -1: none yet
     std::uint64_t last_use = 0;  // the call that last used it (least recently used is reused)
-    std::vector<T> jac;          // (n_out, n_in)
+    std::vector<T> jac;          // (n_out, n_in), or (a float32 network) in jac_f32
+    std::vector<float> jac_f32;
     std::vector<std::vector<T>> deriv;  // deriv[l] (sizes[l + 1],): D_l of hidden layer l
     std::vector<std::vector<T>> pre;    // pre[l] (sizes[l + 1], n_in): A_l (l >= 1; A_0 = W_0)
     // the input and spectrum of the key's last call without Jacobians (an LM trial step),
@@ -76,7 +78,7 @@ struct JacobianMemory {
   std::vector<Entry> fresh;  // each item's new D_l and A_l
   std::vector<Change> changes;
   std::vector<T> act, z, m, raw, carried, dense, product, gathered;
-  std::vector<float> dense_f32, product_f32;
+  std::vector<float> dense_f32, product_f32, gathered_f32, v_f32;
   index_t n_cols = 0;  // the updates' dense columns, all items
   // the last call's updates by block of outputs (1: not yet applied to the Jacobians)
   std::vector<char> pending;
@@ -243,26 +245,32 @@ void apply_update_block(const MLP<T>& net, JacobianMemory<T>& memory, index_t p0
     product_into(memory.product_f32, *net.packed_last_f32, memory.dense_f32);
   else if (n_cols > 0)
     product_into(memory.product, *net.packed_last, memory.dense);
-  for (index_t i : memory.items) {
-    const auto& c = memory.changes[i];
+  // J_i's block += G V_i, G = [P_i | W_{L-1}[:, units_i]] (nb, r) row-major, in J's precision
+  auto update = [&](auto* jac, auto& gathered, const auto& product, const auto* v,
+                    const auto& c, index_t first_col) {
     const index_t r = c.n_dense + static_cast<index_t>(c.units.size());
-    if (r == 0) continue;  // no sign changed: J is unchanged
-    memory.gathered.resize(nb * r);
-    T* g = memory.gathered.data();  // (nb, r) row-major
+    gathered.resize(nb * r);
+    auto* g = gathered.data();
     auto put = [&](index_t col, const auto* values) {  // values (nb,): g's column col
       for (index_t p = 0; p < nb; ++p) g[p * r + col] = values[p];
     };
-    for (index_t j = 0; j < c.n_dense; ++j) {
-      const index_t at = (memory.first_col[i] + j) * nb;
-      if (f32)
-        put(j, memory.product_f32.data() + at);
-      else
-        put(j, memory.product.data() + at);
-    }
+    for (index_t j = 0; j < c.n_dense; ++j) put(j, product.data() + (first_col + j) * nb);
     for (std::size_t j = 0; j < c.units.size(); ++j)  // columns of W_{L-1}, read whole
       put(c.n_dense + j, net.last_weights_t + c.units[j] * n_out + p0);
-    add_product(map(memory.entries[memory.slot[i]].jac.data() + p0 * n_in, nb, n_in, n_in),
-                cmap(g, nb, r, r), cmap(c.v.data(), r, n_in, n_in));
+    add_product(map(jac + p0 * n_in, nb, n_in, n_in), cmap(g, nb, r, r), cmap(v, r, n_in, n_in));
+  };
+  for (index_t i : memory.items) {
+    const auto& c = memory.changes[i];
+    if (c.n_dense + c.units.size() == 0) continue;  // no sign changed: J is unchanged
+    auto& entry = memory.entries[memory.slot[i]];
+    if (f32) {
+      memory.v_f32.assign(c.v.begin(), c.v.end());
+      update(entry.jac_f32.data(), memory.gathered_f32, memory.product_f32, memory.v_f32.data(),
+             c, memory.first_col[i]);
+    } else {
+      update(entry.jac.data(), memory.gathered, memory.product, c.v.data(), c,
+             memory.first_col[i]);
+    }
   }
 }
 
@@ -307,7 +315,11 @@ void complete_jacobians(const MLP<T>& net, JacobianMemory<T>& memory, index_t ro
 //   out      (n, n_out)
 //   jac      (n,) filled with pointers to each input's Jacobian (n_out, n_in) row-major,
 //            valid until the next call with this memory; or null: the spectra only, kept
-//            for a next call at the same inputs (with distinct keys)
+//            for a next call at the same inputs (with distinct keys). A float32 network's
+//            (net.last_weights_f32) are kept in float32: computed whole they are float32
+//            products, and each update adds ~1e-7 relative rounding either way; half the
+//            bytes to update and read per LM step
+
 //   defer    leave the Jacobians' updates to complete_jacobians (block by block of outputs,
 //            when the caller reads them: an LM fit's pass over the pixels, which then finds
 //            each block in cache instead of reading every Jacobian from memory once more);
@@ -315,7 +327,7 @@ void complete_jacobians(const MLP<T>& net, JacobianMemory<T>& memory, index_t ro
 // Runs on the calling thread (each thread of an LM fit owns a memory).
 template <class T>
 void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, index_t n,
-                            T* out, const T** jac, JacobianMemory<T>& memory,
+                            T* out, EitherPrecision<T>* jac, JacobianMemory<T>& memory,
                             const MLPBlocking& blocking, bool defer = false) {
   using namespace mlp_detail;
   using namespace jacobian_memory_detail;
@@ -431,9 +443,12 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     for (index_t j = 0; j < m; ++j) {
       std::copy_n(flux_sub.data() + j * n_out, n_out, out + to_run[j] * n_out);
       if (!with_jac) continue;
-      std::vector<T>& dst = entries[slot[to_run[j]]].jac;
-      dst.resize(n_out * n_in);
-      std::copy_n(jac_sub.data() + j * n_out * n_in, n_out * n_in, dst.data());
+      Entry& e = entries[slot[to_run[j]]];
+      const T* whole_jac = jac_sub.data() + j * n_out * n_in;
+      if (net.last_weights_f32)
+        e.jac_f32.assign(whole_jac, whole_jac + n_out * n_in);  // exact: float32 products
+      else
+        e.jac.assign(whole_jac, whole_jac + n_out * n_in);
     }
   }
 
@@ -446,7 +461,10 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     Change& c = changes[i];
     const Entry& from = c.from < 0 ? entries[slot[i]] : fresh[c.from];
     low_rank_change(net, from, fresh[i], c, memory);
-    if (c.from >= 0) entries[slot[i]].jac = entries[slot[c.from]].jac;
+    if (c.from >= 0 && net.last_weights_f32)
+      entries[slot[i]].jac_f32 = entries[slot[c.from]].jac_f32;
+    else if (c.from >= 0)
+      entries[slot[i]].jac = entries[slot[c.from]].jac;
     first_col[i] = n_cols;
     n_cols += c.n_dense;
   }
@@ -466,7 +484,11 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     Entry& e = entries[slot[i]];
     e.deriv.swap(memory.fresh[i].deriv);
     e.pre.swap(memory.fresh[i].pre);
-    jac[i] = e.jac.data();
+    jac[i] = {};
+    if (net.last_weights_f32)
+      jac[i].values_f32 = e.jac_f32.data();
+    else
+      jac[i].values = e.jac.data();
   }
   if (!defer) complete_jacobians(net, memory, 0, n_out - 1);
 }

@@ -31,11 +31,12 @@
 // OpenMP loop owns the threads), and optionally
 //   struct Memory;   kept by each thread's workspace from call to call
 //   void spectra(const double* x, const index_t* keys, index_t n, double* flux, Memory&,
-//                const double** jac, bool defer) const;
-//        the same with each Jacobian returned as a pointer (n,) to (n_pixels, n_labels) (jac
-//        null: none), and keys[i] the spectrum that x[i] belongs to: an MLP updates that
-//        spectrum's last Jacobian where it can, and reuses the spectrum of its last trial
-//        step (jacobian_memory.hpp); with defer, rows of the Jacobians are only valid once
+//                EitherPrecision<double>* jac, bool defer) const;
+//        the same with each Jacobian returned as a pointer (n,) to (n_pixels, n_labels), in
+//        double or float32 (jac null: none), and keys[i] the spectrum that x[i] belongs to:
+//        an MLP updates that spectrum's last Jacobian where it can, and reuses the spectrum
+//        of its last trial step (jacobian_memory.hpp); with defer, rows of the Jacobians are
+//        only valid once
 //   void complete(Memory&, index_t row0, index_t row1, index_t* ready) const;
 //        has been called for them (ready: the run of valid rows around [row0, row1])
 // All parameter vectors of an LM batch go through the emulator together, so an MLP's
@@ -146,14 +147,16 @@ inline std::vector<double> chebyshev_table(const FitLayout& lay) {
   return table;
 }
 
-// Broaden every column of values (n_model, n_cols) row-major with a centred kernel of n_taps
+// Broaden every column of values (n_model, n_cols) row-major (double, or float32 for a
+// Jacobian kept in float32) with a centred kernel of n_taps
 // (odd) along the model grid, within each kernel segment (see FitLayout):
 // out_j = sum_t K_t v_i / sum_t K_t over the taps with i = j + t - n_taps / 2 inside j's
 // segment. With dkernel (dK/dq, q a fitted kernel width) and n_cols == 1 also its derivative
 // dout_j = (sum_t dK_t v_i - out_j sum_t dK_t) / sum_t K_t.
-inline void broaden_columns(const FitLayout& lay, const double* kernel, index_t n_taps,
-                            const double* values, index_t n_cols, double* out,
-                            const double* dkernel = nullptr, double* dout = nullptr) {
+template <class V>
+void broaden_columns(const FitLayout& lay, const double* kernel, index_t n_taps, const V* values,
+                     index_t n_cols, double* out, const double* dkernel = nullptr,
+                     double* dout = nullptr) {
   const index_t centre = n_taps / 2;
   for (index_t g = 0; g < lay.n_kernel_segments; ++g) {
     const index_t start = lay.kernel_segments[2 * g], stop = lay.kernel_segments[2 * g + 1];
@@ -165,7 +168,7 @@ inline void broaden_columns(const FitLayout& lay, const double* kernel, index_t 
       double weight = 0.0, dweight = 0.0, dsum = 0.0;
       for (index_t t = t0; t < t1; ++t) {
         const double k = kernel[t];
-        const double* v = values + (j + t - centre) * n_cols;
+        const V* v = values + (j + t - centre) * n_cols;
         weight += k;
         for (index_t c = 0; c < n_cols; ++c) o[c] += k * v[c];
         if (dkernel) {
@@ -320,7 +323,8 @@ struct ShiftedSpectrumModel {
 
   struct State {
     const double* flux = nullptr;  // the emulator on the model grid (n_model,), in the workspace
-    const double* jac = nullptr;   // (n_model, n_labels) or null
+    const double* jac = nullptr;   // (n_model, n_labels) or null, or in float32:
+    const float* jac_f32 = nullptr;
     const double* dflux_dsigma = nullptr;  // (n_model,) when sigma is fitted
     const double* dflux_dvsini = nullptr;  // (n_model,) when vsini is fitted
     const double* coef = nullptr;  // continuum coefficients inside the parameter vector
@@ -338,7 +342,7 @@ struct ShiftedSpectrumModel {
     GrowingBuffer<double> dflux_dsigma, dflux_dvsini;  // (n, n_model) each, when fitted
     spectrum_detail::FittedKernel fitted;             // one item's kernel
     typename spectrum_detail::MemoryOf<Emulator>::type memory;
-    std::vector<const double*> jac_of;  // (n,) each item's Jacobian (n_model, n_labels)
+    std::vector<EitherPrecision<double>> jac_of;  // (n,) each item's (n_model, n_labels)
   };
 
   ShiftedSpectrumModel(const Emulator& emu, const FitLayout& lay)
@@ -352,8 +356,8 @@ struct ShiftedSpectrumModel {
     double* labels = ws.labels.at_least(n * L);
     double* emulated_flux = ws.flux.at_least(n * M);
     for (index_t i = 0; i < n; ++i) std::copy_n(xs[i], L, labels + i * L);
-    std::vector<const double*>& jac_of = ws.jac_of;
-    jac_of.assign(n, nullptr);
+    std::vector<EitherPrecision<double>>& jac_of = ws.jac_of;
+    jac_of.assign(n, {});
     // broadening reads whole Jacobians: no deferred updates then
     const bool defer = with_jacobian && !layout.broadens();
     if constexpr (spectrum_detail::MemoryOf<Emulator>::remembers) {
@@ -362,7 +366,8 @@ struct ShiftedSpectrumModel {
     } else {
       double* emulated_jac = with_jacobian ? ws.jac.at_least(n * M * L) : nullptr;
       emulator.spectra(labels, n, emulated_flux, emulated_jac);
-      for (index_t i = 0; i < n && with_jacobian; ++i) jac_of[i] = emulated_jac + i * M * L;
+      for (index_t i = 0; i < n && with_jacobian; ++i)
+        jac_of[i].values = emulated_jac + i * M * L;
     }
     const double* flux = emulated_flux;
     double* dflux_dsigma = nullptr;
@@ -384,9 +389,13 @@ struct ShiftedSpectrumModel {
         double* broad = broad_flux + i * M;
         spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad);
         if (!with_jacobian) continue;
-        spectrum_detail::broaden_columns(layout, kernel, n_taps, jac_of[i], L,
-                                         broad_jac + i * M * L);
-        jac_of[i] = broad_jac + i * M * L;
+        if (jac_of[i].values_f32)
+          spectrum_detail::broaden_columns(layout, kernel, n_taps, jac_of[i].values_f32, L,
+                                           broad_jac + i * M * L);
+        else
+          spectrum_detail::broaden_columns(layout, kernel, n_taps, jac_of[i].values, L,
+                                           broad_jac + i * M * L);
+        jac_of[i] = {broad_jac + i * M * L, nullptr};
         // each width's derivative: one more pass over the flux column (recomputes `broad`)
         if (layout.fit_sigma)
           spectrum_detail::broaden_columns(layout, kernel, n_taps, flux + i * M, 1, broad,
@@ -401,7 +410,8 @@ struct ShiftedSpectrumModel {
     for (index_t i = 0; i < n; ++i) {
       State& state = states[i];
       state.flux = flux + i * M;
-      state.jac = jac_of[i];
+      state.jac = jac_of[i].values;
+      state.jac_f32 = jac_of[i].values_f32;
       state.dflux_dsigma = dflux_dsigma ? dflux_dsigma + i * M : nullptr;
       state.dflux_dvsini = dflux_dvsini ? dflux_dvsini + i * M : nullptr;
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
@@ -421,9 +431,8 @@ struct ShiftedSpectrumModel {
     const index_t nb = p1 - p0, L = layout.n_labels, K = layout.n_coef;
     const index_t np = n_params(), c0 = layout.coef_index();
     const double* f = state.flux;
-    const double* jm = state.jac;
     index_t hint = 0;
-    // model rows [ready[0], ready[1]) of jm are valid (the emulator completes them on demand)
+    // model rows [ready[0], ready[1]) of the Jacobian are valid (completed on demand)
     index_t ready[2] = {0, state.memory ? 0 : layout.n_model};
     for (index_t j = 0; j < nb; ++j) {
       const index_t p = p0 + j;
@@ -445,9 +454,18 @@ struct ShiftedSpectrumModel {
       flux_out[j] = cont * model;
       if (!jac_out) continue;
       double* row = jac_out + j * np;
-      const double* j0 = jm + in.i0 * L;
-      const double* j1 = jm + in.i1 * L;
-      for (index_t a = 0; a < L; ++a) row[a] = cont * (j0[a] + in.t * (j1[a] - j0[a]));
+      auto interpolate = [&](const auto* jm) {  // in double whatever jm holds
+        const auto* j0 = jm + in.i0 * L;
+        const auto* j1 = jm + in.i1 * L;
+        for (index_t a = 0; a < L; ++a) {
+          const double at0 = j0[a], at1 = j1[a];
+          row[a] = cont * (at0 + in.t * (at1 - at0));
+        }
+      };
+      if (state.jac_f32)
+        interpolate(state.jac_f32);
+      else
+        interpolate(state.jac);
       if (layout.fit_rv) {
         const double slope = (f[in.i1] - f[in.i0]) * in.inv_dw;
         row[layout.rv_index()] = cont * slope * w * state.dlnw_dv;
