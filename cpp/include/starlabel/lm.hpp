@@ -108,6 +108,11 @@ struct ManyScratchOf<M, true> {
 //        flux_out (p1 - p0,), jac_out or null: (p1 - p0, n_params) row-major when
 //        jacobian_by_pixel, else (n_params, p1 - p0) row-major
 //   static constexpr bool jacobian_by_pixel;  the layout its evaluate() writes fastest
+// and, by pixel,
+//   index_t block_columns(index_t p0, index_t p1, index_t* columns) const;
+//        the parameters (ascending, into columns (n_params,)) whose Jacobian column may be
+//        non-zero on pixels [p0, p1), and how many: J^T W J sums only those (a pixel of one
+//        continuum segment has no derivative in the others' coefficients)
 // Every evaluation sweeps the pixels block by block and all spectra of a batch use a block
 // while it is in cache.
 //   flux, ivar      (n_spectra, n_pixels)  ivar == 0 ignores a pixel (its flux may be NaN)
@@ -139,11 +144,23 @@ struct PixelObjective {
     std::vector<double> model_flux, wresid, jac, wjac;
     // by pixel: per item, [J r]^T W [J r] over the upper triangle, (n_params + 1) square
     std::vector<Eigen::MatrixXd> extended;
+    std::vector<index_t> columns;  // a pixel block's columns that may be non-zero
+    std::vector<index_t> runs;     // ... as runs of consecutive ones
+    Eigen::MatrixXd block_sum;     // their part of [J r]^T W [J r] on the block
     typename detail::ManyScratchOf<Model, many>::type scratch;
   };
 
   index_t n_params() const { return model.n_params(); }
   index_t n_spectra() const { return n_spectra_total; }
+
+  index_t block_columns(index_t p0, index_t p1, index_t* columns) const {
+    if constexpr (Model::jacobian_by_pixel) {
+      return model.block_columns(p0, p1, columns);
+    } else {
+      (void)p0, (void)p1, (void)columns;
+      return model.n_params();
+    }
+  }
 
   void begin_batch(index_t s0, index_t s1, Batch& batch) const {
     const index_t n_pixels = model.n_pixels;
@@ -178,8 +195,7 @@ struct PixelObjective {
     batch.model_flux.resize(per_item * pixel_block);
     if (with_jacobian) batch.jac.resize(per_item * np * pixel_block);
     batch.wresid.resize(pixel_block);
-    // by pixel, the rows of sqrt(W) [J r] are padded for NormalMatrix: zeroed once, the
-    // padding is never written
+    // by pixel, the rows of sqrt(W) [J r] are padded for NormalMatrix (at most this long)
     const index_t ld_wjac = Model::jacobian_by_pixel ? NormalMatrix::padded(np + 1) : np;
     if (Model::jacobian_by_pixel && with_jacobian) {
       batch.extended.resize(n_items);
@@ -190,6 +206,21 @@ struct PixelObjective {
     double* wjac = batch.wjac.data();
     for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
       const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
+      // by pixel: the block's columns, as runs {from, to, length} of J's columns into wjac's
+      index_t n_cols = np;
+      std::vector<index_t>& runs = batch.runs;
+      runs.clear();
+      if (Model::jacobian_by_pixel && with_jacobian) {
+        batch.columns.resize(np);
+        n_cols = block_columns(p0, p1, batch.columns.data());
+        const index_t* col = batch.columns.data();
+        for (index_t q = 0; q < n_cols; ++q) {
+          if (q > 0 && col[q] == col[q - 1] + 1)
+            ++runs.back();
+          else
+            runs.insert(runs.end(), {col[q], q, 1});
+        }
+      }
       if constexpr (many)
         model.evaluate_many(batch.states, n_items, p0, p1, batch.scratch, batch.model_flux.data(),
                             with_jacobian ? batch.jac.data() : nullptr);
@@ -212,16 +243,32 @@ struct PixelObjective {
         out[i].n_used += used;
         if (!with_jacobian) continue;
         // Zero-weight pixels may hold non-finite model derivatives (untrained pixels): drop them.
-        if constexpr (Model::jacobian_by_pixel) {  // jac (nb, np), wjac (nb, ld_wjac) row-major
-          // the weighted residual as one more column: J^T W r comes with J^T W J, in its last
-          // column, instead of from a separate pass over sqrt(W) J
+        if constexpr (Model::jacobian_by_pixel) {  // jac (nb, np), wjac (nb, ld) row-major
+          // the block's columns, then the weighted residual as one more column: J^T W r comes
+          // with J^T W J, in its last column, instead of from a separate pass over sqrt(W) J
+          const index_t ld = NormalMatrix::padded(n_cols + 1);
           for (index_t j = 0; j < nb; ++j) {
             const double sw = sqrt_weight[j];
-            for (index_t a = 0; a < np; ++a)
-              wjac[j * ld_wjac + a] = sw > 0.0 ? jac[j * np + a] * sw : 0.0;
-            wjac[j * ld_wjac + np] = batch.wresid[j];
+            double* w = wjac + j * ld;
+            for (std::size_t u = 0; u < runs.size(); u += 3) {
+              const double* from = jac + j * np + runs[u];
+              double* to = w + runs[u + 1];
+              for (index_t a = 0; a < runs[u + 2]; ++a) to[a] = sw > 0.0 ? from[a] * sw : 0.0;
+            }
+            w[n_cols] = batch.wresid[j];
+            std::fill(w + n_cols + 1, w + ld, 0.0);
           }
-          NormalMatrix::add_upper(wjac, nb, np + 1, batch.extended[i].data(), np + 1);
+          if (n_cols == np) {
+            NormalMatrix::add_upper(wjac, nb, np + 1, batch.extended[i].data(), np + 1);
+          } else {  // summed from zero, then added: each entry's sum is the same either way
+            batch.block_sum.setZero(n_cols + 1, n_cols + 1);
+            NormalMatrix::add_upper(wjac, nb, n_cols + 1, batch.block_sum.data(), n_cols + 1);
+            Eigen::MatrixXd& e = batch.extended[i];
+            const index_t* col = batch.columns.data();
+            for (index_t r = 0; r <= n_cols; ++r)
+              for (index_t q = 0; q <= r; ++q)
+                e(q < n_cols ? col[q] : np, r < n_cols ? col[r] : np) += batch.block_sum(q, r);
+          }
         } else {  // (np, nb) row-major
           for (index_t a = 0; a < np; ++a)
             for (index_t j = 0; j < nb; ++j)

@@ -426,6 +426,23 @@ struct ShiftedSpectrumModel {
   // row is written contiguously.
   static constexpr bool jacobian_by_pixel = true;
 
+  // Every parameter but the continuum coefficients of segments without a pixel in [p0, p1)
+  // (all of those from the block's first to its last segment: segments are runs of pixels)
+  index_t block_columns(index_t p0, index_t p1, index_t* columns) const {
+    const index_t c0 = layout.coef_index(), K = layout.n_coef;
+    index_t first = layout.n_segments, last = -1;
+    for (index_t p = p0; p < p1 && K > 0; ++p) {
+      const index_t s = layout.segment[p];
+      if (s < 0) continue;
+      first = std::min(first, s);
+      last = std::max(last, s);
+    }
+    index_t n = 0;
+    for (index_t a = 0; a < c0; ++a) columns[n++] = a;
+    for (index_t a = c0 + first * K; a < c0 + (last + 1) * K; ++a) columns[n++] = a;
+    return n;
+  }
+
   // flux_out (p1 - p0,), jac_out (p1 - p0, n_params) row-major or null.
   void evaluate(const State& state, index_t p0, index_t p1, double* flux_out, double* jac_out) const {
     const index_t nb = p1 - p0, L = layout.n_labels, K = layout.n_coef;
