@@ -319,7 +319,6 @@ void complete_jacobians(const MLP<T>& net, JacobianMemory<T>& memory, index_t ro
 //            (net.last_weights_f32) are kept in float32: computed whole they are float32
 //            products, and each update adds ~1e-7 relative rounding either way; half the
 //            bytes to update and read per LM step
-
 //   defer    leave the Jacobians' updates to complete_jacobians (block by block of outputs,
 //            when the caller reads them: an LM fit's pass over the pixels, which then finds
 //            each block in cache instead of reading every Jacobian from memory once more);

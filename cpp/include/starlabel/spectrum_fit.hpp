@@ -35,10 +35,11 @@
 //        the same with each Jacobian returned as a pointer (n,) to (n_pixels, n_labels), in
 //        double or float32 (jac null: none), and keys[i] the spectrum that x[i] belongs to:
 //        an MLP updates that spectrum's last Jacobian where it can, and reuses the spectrum
-//        of its last trial step (jacobian_memory.hpp); with defer, rows of the Jacobians are
-//        only valid once
+//        of its last trial step (jacobian_memory.hpp); with defer, a row of a Jacobian is
+//        valid only once complete() has been called for it:
 //   void complete(Memory&, index_t row0, index_t row1, index_t* ready) const;
-//        has been called for them (ready: the run of valid rows around [row0, row1])
+//        completes rows [row0, row1] of the last call's Jacobians; ready (2,): the run of
+//        valid rows around them
 // All parameter vectors of an LM batch go through the emulator together, so an MLP's
 // Jacobian is matrix-matrix work.
 // ShiftedSpectrumModel is a per-pixel spectrum model for PixelObjective / fit_lm (lm.hpp).
