@@ -258,17 +258,14 @@ struct PixelObjective {
             w[n_cols] = batch.wresid[j];
             std::fill(w + n_cols + 1, w + ld, 0.0);
           }
-          if (n_cols == np) {
-            NormalMatrix::add_upper(wjac, nb, np + 1, batch.extended[i].data(), np + 1);
-          } else {  // summed from zero, then added: each entry's sum is the same either way
-            batch.block_sum.setZero(n_cols + 1, n_cols + 1);
-            NormalMatrix::add_upper(wjac, nb, n_cols + 1, batch.block_sum.data(), n_cols + 1);
-            Eigen::MatrixXd& e = batch.extended[i];
-            const index_t* col = batch.columns.data();
-            for (index_t r = 0; r <= n_cols; ++r)
-              for (index_t q = 0; q <= r; ++q)
-                e(q < n_cols ? col[q] : np, r < n_cols ? col[r] : np) += batch.block_sum(q, r);
-          }
+          // summed from zero, then added: each entry is the block's one sum, added to the total
+          batch.block_sum.setZero(n_cols + 1, n_cols + 1);
+          NormalMatrix::add_upper(wjac, nb, n_cols + 1, batch.block_sum.data(), n_cols + 1);
+          Eigen::MatrixXd& e = batch.extended[i];
+          const index_t* col = batch.columns.data();
+          for (index_t r = 0; r <= n_cols; ++r)
+            for (index_t q = 0; q <= r; ++q)
+              e(q < n_cols ? col[q] : np, r < n_cols ? col[r] : np) += batch.block_sum(q, r);
         } else {  // (np, nb) row-major
           for (index_t a = 0; a < np; ++a)
             for (index_t j = 0; j < nb; ++j)

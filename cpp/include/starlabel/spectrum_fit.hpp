@@ -324,8 +324,7 @@ struct ShiftedSpectrumModel {
 
   struct State {
     const double* flux = nullptr;  // the emulator on the model grid (n_model,), in the workspace
-    const double* jac = nullptr;   // (n_model, n_labels) or null, or in float32:
-    const float* jac_f32 = nullptr;
+    EitherPrecision<double> jac;   // (n_model, n_labels) or null
     const double* dflux_dsigma = nullptr;  // (n_model,) when sigma is fitted
     const double* dflux_dvsini = nullptr;  // (n_model,) when vsini is fitted
     const double* coef = nullptr;  // continuum coefficients inside the parameter vector
@@ -411,8 +410,7 @@ struct ShiftedSpectrumModel {
     for (index_t i = 0; i < n; ++i) {
       State& state = states[i];
       state.flux = flux + i * M;
-      state.jac = jac_of[i].values;
-      state.jac_f32 = jac_of[i].values_f32;
+      state.jac = jac_of[i];
       state.dflux_dsigma = dflux_dsigma ? dflux_dsigma + i * M : nullptr;
       state.dflux_dvsini = dflux_dvsini ? dflux_dvsini + i * M : nullptr;
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
@@ -480,10 +478,10 @@ struct ShiftedSpectrumModel {
           row[a] = cont * (at0 + in.t * (at1 - at0));
         }
       };
-      if (state.jac_f32)
-        interpolate(state.jac_f32);
+      if (state.jac.values_f32)
+        interpolate(state.jac.values_f32);
       else
-        interpolate(state.jac);
+        interpolate(state.jac.values);
       if (layout.fit_rv) {
         const double slope = (f[in.i1] - f[in.i0]) * in.inv_dw;
         row[layout.rv_index()] = cont * slope * w * state.dlnw_dv;
