@@ -828,7 +828,8 @@ def coverage_by_pixel(model_wave, bad, obs_wave, v_lo, v_hi):
 
 def test_coverage_matches_the_rule_pixel_by_pixel():
     """Random grids with gaps and bad knots; observed pixels on knots, between them and off
-    the grid; a single velocity (zero-width ranges, exactly on knots) and ranges per spectrum."""
+    the grid, and shifted onto knots to rounding; a single velocity (zero-width ranges, exactly
+    on knots) and ranges per spectrum."""
     rng = np.random.default_rng(11)
     for _ in range(200):
         n = int(rng.integers(1, 12))
@@ -840,6 +841,10 @@ def test_coverage_matches_the_rule_pixel_by_pixel():
             v_lo = v_hi = 0.0
         else:
             v_lo, v_hi = np.sort(rng.uniform(-2e4, 2e4, (2, 3)), axis=0)
+            # pixels whose rest wavelength lands on a knot up to rounding, on either side
+            on_knot = model_wave * doppler_factor(rng.choice([v_lo[0], v_hi[0]]))
+            obs_wave = np.concatenate([obs_wave, on_knot, np.nextafter(on_knot, 0),
+                                       np.nextafter(on_knot, np.inf)])
         got = starlabel.fitting._coverage(model_wave, bad, obs_wave, v_lo, v_hi)
         np.testing.assert_array_equal(got, coverage_by_pixel(model_wave, bad, obs_wave, v_lo, v_hi))
 
