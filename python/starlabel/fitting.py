@@ -606,17 +606,19 @@ def _coverage(model_wave, bad, obs_wave, v_lo, v_hi):
                             np.full(b.shape[:-1] + (1,), obs.size, dtype=np.int64),
                             _count_below(obs, a, model_wave[k + 1], strict=True),
                             _count_below(obs, a, knots, strict=False)], axis=-1)
-    # +1 at each run's start, -1 at its end (an empty run's cancel): a pixel is out where the
-    # running sum is > 0
+    # +1 at each run's start, -1 at its end (an empty run's cancel), then the running sum in
+    # place: a pixel is out where it is > 0. One (n, n_obs + 1) array: on a process's first
+    # call, each new array of this size is a fresh mapping whose pages fault in.
     starts = starts.reshape(-1, starts.shape[-1])
     stops = np.maximum(starts, stops.reshape(starts.shape))
     n_rows, width = starts.shape[0], obs.size + 1
     offset = width * np.arange(n_rows)[:, None]
-    marks = (np.bincount((offset + starts).ravel(), minlength=n_rows * width)
-             - np.bincount((offset + stops).ravel(), minlength=n_rows * width))
-    out = np.cumsum(marks.reshape(n_rows, width)[:, :-1], axis=1) > 0
-    usable = np.empty(out.shape)
-    usable[:, order] = np.where(out, 0.0, 1.0)
+    marks = np.bincount(np.concatenate([(offset + starts).ravel(), (offset + stops).ravel()]),
+                        weights=np.repeat([1.0, -1.0], starts.size),
+                        minlength=n_rows * width).reshape(n_rows, width)
+    np.cumsum(marks, axis=1, out=marks)
+    np.less_equal(marks, 0.0, out=marks)
+    usable = marks[:, :-1] if np.all(order[1:] > order[:-1]) else marks[:, np.argsort(order)]
     return usable.reshape(a.shape[:-1] + (obs.size,))
 
 
