@@ -602,26 +602,37 @@ class ContinuumSolver {
     }
   }
 
-  // The continuum coefficients (n_segments * n_coef) and chi2 for the template values m
-  // (n_obs,). A segment with fewer used pixels than coefficients, or singular normal
-  // equations, keeps the flat continuum (1, 0, ..., 0).
-  double solve(const double* m, double* coef_out) {
-    sums_.assign((S_ + 1) * n_terms_, 0.0);
+  // The continuum coefficients (n_segments * n_coef) into coef_out[v] and chi2 into
+  // chi2_out[v] for each of V templates m[v] (n_obs,). A segment with fewer used pixels than
+  // coefficients, or singular normal equations, keeps the flat continuum (1, 0, ..., 0). Each
+  // template's results are the same, bit for bit, for any V: the pass over the pixels reads
+  // the table (~0.5 MB, from L2) once for all V, and that reading bounds the pass.
+  template <int V>
+  void solve(const double* const* m, double* const* coef_out, double* chi2_out) {
+    sums_.assign(V * (S_ + 1) * n_terms_, 0.0);
+    const index_t stride = (S_ + 1) * n_terms_;  // between the templates' sums
     for (const Run& run : runs_) {
       double* sum = sums_.data() + run.group * n_terms_;
       switch (K_) {  // continuum orders 0-3 in one pass over the pixels
-        case 1: add_sums<1>(m, run, sum); break;
-        case 2: add_sums<2>(m, run, sum); break;
-        case 3: add_sums<3>(m, run, sum); break;
-        case 4: add_sums<4>(m, run, sum); break;
-        default: add_sums_any(m, run, sum);
+        case 1: add_sums<1, V>(m, run, sum, stride); break;
+        case 2: add_sums<2, V>(m, run, sum, stride); break;
+        case 3: add_sums<3, V>(m, run, sum, stride); break;
+        case 4: add_sums<4, V>(m, run, sum, stride); break;
+        default:
+          for (int v = 0; v < V; ++v) add_sums_any(m[v], run, sum + v * stride);
       }
     }
+    for (int v = 0; v < V; ++v) chi2_out[v] = finish(sums_.data() + v * stride, coef_out[v]);
+  }
+
+ private:
+  // coefficients and chi2 from one template's sums (S + 1, n_terms)
+  double finish(const double* sums, double* coef_out) {
     double chi2 = 0.0;
     a_.resize(K_, K_);
     c_.resize(K_);
     for (index_t g = 0; g <= S_; ++g) {
-      const double* sum = sums_.data() + g * n_terms_;
+      const double* sum = sums + g * n_terms_;
       const Eigen::Map<const Eigen::VectorXd> b(sum, K_);
       for (index_t k = 0, j = K_; k < K_; ++k)
         for (index_t l = 0; l <= k; ++l, ++j) a_(k, l) = a_(l, k) = sum[j];
@@ -643,7 +654,6 @@ class ContinuumSolver {
     return std::max(chi2, 0.0);  // the sums cancel to rounding for a perfect fit
   }
 
- private:
   struct Run {
     index_t start, stop, group;
   };
@@ -657,25 +667,34 @@ class ContinuumSolver {
   // sum[j] += the dot product of table row j with m (j < K) or m^2 over the run's pixels: one
   // pass, 8 pixels at a time, with an accumulator per row, so that the FMAs do not wait on
   // each other as they did in one dot product per row (the RV grid of a 7214-pixel spectrum
-  // in 3 segments with order 2, 387 velocities: 4.7 instead of 6.9 ms on one thread)
-  template <int K>
-  void add_sums(const double* m, const Run& run, double* sum) const {
+  // in 3 segments with order 2, 387 velocities: 4.7 instead of 6.9 ms on one thread); for
+  // each of V templates m[v], into sum + v stride, in the same order as for one alone
+  template <int K, int V>
+  void add_sums(const double* const* m, const Run& run, double* sum, index_t stride) const {
     constexpr int n_terms = K + K * (K + 1) / 2;
     using Lanes = Eigen::Array<double, 8, 1>;
-    Lanes acc[n_terms];
-    for (Lanes& a : acc) a.setZero();
+    Lanes acc[V][n_terms];
+    for (auto& per_template : acc)
+      for (Lanes& a : per_template) a.setZero();
     index_t p = run.start;
     for (; p + 8 <= run.stop; p += 8) {
-      const Lanes mv = Eigen::Map<const Lanes>(m + p), m2 = mv * mv;
-      for (int j = 0; j < n_terms; ++j)
-        acc[j] += (j < K ? mv : m2) * Eigen::Map<const Lanes>(table_.data() + j * n_obs_ + p);
+      Lanes mv[V], m2[V];
+      for (int v = 0; v < V; ++v) {
+        mv[v] = Eigen::Map<const Lanes>(m[v] + p);
+        m2[v] = mv[v] * mv[v];
+      }
+      for (int j = 0; j < n_terms; ++j) {
+        const Lanes row = Eigen::Map<const Lanes>(table_.data() + j * n_obs_ + p);
+        for (int v = 0; v < V; ++v) acc[v][j] += (j < K ? mv[v] : m2[v]) * row;
+      }
     }
-    for (int j = 0; j < n_terms; ++j) {
-      double tail = 0.0;
-      for (index_t q = p; q < run.stop; ++q)
-        tail += (j < K ? m[q] : m[q] * m[q]) * table_[j * n_obs_ + q];
-      sum[j] += acc[j].sum() + tail;
-    }
+    for (int v = 0; v < V; ++v)
+      for (int j = 0; j < n_terms; ++j) {
+        double tail = 0.0;
+        for (index_t q = p; q < run.stop; ++q)
+          tail += (j < K ? m[v][q] : m[v][q] * m[v][q]) * table_[j * n_obs_ + q];
+        sum[v * stride + j] += acc[v][j].sum() + tail;
+      }
   }
   void add_sums_any(const double* m, const Run& run, double* sum) {
     using Vec = Eigen::Map<const Eigen::VectorXd>;
@@ -721,7 +740,9 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(resolve_threads(n_threads))
   {
-    std::vector<double> shifted(n_obs), coef(std::max<index_t>(n_cc, 1));
+    std::vector<double> shifted(2 * n_obs), coef(2 * std::max<index_t>(n_cc, 1));
+    double* const shifted_at[2] = {shifted.data(), shifted.data() + n_obs};
+    double* const coef_at[2] = {coef.data(), coef.data() + std::max<index_t>(n_cc, 1)};
     std::vector<char> missed(same_grid ? n_obs : 0);
     spectrum_detail::ContinuumSolver solver;
 #pragma omp for schedule(dynamic, 1)
@@ -732,39 +753,54 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
         const double* tmpl = templates + item * lay.n_model;
         const double* f = flux + s * n_obs;
         const double* w = weight + s * n_obs;
-        // chi2 of the template at velocity v (continuum coefficients into coef)
-        if (lay.n_coef > 0) solver.reset(lay, cheb.data(), f, w);
-        auto chi2_at = [&](double v) {
+        // the template at velocity v onto the observed pixels
+        auto shift = [&](double v, double* out) {
           double inv_doppler, dlnw_dv;
           spectrum_detail::doppler(v, inv_doppler, dlnw_dv);
           using namespace spectrum_detail;
           if (same_grid)
-            shift_onto_own_grid(lay, tmpl, inv_doppler, missed.data(), shifted.data());
+            shift_onto_own_grid(lay, tmpl, inv_doppler, missed.data(), out);
           else
-            shift_onto_pixels(lay, tmpl, inv_doppler, shifted.data());
-          if (lay.n_coef > 0) return solver.solve(shifted.data(), coef.data());
-          double chi2 = 0.0;
-          for (index_t p = 0; p < n_obs; ++p) {
-            if (!(w[p] > 0.0)) continue;
-            const double r = f[p] - shifted[p];
-            chi2 += w[p] * r * r;
-          }
-          return chi2;
+            shift_onto_pixels(lay, tmpl, inv_doppler, out);
         };
+        // chi2 of the template at velocities k (and k + 1 when pair: the continuum solve
+        // takes both in one pass), continuum coefficients into coef_at
+        auto chi2_at = [&](index_t k, bool pair, double* chi2) {
+          shift(velocities[k], shifted_at[0]);
+          if (lay.n_coef == 0) {
+            chi2[0] = 0.0;
+            for (index_t p = 0; p < n_obs; ++p) {
+              if (!(w[p] > 0.0)) continue;
+              const double r = f[p] - shifted_at[0][p];
+              chi2[0] += w[p] * r * r;
+            }
+          } else if (pair) {
+            shift(velocities[k + 1], shifted_at[1]);
+            solver.solve<2>(shifted_at, coef_at, chi2);
+          } else {
+            solver.solve<1>(shifted_at, coef_at, chi2);
+          }
+        };
+        if (lay.n_coef > 0) solver.reset(lay, cheb.data(), f, w);
         std::int64_t best = -1;
         double best_chi2 = std::numeric_limits<double>::infinity();
-        for (index_t k = 0; k < n_v; ++k) {
-          const double c = chi2_at(velocities[k]);
-          chi2_out[item * n_v + k] = c;
-          if (std::isfinite(c) && c < best_chi2) {
-            best_chi2 = c;
-            best = k;
+        for (index_t k = 0; k < n_v;) {
+          const bool pair = lay.n_coef > 0 && k + 1 < n_v;
+          double chi2[2];
+          chi2_at(k, pair, chi2);
+          for (int u = 0; u <= int(pair); ++u, ++k) {
+            chi2_out[item * n_v + k] = chi2[u];
+            if (std::isfinite(chi2[u]) && chi2[u] < best_chi2) {
+              best_chi2 = chi2[u];
+              best = k;
+            }
           }
         }
         best_out[item] = best;
         double* co = coef_out + item * n_cc;
         if (best >= 0) {
-          chi2_at(velocities[best]);
+          double chi2;
+          chi2_at(best, false, &chi2);
           std::copy_n(coef.data(), n_cc, co);
         } else {
           for (index_t sg = 0; sg < lay.n_segments; ++sg)
