@@ -133,6 +133,56 @@ inline Interp locate(const double* grid, index_t n, double w, index_t& hint) {
   return {hi - 1, hi, (w - grid[hi - 1]) / dw, 1.0 / dw};
 }
 
+// Whether the observed pixels are the model grid's own (as for APOGEE spectra and The Payne's
+// networks): shift_block_onto_own_grid then interpolates.
+inline bool on_own_grid(const FitLayout& lay) {
+  return lay.n_obs == lay.n_model &&
+         std::equal(lay.obs_wave, lay.obs_wave + lay.n_obs, lay.model_wave);
+}
+
+// The offset c of a velocity on a grid observed at its own pixels (obs == grid, n >= 2):
+// on a log-uniform grid every pixel p falls in the interval [p + c, p + c + 1], but next to
+// chip gaps and the grid's ends (and everywhere on a grid that is not log-uniform).
+inline index_t own_grid_offset(const double* grid, index_t n, const double* obs,
+                               double inv_doppler) {
+  index_t hint = 0;
+  return n >= 2 ? locate(grid, n, obs[n / 2] * inv_doppler, hint).i0 - n / 2 : 0;
+}
+
+// Linear interpolation of `model` (on grid, n) at the rest wavelengths obs[p] * inv_doppler
+// of the grid's own pixels p in [p0, p1), into out (p1 - p0,), for the offset c of
+// own_grid_offset: the pass reads contiguous runs and vectorizes. Pixels where the offset is
+// wrong are flagged in missed (p1 - p0,) and redone by locate(), so every value is
+// locate()'s interpolation, bit for bit.
+inline void shift_block_onto_own_grid(const double* grid, index_t n, const double* obs,
+                                      const double* model, double inv_doppler, index_t c,
+                                      index_t p0, index_t p1, char* missed, double* out) {
+  // p + c and p + c + 1 inside the grid
+  const index_t lo = std::clamp<index_t>(-c, p0, p1), hi = std::clamp<index_t>(n - 1 - c, lo, p1);
+  std::int64_t n_missed = 0;
+#pragma omp simd reduction(+ : n_missed)
+  for (index_t p = lo; p < hi; ++p) {
+    const index_t i = p + c;
+    const double w = obs[p] * inv_doppler, g0 = grid[i], g1 = grid[i + 1];
+    const double t = (w - g0) / (g1 - g0);  // as locate() computes it
+    out[p - p0] = model[i] + t * (model[i + 1] - model[i]);
+    const int miss = !((g0 <= w) & (w < g1));  // no branch: the loop vectorizes
+    missed[p - p0] = static_cast<char>(miss);
+    n_missed += miss;
+  }
+  index_t hint = 0;
+  auto redo = [&](index_t p) {
+    const Interp in = locate(grid, n, obs[p] * inv_doppler, hint);
+    out[p - p0] = model[in.i0] + in.t * (model[in.i1] - model[in.i0]);
+  };
+  for (index_t p = p0; p < lo; ++p) redo(p);
+  for (const char* q = missed + (lo - p0); n_missed > 0; ++q, --n_missed) {
+    q = static_cast<const char*>(std::memchr(q, 1, missed + (hi - p0) - q));
+    redo(p0 + (q - missed));
+  }
+  for (index_t p = hi; p < p1; ++p) redo(p);
+}
+
 // Chebyshev polynomials T_0..T_{n-1} at t.
 inline void chebyshev(double t, index_t n, double* out) {
   if (n > 0) out[0] = 1.0;
@@ -321,6 +371,7 @@ struct ShiftedSpectrumModel {
   FitLayout layout;
   index_t n_pixels;            // observed pixels (PixelObjective reads this)
   std::vector<double> cheb;    // (n_obs, n_coef) T_k at each pixel's segment coordinate
+  bool own_grid;               // the observed pixels are the model grid's
 
   struct State {
     const double* flux = nullptr;  // the emulator on the model grid (n_model,), in the workspace
@@ -329,6 +380,7 @@ struct ShiftedSpectrumModel {
     const double* dflux_dvsini = nullptr;  // (n_model,) when vsini is fitted
     const double* coef = nullptr;  // continuum coefficients inside the parameter vector
     double inv_doppler = 1.0, dlnw_dv = 0.0;
+    index_t offset = 0;  // own_grid_offset of the velocity, on the model's own grid
     // the emulator's memory when rows of jac must be completed before they are read
     typename spectrum_detail::MemoryOf<Emulator>::type* memory = nullptr;
   };
@@ -346,7 +398,8 @@ struct ShiftedSpectrumModel {
   };
 
   ShiftedSpectrumModel(const Emulator& emu, const FitLayout& lay)
-      : emulator(emu), layout(lay), n_pixels(lay.n_obs), cheb(spectrum_detail::chebyshev_table(lay)) {}
+      : emulator(emu), layout(lay), n_pixels(lay.n_obs), cheb(spectrum_detail::chebyshev_table(lay)),
+        own_grid(spectrum_detail::on_own_grid(lay)) {}
 
   index_t n_params() const { return layout.n_params(); }
 
@@ -415,6 +468,9 @@ struct ShiftedSpectrumModel {
       state.dflux_dvsini = dflux_dvsini ? dflux_dvsini + i * M : nullptr;
       spectrum_detail::doppler(layout.fit_rv ? xs[i][layout.rv_index()] : 0.0, state.inv_doppler,
                                state.dlnw_dv);
+      if (own_grid)
+        state.offset = spectrum_detail::own_grid_offset(layout.model_wave, layout.n_model,
+                                                        layout.obs_wave, state.inv_doppler);
       state.coef = xs[i] + layout.coef_index();  // xs outlive the evaluation (lm.hpp keeps them)
       if constexpr (spectrum_detail::MemoryOf<Emulator>::remembers)
         state.memory = defer ? &ws.memory : nullptr;
@@ -447,6 +503,26 @@ struct ShiftedSpectrumModel {
     const index_t nb = p1 - p0, L = layout.n_labels, K = layout.n_coef;
     const index_t np = n_params(), c0 = layout.coef_index();
     const double* f = state.flux;
+    // the spectrum alone (LM's trial steps) on the model's own pixels: the interpolation
+    // vectorized, then the continuum; the same values as the pass below
+    if (!jac_out && own_grid) {
+      constexpr index_t chunk = 256;
+      char missed[chunk];
+      for (index_t q0 = p0; q0 < p1; q0 += chunk)
+        spectrum_detail::shift_block_onto_own_grid(
+            layout.model_wave, layout.n_model, layout.obs_wave, f, state.inv_doppler,
+            state.offset, q0, std::min(q0 + chunk, p1), missed, flux_out + (q0 - p0));
+      for (index_t j = 0; j < nb && K > 0; ++j) {
+        const std::int32_t s = layout.segment[p0 + j];
+        if (s < 0) continue;
+        const double* c = state.coef + s * K;
+        const double* t = cheb.data() + (p0 + j) * K;
+        double cont = 0.0;
+        for (index_t k = 0; k < K; ++k) cont += c[k] * t[k];
+        flux_out[j] = cont * flux_out[j];
+      }
+      return;
+    }
     index_t hint = 0;
     // model rows [ready[0], ready[1]) of the Jacobian are valid (completed on demand)
     index_t ready[2] = {0, state.memory ? 0 : layout.n_model};
@@ -526,44 +602,15 @@ inline void shift_onto_pixels(const FitLayout& lay, const double* model, double 
   }
 }
 
-// The same when the observed pixels are the model grid's own (n_obs == n_model, as for APOGEE
-// spectra and The Payne's networks). On a log-uniform grid a velocity moves every pixel by
-// the same fractional number of pixels, so pixel p falls in the interval [p + c, p + c + 1]
-// for one offset c: the pass reads contiguous runs and vectorizes. Pixels where that is false
-// (next to chip gaps and grid ends, or everywhere on a grid that is not log-uniform) are
-// flagged and redone by locate(), so the result is shift_onto_pixels()'s, bit for bit.
+// The same when the observed pixels are the model grid's own (on_own_grid):
+// shift_block_onto_own_grid over every pixel.
 //   missed (n_obs,) scratch
 inline void shift_onto_own_grid(const FitLayout& lay, const double* model, double inv_doppler,
                                 char* missed, double* shifted) {
   const index_t n = lay.n_model;
-  const double* grid = lay.model_wave;
-  const double* obs = lay.obs_wave;
-  index_t hint = 0;
-  const index_t c = n >= 2 ? locate(grid, n, obs[n / 2] * inv_doppler, hint).i0 - n / 2 : 0;
-  // p + c and p + c + 1 inside the grid
-  const index_t lo = std::max<index_t>(0, -c), hi = std::max(lo, std::min(n, n - 1 - c));
-  std::int64_t n_missed = 0;
-#pragma omp simd reduction(+ : n_missed)
-  for (index_t p = lo; p < hi; ++p) {
-    const index_t i = p + c;
-    const double w = obs[p] * inv_doppler, g0 = grid[i], g1 = grid[i + 1];
-    const double t = (w - g0) / (g1 - g0);  // as locate() computes it
-    shifted[p] = model[i] + t * (model[i + 1] - model[i]);
-    const int miss = !((g0 <= w) & (w < g1));  // no branch: the loop vectorizes
-    missed[p] = static_cast<char>(miss);
-    n_missed += miss;
-  }
-  hint = 0;
-  auto redo = [&](index_t p) {
-    const Interp in = locate(grid, n, obs[p] * inv_doppler, hint);
-    shifted[p] = model[in.i0] + in.t * (model[in.i1] - model[in.i0]);
-  };
-  for (index_t p = 0; p < lo; ++p) redo(p);
-  for (const char* q = missed + lo; n_missed > 0; ++q, --n_missed) {
-    q = static_cast<const char*>(std::memchr(q, 1, missed + hi - q));
-    redo(q - missed);
-  }
-  for (index_t p = hi; p < n; ++p) redo(p);
+  const index_t c = own_grid_offset(lay.model_wave, n, lay.obs_wave, inv_doppler);
+  shift_block_onto_own_grid(lay.model_wave, n, lay.obs_wave, model, inv_doppler, c, 0, n, missed,
+                            shifted);
 }
 
 // The continuum solve of the RV grid for one spectrum, with every velocity-independent factor
@@ -735,8 +782,7 @@ inline void rv_chi2_grid(const FitLayout& lay, const double* templates, index_t 
   const index_t n_items = n_spectra * n_templates, n_obs = lay.n_obs;
   const index_t n_cc = lay.n_segments * lay.n_coef;
   const std::vector<double> cheb = spectrum_detail::chebyshev_table(lay);
-  const bool same_grid = lay.n_obs == lay.n_model &&
-                         std::equal(lay.obs_wave, lay.obs_wave + n_obs, lay.model_wave);
+  const bool same_grid = spectrum_detail::on_own_grid(lay);
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(resolve_threads(n_threads))
   {
