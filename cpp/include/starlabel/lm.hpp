@@ -204,6 +204,34 @@ struct PixelObjective {
     if (batch.wjac.size() != std::size_t(ld_wjac * pixel_block))
       batch.wjac.assign(ld_wjac * pixel_block, 0.0);
     double* wjac = batch.wjac.data();
+    // item i's weighted residuals on pixels [p0, p0 + nb) into batch.wresid, added to its chi2
+    auto residuals = [&](index_t i, index_t p0, index_t nb, const double* model_flux) {
+      const double* f = flux + (batch.s0 + ids[i]) * n_pixels + p0;
+      const double* sqrt_weight = batch.sqrt_weights.data() + ids[i] * n_pixels + p0;
+      // Every value is read and computed, then selected: with the reads inside the condition
+      // GCC vectorizes them as masked loads that merge through a stack slot (NaN flux at
+      // unused pixels is dropped by the selection either way).
+      std::int64_t used = 0;
+      for (index_t j = 0; j < nb; ++j) {
+        const double sw = sqrt_weight[j], r = sw * (f[j] - model_flux[j]);
+        batch.wresid[j] = sw > 0.0 ? r : 0.0;
+        used += sw > 0.0;
+      }
+      out[i].chi2 += Vector(batch.wresid.data(), nb).squaredNorm();
+      out[i].n_used += used;
+    };
+    // The spectra alone (LM's trial steps): item by item, so that each one's flux, weights and
+    // model spectrum stream in order (block by block, the jump from item to item missed the
+    // cache at every block); each item's sums in the same order as below
+    if (!with_jacobian && !many) {
+      for (index_t i = 0; i < n_items; ++i)
+        for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
+          const index_t nb = std::min(pixel_block, n_pixels - p0);
+          model.evaluate(batch.states[i], p0, p0 + nb, batch.model_flux.data(), nullptr);
+          residuals(i, p0, nb, batch.model_flux.data());
+        }
+      return;
+    }
     for (index_t p0 = 0; p0 < n_pixels; p0 += pixel_block) {
       const index_t p1 = std::min(p0 + pixel_block, n_pixels), nb = p1 - p0;
       // by pixel: the block's columns, as runs {from, to, length} of J's columns into wjac's
@@ -230,18 +258,10 @@ struct PixelObjective {
         double* jac = batch.jac.data() + slot * np * nb;
         if constexpr (!many)
           model.evaluate(batch.states[i], p0, p1, batch.model_flux.data(), with_jacobian ? jac : nullptr);
-        const double* f = flux + (batch.s0 + ids[i]) * n_pixels + p0;
-        const double* sqrt_weight = batch.sqrt_weights.data() + ids[i] * n_pixels + p0;
-        std::int64_t used = 0;
-        for (index_t j = 0; j < nb; ++j) {
-          const double sw = sqrt_weight[j];
-          batch.wresid[j] = sw > 0.0 ? sw * (f[j] - model_flux[j]) : 0.0;
-          used += sw > 0.0;
-        }
-        const Vector wresid(batch.wresid.data(), nb);
-        out[i].chi2 += wresid.squaredNorm();
-        out[i].n_used += used;
+        residuals(i, p0, nb, model_flux);
         if (!with_jacobian) continue;
+        const double* sqrt_weight = batch.sqrt_weights.data() + ids[i] * n_pixels + p0;
+        const Vector wresid(batch.wresid.data(), nb);
         // Zero-weight pixels may hold non-finite model derivatives (untrained pixels): drop them.
         if constexpr (Model::jacobian_by_pixel) {  // jac (nb, np), wjac (nb, ld) row-major
           // the block's columns, then the weighted residual as one more column: J^T W r comes
@@ -253,7 +273,10 @@ struct PixelObjective {
             for (std::size_t u = 0; u < runs.size(); u += 3) {
               const double* from = jac + j * np + runs[u];
               double* to = w + runs[u + 1];
-              for (index_t a = 0; a < runs[u + 2]; ++a) to[a] = sw > 0.0 ? from[a] * sw : 0.0;
+              for (index_t a = 0; a < runs[u + 2]; ++a) {
+                const double v = from[a] * sw;  // read whatever sw is (see residuals)
+                to[a] = sw > 0.0 ? v : 0.0;
+              }
             }
             w[n_cols] = batch.wresid[j];
             std::fill(w + n_cols + 1, w + ld, 0.0);
@@ -268,8 +291,10 @@ struct PixelObjective {
               e(q < n_cols ? col[q] : np, r < n_cols ? col[r] : np) += batch.block_sum(q, r);
         } else {  // (np, nb) row-major
           for (index_t a = 0; a < np; ++a)
-            for (index_t j = 0; j < nb; ++j)
-              wjac[a * nb + j] = sqrt_weight[j] > 0.0 ? jac[a * nb + j] * sqrt_weight[j] : 0.0;
+            for (index_t j = 0; j < nb; ++j) {
+              const double v = jac[a * nb + j] * sqrt_weight[j];  // (see residuals)
+              wjac[a * nb + j] = sqrt_weight[j] > 0.0 ? v : 0.0;
+            }
           const RowMatrix wj(wjac, np, nb);
           out[i].grad.noalias() += wj * wresid;
           out[i].hess.template selfadjointView<Eigen::Upper>().rankUpdate(wj);
