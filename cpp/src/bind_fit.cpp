@@ -344,9 +344,10 @@ py::tuple rv_grid(const py::handle& mw, const py::handle& ow, const py::handle& 
 //   x (n_calls, n, n_labels), keys (n_calls, n), jacobian (n_calls,) bools: whether a call
 //   asks for Jacobians (else its jac is NaN) -> flux (n_calls, n, n_pixels),
 //   jac (n_calls, n, n_pixels, n_labels), Jacobians computed whole, Jacobians updated
-// deferred: calls for Jacobians leave their updates pending (as in a fit); every other one is
-// completed pixel by pixel in a scattered order starting mid-spectrum, the others by the next
-// call, before the Jacobians are copied.
+// deferred: calls for Jacobians leave their updates pending (as in a fit); every fourth one is
+// completed pixel by pixel in a scattered order starting mid-spectrum, the others (when the
+// next call asks for none: it would replace them) by the next call, before the Jacobians are
+// copied.
 py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::handle& keys_in,
                      const std::vector<bool>& jacobian, bool deferred) {
   py::tuple result;
@@ -391,20 +392,16 @@ py::tuple remembered(const py::dict& spec, const py::handle& x_in, const py::han
           if (!jacobian[c]) {
             std::fill_n(jac.mutable_data() + c * n * P * L, n * P * L,
                         std::numeric_limits<double>::quiet_NaN());
-          } else if (!deferred || c % 4 == 0) {
+          } else if (!deferred || c % 4 == 0 || c + 1 == n_calls || jacobian[c + 1]) {
             index_t ready[2] = {0, 0};
             for (index_t j = 0; j < P && deferred; ++j) {
-              const index_t p = (P / 2 + j * 7919) % P;  // each pixel once (7919 is prime)
+              const index_t p = (P / 2 + j * 7919) % P;  // each pixel once: 7919 is prime
               if (p < ready[0] || p >= ready[1]) emu.complete(memory, p, p, ready);
             }
             copy_jacobians(c);
           } else {
             unread = c;
           }
-        }
-        if (unread >= 0) {
-          emu.complete(memory, 0, P - 1, nullptr);
-          copy_jacobians(unread);
         }
       }
       result = py::make_tuple(flux, jac, memory.n_whole, memory.n_updated);

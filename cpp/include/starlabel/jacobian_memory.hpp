@@ -64,6 +64,7 @@ struct JacobianMemory {
     std::vector<T> dense;        // (H, n_dense) column-major
     std::vector<index_t> units;  // the last hidden layer's changed units: U's other columns
     std::vector<T> v;            // (n_dense + units, n_in) row-major
+    std::vector<float> v_f32;    // v in float32, for a Jacobian kept in float32
   };
 
   std::vector<Entry> entries;
@@ -78,7 +79,7 @@ struct JacobianMemory {
   std::vector<Entry> fresh;  // each item's new D_l and A_l
   std::vector<Change> changes;
   std::vector<T> act, z, m, raw, carried, dense, product, gathered;
-  std::vector<float> dense_f32, product_f32, gathered_f32, v_f32;
+  std::vector<float> dense_f32, product_f32, gathered_f32;
   index_t n_cols = 0;  // the updates' dense columns, all items
   // the last call's updates by block of outputs (1: not yet applied to the Jacobians)
   std::vector<char> pending;
@@ -264,9 +265,8 @@ void apply_update_block(const MLP<T>& net, JacobianMemory<T>& memory, index_t p0
     if (c.n_dense + c.units.size() == 0) continue;  // no sign changed: J is unchanged
     auto& entry = memory.entries[memory.slot[i]];
     if (f32) {
-      memory.v_f32.assign(c.v.begin(), c.v.end());
-      update(entry.jac_f32.data(), memory.gathered_f32, memory.product_f32, memory.v_f32.data(),
-             c, memory.first_col[i]);
+      update(entry.jac_f32.data(), memory.gathered_f32, memory.product_f32, c.v_f32.data(), c,
+             memory.first_col[i]);
     } else {
       update(entry.jac.data(), memory.gathered, memory.product, c.v.data(), c,
              memory.first_col[i]);
@@ -460,6 +460,7 @@ void mlp_forward_remembered(const MLP<T>& net, const T* x, const index_t* keys, 
     Change& c = changes[i];
     const Entry& from = c.from < 0 ? entries[slot[i]] : fresh[c.from];
     low_rank_change(net, from, fresh[i], c, memory);
+    if (net.last_weights_f32) c.v_f32.assign(c.v.begin(), c.v.end());  // once, not per block
     if (c.from >= 0 && net.last_weights_f32)
       entries[slot[i]].jac_f32 = entries[slot[c.from]].jac_f32;
     else if (c.from >= 0)

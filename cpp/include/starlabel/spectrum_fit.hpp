@@ -498,6 +498,19 @@ struct ShiftedSpectrumModel {
     return n;
   }
 
+  // The continuum at observed pixel p: sum_k c_k T_k over its segment's coefficients (1
+  // outside every segment).
+  double continuum(const State& state, index_t p) const {
+    const index_t K = layout.n_coef;
+    const std::int32_t s = layout.segment[p];
+    if (K == 0 || s < 0) return 1.0;
+    const double* c = state.coef + s * K;
+    const double* t = cheb.data() + p * K;
+    double cont = 0.0;
+    for (index_t k = 0; k < K; ++k) cont += c[k] * t[k];
+    return cont;
+  }
+
   // flux_out (p1 - p0,), jac_out (p1 - p0, n_params) row-major or null.
   void evaluate(const State& state, index_t p0, index_t p1, double* flux_out, double* jac_out) const {
     const index_t nb = p1 - p0, L = layout.n_labels, K = layout.n_coef;
@@ -512,15 +525,8 @@ struct ShiftedSpectrumModel {
         spectrum_detail::shift_block_onto_own_grid(
             layout.model_wave, layout.n_model, layout.obs_wave, f, state.inv_doppler,
             state.offset, q0, std::min(q0 + chunk, p1), missed, flux_out + (q0 - p0));
-      for (index_t j = 0; j < nb && K > 0; ++j) {
-        const std::int32_t s = layout.segment[p0 + j];
-        if (s < 0) continue;
-        const double* c = state.coef + s * K;
-        const double* t = cheb.data() + (p0 + j) * K;
-        double cont = 0.0;
-        for (index_t k = 0; k < K; ++k) cont += c[k] * t[k];
-        flux_out[j] = cont * flux_out[j];
-      }
+      for (index_t j = 0; j < nb && K > 0; ++j)
+        flux_out[j] = continuum(state, p0 + j) * flux_out[j];
       return;
     }
     index_t hint = 0;
@@ -537,12 +543,7 @@ struct ShiftedSpectrumModel {
       const double model = f[in.i0] + in.t * (f[in.i1] - f[in.i0]);
       const std::int32_t s = layout.segment[p];
       const double* t = cheb.data() + p * K;
-      double cont = 1.0;
-      if (K > 0 && s >= 0) {
-        const double* c = state.coef + s * K;
-        cont = 0.0;
-        for (index_t k = 0; k < K; ++k) cont += c[k] * t[k];
-      }
+      const double cont = continuum(state, p);
       flux_out[j] = cont * model;
       if (!jac_out) continue;
       double* row = jac_out + j * np;
