@@ -335,6 +335,22 @@ def test_forward_rejects_bad_input(backend, case):
         backend.mlp_forward(args.pop("weights"), args.pop("biases"), args.pop("x"), **args)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("n_stars", [10, 600], ids=["weights packed per block", "packed ahead"])
+@pytest.mark.parametrize("row", [0, 52], ids=["whole panel", "last partial panel"])
+def test_forward_reports_one_bad_output_weight(isa_core, n_stars, row, dtype):
+    """The output layer's kernel checks its outputs as they leave its registers: one inf weight
+    there, in a whole panel of 48 / 24 / 12 outputs or in the partial last one, makes the fast
+    backend look at the network and name it."""
+    rng = np.random.default_rng(7)
+    weights = [rng.normal(size=(5, 2)).astype(dtype),
+               one_bad(rng.normal(size=(53, 5)), (row, 3), np.inf).astype(dtype)]
+    biases = [np.zeros(5, dtype), np.zeros(53, dtype)]
+    x = rng.uniform(-0.5, 0.5, (n_stars, 2))
+    with pytest.raises(ValueError, match="weights\\[1\\] contains NaN or inf"):
+        fast.mlp_forward(weights, biases, x)
+
+
 def test_forward_overflow_of_a_finite_network_is_not_an_error():
     """A finite network whose outputs overflow float32 gives inf, as NumPy does, and no
     false complaint about its parameters (the fast backend looks at them only then)."""
