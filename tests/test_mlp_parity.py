@@ -41,8 +41,9 @@ SHAPES = [  # (sizes, n_stars)
     ((4, 16, 12, 9, 33), 6),    # three hidden layers
     ((25, 40, 40, 600), 130),   # > one forward star tile (128), > one pixel block (512)
     ((3, 10, 10, 70), 700),     # > one Jacobian chunk (8 tiles of 85 stars)
-    # >= 4 star tiles: the last layer is packed ahead, in blocks of 512 outputs (here a full one
-    # and one of 18) and, at a depth of 1000, in two depth panels
+    # >= 4 star tiles: the last layer is packed ahead, for the forward pass in blocks of 528
+    # outputs (a full one and one of 2) and, with the Jacobian, in Eigen's blocks of 512 (a full
+    # one and one of 18) and, at a depth of 1000, two depth panels
     ((4, 20, 1000, 530), 520),
 ]
 
@@ -82,8 +83,8 @@ def test_every_activation_matches_reference(isa_core, activation, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("sizes,batch", [
     ((3, 8, 5), 1), ((5, 7), 4), ((4, 70, 600, 30), 150),
-    # >= 4 tiles of 64 rows: the last layer is packed ahead, as W (blocks of 512 outputs: two
-    # full, one of 76) and as W^T (1100 deep: two depth panels)
+    # >= 4 tiles of 64 rows: the last layer is packed ahead, as W (blocks of 528 outputs: two
+    # full, one of 44) and as W^T (1100 deep: two depth panels)
     ((6, 40, 1100), 300),
 ])
 def test_gradients_match_reference(isa_core, sizes, batch, dtype):

@@ -1,5 +1,7 @@
 // out = bias + x W^T for a dense layer: our own register-tiled kernel, with the bias added and
 // the outputs checked for finiteness as each tile of outputs leaves the registers.
+// Used for a network's last layer by the forward pass without Jacobian (mlp_forward, from 64
+// stars) and by a training step's forward pass (the weights packed ahead, from 256 rows).
 //
 // Why not Eigen's GEMM (gemm.hpp), which every other product uses: for the Payne's output
 // layer (300 -> 7214, The Payne's network) it needs a pass that copies the bias into the

@@ -96,9 +96,10 @@ void product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
 
 // A matrix A (rows, depth) packed once as the left-hand operand of Eigen's GEMM kernel, for
 // products x A^T that use the same A many times: a network's last layer, for every star tile
-// of a forward pass or a training step. A product packs that operand each time: at 1024
-// stars, 11% of a forward pass's samples, and in a training step at batch 512, 12% (the
-// forward and the backward pass each pack the last layer once per 64-star tile).
+// of a forward pass with the Jacobian, of a training step's backward pass (as W^T) and of an
+// LM fit's steps. A product packs that operand each time: in a training step at batch 512,
+// that was 12% of the samples (the forward and the backward pass each packed the last layer
+// once per 64-star tile). (The forward passes without Jacobian use affine_kernel.hpp.)
 //
 // A is stored in w with leading dimension ld: A(i, k) = w[i ld + k] (Order = RowMajor: a
 // weight matrix W (out, in), A = W) or w[k ld + i] (ColMajor: A = W^T). It is packed in blocks

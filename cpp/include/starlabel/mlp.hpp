@@ -139,7 +139,7 @@ bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
 inline index_t n_blocks(index_t n, index_t block) { return (n + block - 1) / block; }
 
 // Whether the last layer's weights are packed once for all the star tiles of n_rows
-// (PackedMatrix) rather than by each tile's product. Packing ahead pays when every block of
+// (PackedMatrix, PackedWeights) rather than by each tile's product. Packing ahead pays when every block of
 // weights serves several tiles (forward pass, 4096 stars: ~10% faster; training step, batch
 // 512: ~10%). With one or two tiles, Eigen packing each block just before its product, while
 // it is in cache, is faster (forward pass, 16 stars: 0.64 against 0.84 ms).
@@ -460,7 +460,8 @@ struct MLPParams {
 
 struct TrainBlocking {
   index_t star_block = 64;   // batch rows per tile
-  index_t out_block = 512;   // output columns per tile
+  index_t out_block = 528;   // output columns per tile: whole panels of affine_product's
+                             // kernel (48, 24, 12 or 6 outputs, by instruction set and type)
   index_t grad_block = 256;  // output rows per tile of the weight gradients (the last layer's
                              // 7214 give 29 tiles: even work for 2 threads)
   index_t in_block = 512;    // input columns per tile of the weight gradients / delta
@@ -477,7 +478,7 @@ struct MLPWorkspace {
   std::vector<double> tile_loss;
   // the last layer's weights, packed once per step for the forward product (as W) and for
   // the delta product below it (as W^T), instead of once per star tile in each
-  PackedMatrix<T, Eigen::RowMajor> last_forward;
+  PackedWeights<T> last_forward;
   PackedMatrix<T, Eigen::ColMajor> last_backward;
   index_t capacity = 0;
 
@@ -497,7 +498,7 @@ struct MLPWorkspace {
     tile_loss.resize(mlp_detail::n_blocks(batch, tb.star_block) *
                      mlp_detail::n_blocks(sizes[L], tb.out_block));
     if (mlp_detail::pack_ahead(batch, tb.star_block)) {
-      last_forward.reset(sizes[L], sizes[L - 1], tb.out_block, tb.star_block);
+      last_forward.reset(0, sizes[L], sizes[L - 1]);
       last_backward.reset(sizes[L - 1], sizes[L], tb.in_block, tb.star_block);
     }
     capacity = batch;
@@ -511,14 +512,18 @@ struct MLPGradients {
 };
 
 namespace mlp_detail {
-// The loop of loss_and_gradient, once per (loss, weighting): each instance is a plain loop
-// that vectorizes (with a runtime choice inside, GCC kept only a scalar loop).
-template <Loss kind, class T, class Weight>
+// The loop of loss_and_gradient, once per (loss, weighting, bias): each instance is a plain
+// loop that vectorizes (with a runtime choice inside, GCC kept only a scalar loop).
+template <Loss kind, bool add_bias, class T, class Weight>
 T loss_row(T* y, const T* bias, const T* target, Weight weight, index_t n, T scale) {
   T row = T(0);
 #pragma omp simd reduction(+ : row)
   for (index_t p = 0; p < n; ++p) {
-    const T r = y[p] + bias[p] - target[p];
+    T r;
+    if constexpr (add_bias)
+      r = y[p] + bias[p] - target[p];
+    else
+      r = y[p] - target[p];
     const T w = weight(p);
     if constexpr (kind == LOSS_L1) {
       row += w * std::abs(r);
@@ -534,7 +539,7 @@ T loss_row(T* y, const T* bias, const T* target, Weight weight, index_t n, T sca
 
 // One row of the last layer: r = y + bias - target; returns sum_p w_p |r_p| (L1) or
 // sum_p w_p r_p^2 (L2) and overwrites y with d loss / d y = scale * (w sign(r) or 2 w r).
-//   y, bias, target, pixel_weights (n,) (pixel_weights null: all 1)
+//   y, bias, target, pixel_weights (n,) (pixel_weights null: all 1; bias null: y has it)
 // The sum is accumulated in T within the row (at most a tile's out_block values, all >= 0)
 // and in double across rows.
 template <class T>
@@ -543,11 +548,15 @@ double loss_and_gradient(Loss loss, T* y, const T* bias, const T* target,
   using mlp_detail::loss_row;
   const auto weighted = [pixel_weights](index_t p) { return pixel_weights[p]; };
   const auto unweighted = [](index_t) { return T(1); };
-  if (loss == LOSS_L1)
-    return pixel_weights ? loss_row<LOSS_L1>(y, bias, target, weighted, n, scale)
-                         : loss_row<LOSS_L1>(y, bias, target, unweighted, n, scale);
-  return pixel_weights ? loss_row<LOSS_L2>(y, bias, target, weighted, n, scale)
-                       : loss_row<LOSS_L2>(y, bias, target, unweighted, n, scale);
+  const auto by_weighting = [&](auto with_bias) {
+    constexpr bool b = decltype(with_bias)::value;
+    if (loss == LOSS_L1)
+      return pixel_weights ? loss_row<LOSS_L1, b>(y, bias, target, weighted, n, scale)
+                           : loss_row<LOSS_L1, b>(y, bias, target, unweighted, n, scale);
+    return pixel_weights ? loss_row<LOSS_L2, b>(y, bias, target, weighted, n, scale)
+                         : loss_row<LOSS_L2, b>(y, bias, target, unweighted, n, scale);
+  };
+  return bias ? by_weighting(std::true_type()) : by_weighting(std::false_type());
 }
 
 // Forward pass, loss and backward pass for one batch, run by every thread of an enclosing
@@ -585,10 +594,9 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
       try {
         const index_t s0 = (t / n_ob) * tb.star_block, ns = std::min(tb.star_block, B - s0);
         const index_t o0 = (t % n_ob) * tb.out_block, no = std::min(tb.out_block, wo - o0);
-        if (last && packed) {
-          map(dst + s0 * wo + o0, ns, no, wo).setZero();
-          ws.last_forward.add_product(dst + s0 * wo + o0, wo, ws.acts[l].data() + s0 * wi, wi,
-                                      ns, o0);
+        if (last && packed) {  // with the bias
+          affine_product(dst + s0 * wo + o0, wo, ws.acts[l].data() + s0 * wi, wi, ns,
+                         ws.last_forward, o0, no, net.biases[l] + o0);
         } else {
           assign_product(map(dst + s0 * wo + o0, ns, no, wo),
                          cmap(ws.acts[l].data() + s0 * wi, ns, wi, wi),
@@ -599,10 +607,10 @@ void mlp_loss_backward_in_region(const MLPParams<T>& net, MLPWorkspace<T>& ws, i
                           net.slope, ws.derivs[l + 1].data() + s0 * wo + o0, wo);
           continue;
         }
-        // fused: bias, loss and d loss / d out, in place
+        // fused: bias (unless the product added it), loss and d loss / d out, in place
         double sum = 0.0;
         for (index_t s = s0; s < s0 + ns; ++s)
-          sum += loss_and_gradient(loss, dst + s * wo + o0, net.biases[l] + o0,
+          sum += loss_and_gradient(loss, dst + s * wo + o0, packed ? nullptr : net.biases[l] + o0,
                                    target + s * wo + o0,
                                    pixel_weights ? pixel_weights + o0 : nullptr, no,
                                    T(1.0 / (double(B) * double(n_out))));
