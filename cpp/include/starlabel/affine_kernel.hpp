@@ -26,6 +26,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <stdexcept>
 #include <vector>
 
 #include "common.hpp"
@@ -67,7 +68,6 @@ class PackedWeights {
     for (index_t q = 0; q < n_panels(); ++q) pack_panel(w, ld, q);
   }
   index_t first() const { return first_; }
-  index_t rows() const { return n_; }
   index_t depth() const { return depth_; }
   index_t n_panels() const { return (n_ + Tile::kOutputs - 1) / Tile::kOutputs; }
   const T* panel(index_t q) const { return data_.data() + q * Tile::kOutputs * depth_; }
@@ -85,7 +85,10 @@ class PackedWeights {
       if (n == m)
         for (; k0 + P <= depth_; k0 += P)
           for (int b = 0; b < Tile::kPackets; ++b) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // a vector type as template argument
             Eigen::internal::PacketBlock<Packet, P> block;
+#pragma GCC diagnostic pop
             for (int i = 0; i < P; ++i)
               block.packet[i] = Eigen::internal::ploadu<Packet>(w + (r0 + b * P + i) * ld + k0);
             Eigen::internal::ptranspose(block);
@@ -93,10 +96,12 @@ class PackedWeights {
               Eigen::internal::pstore(dst + (k0 + i) * m + b * P, block.packet[i]);
           }
     }
-    for (index_t i = 0; i < m; ++i) {  // the rest: columns past the blocks, a short panel
+    for (index_t i = 0; i < n; ++i) {  // the rest: columns past the blocks, a short panel
       const T* row = w + (r0 + i) * ld;
-      for (index_t k = k0; k < depth_; ++k) dst[k * m + i] = i < n ? row[k] : T(0);
+      for (index_t k = k0; k < depth_; ++k) dst[k * m + i] = row[k];
     }
+    for (index_t i = n; i < m; ++i)
+      for (index_t k = k0; k < depth_; ++k) dst[k * m + i] = T(0);
   }
 
  private:
@@ -174,6 +179,8 @@ bool run(T* out, index_t ld_out, const T* x, index_t ld_x, index_t n_rows,
   using Tile = AffineTile<T>;
   using Packet = typename Tile::Packet;
   constexpr int M = Tile::kOutputs, R = Tile::kRows;
+  if ((c0 - w.first()) % M != 0)
+    throw std::invalid_argument("affine_product: outputs must start at a panel of the weights");
   const index_t depth = w.depth(), q0 = (c0 - w.first()) / M;
   // x's rows in panels of R, zero-padded: the tile always multiplies R rows
   thread_local std::vector<T> packed_x;
@@ -222,8 +229,8 @@ bool run(T* out, index_t ld_out, const T* x, index_t ld_x, index_t n_rows,
 }  // namespace affine_detail
 
 // out (n_rows, n_cols) = bias (n_cols) + x (n_rows, depth) W[c0 : c0 + n_cols]^T, the rows of W
-// from the packed ones (c0 - w.first() a multiple of kOutputs, c0 + n_cols <= w.first() +
-// w.rows()); out and x row-major with leading dimensions ld_out and ld_x. Returns whether
+// from the packed ones (c0 - w.first() a multiple of kOutputs, all n_cols rows packed in w);
+// out and x row-major with leading dimensions ld_out and ld_x. Returns whether
 // every output is finite. Single-threaded; rows are packed into a per-thread buffer.
 template <class T>
 bool affine_product(T* out, index_t ld_out, const T* x, index_t ld_x, index_t n_rows,

@@ -139,10 +139,11 @@ bool bias_activation(T* z, index_t ld, index_t rows, index_t cols, const T* bias
 inline index_t n_blocks(index_t n, index_t block) { return (n + block - 1) / block; }
 
 // Whether the last layer's weights are packed once for all the star tiles of n_rows
-// (PackedMatrix, PackedWeights) rather than by each tile's product. Packing ahead pays when every block of
-// weights serves several tiles (forward pass, 4096 stars: ~10% faster; training step, batch
-// 512: ~10%). With one or two tiles, Eigen packing each block just before its product, while
-// it is in cache, is faster (forward pass, 16 stars: 0.64 against 0.84 ms).
+// (PackedMatrix, PackedWeights) rather than by each tile's product. Packing ahead pays when
+// every block of weights serves several tiles (forward pass, 4096 stars: ~10% faster;
+// training step, batch 512: ~10%). With one or two tiles, packing each block just before
+// its product, while it is in cache, is faster (forward pass, 16 stars: 0.64 against 0.84
+// ms, with Eigen's product).
 inline bool pack_ahead(index_t n_rows, index_t tile) { return n_blocks(n_rows, tile) >= 4; }
 
 inline int thread_id() {
