@@ -45,6 +45,10 @@ SHAPES = [  # (sizes, n_stars)
     # outputs (a full one and one of 2) and, with the Jacobian, in Eigen's blocks of 512 (a full
     # one and one of 18) and, at a depth of 1000, two depth panels
     ((4, 20, 1000, 530), 520),
+    # >= 64 stars, fewer outputs than one panel of the output layer's kernel: only the partial
+    # panel, with the weights packed per block and ahead
+    ((3, 8, 1), 100),
+    ((2, 5, 7), 600),
 ]
 
 
