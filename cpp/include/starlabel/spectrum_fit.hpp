@@ -525,8 +525,8 @@ struct ShiftedSpectrumModel {
         spectrum_detail::shift_block_onto_own_grid(
             layout.model_wave, layout.n_model, layout.obs_wave, f, state.inv_doppler,
             state.offset, q0, std::min(q0 + chunk, p1), missed, flux_out + (q0 - p0));
-      for (index_t j = 0; j < nb && K > 0; ++j)
-        flux_out[j] = continuum(state, p0 + j) * flux_out[j];
+      if (K > 0)
+        for (index_t j = 0; j < nb; ++j) flux_out[j] = continuum(state, p0 + j) * flux_out[j];
       return;
     }
     index_t hint = 0;

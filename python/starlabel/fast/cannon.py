@@ -26,7 +26,8 @@ def _monomial_table(exponents, design):
     gram_index[rows, cols] = inverse.ravel()
     gram_index[cols, rows] = inverse.ravel()
     # in blocks of columns: gathering all of them at once made two (n_stars, n_monomials)
-    # temporaries (77 MB each at 17 labels and 1600 stars), fresh pages for the kernel to zero
+    # temporaries (77 MB each at 17 labels and 1600 stars), fresh pages the operating system
+    # zeroes on first touch
     left, right = rows[first], cols[first]
     monomials = np.empty((design.shape[0], len(first)))
     for start in range(0, len(first), _MONOMIAL_BLOCK):
